@@ -1,0 +1,5 @@
+"""`python -m tinygen` runs the CLI, which is also how `torchrun -m tinygen` starts it."""
+
+from tinygen.cli import main
+
+main()

@@ -1,0 +1,335 @@
+"""The `tinygen` command line. Commands are thin: parse, call the library, print.
+
+torch is imported inside the commands that need it, so `tinygen --help`, `tokenize` and `info`
+start fast. TinygenError, usage errors, a closed pipe and Ctrl-C all end in `main` as one line
+on stderr and an exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tinygen import __version__, ui
+from tinygen.errors import TinygenError
+
+app = typer.Typer(
+    name="tinygen",
+    help="Train, run and look inside compact GPT-style language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Options shared by several commands, defined once.
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Model: a tinygen .safetensors file or a Hugging Face GPT-2 folder. "
+                 "Default: $TINYGEN_MODEL, else the bundled model.", show_default=False),
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate per sample.")]
+TempOpt = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 is greedy.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", "-k", help="Keep the k most likely tokens; 0 is off.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", "-p", help="Keep the smallest set of tokens with this much probability; 1 is off.")]
+MinPOpt = Annotated[float, typer.Option("--min-p", help="Drop tokens below this fraction of the top token's probability; 0 is off.")]
+RepPenOpt = Annotated[float, typer.Option("--repetition-penalty", help="Above 1 discourages tokens already present; 1 is off.")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed: same seed and flags give the same output on the same device.")]
+StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text appears (repeatable).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"tinygen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
+) -> None:
+    """Train, run and look inside compact GPT-style language models."""
+
+
+def _read_stdin() -> str:
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TinygenError(f"stdin is not valid UTF-8 (byte {e.start}); convert it first, e.g. with iconv") from e
+
+
+def _text_arg(text: Optional[str]) -> str:
+    """TEXT from the argument, or from stdin when it is `-` or omitted and stdin is piped."""
+    if text is not None and text != "-":
+        return text
+    if text == "-" or not sys.stdin.isatty():
+        return _read_stdin().rstrip("\r\n")
+    return ""
+
+
+def _load(model: Optional[str], device: str):
+    from tinygen.checkpoint import load_model
+    from tinygen.engine import inference_dtype, resolve_device
+
+    dev = resolve_device(device)
+    return load_model(model, device=dev, dtype=inference_dtype(dev))
+
+
+@app.command()
+def sample(
+    prompt: Annotated[Optional[str], typer.Argument(help="Prompt text; `-` or piped stdin reads it from stdin. "
+                                                    "Empty starts a fresh document.", show_default=False)] = None,
+    model: ModelOpt = None,
+    max_new_tokens: MaxNewOpt = 200,
+    temperature: TempOpt = 0.8,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    min_p: MinPOpt = 0.0,
+    repetition_penalty: RepPenOpt = 1.0,
+    seed: SeedOpt = None,
+    stop: StopOpt = None,
+    num_samples: Annotated[int, typer.Option(help="How many samples of the prompt.")] = 1,
+    echo: Annotated[Optional[bool], typer.Option("--echo/--no-echo", help="Print the prompt before the completion. "
+                                                  "Default: on a terminal only.", show_default=False)] = None,
+    input: Annotated[Optional[str], typer.Option("--input", "-i", help="Batch mode: a file of prompts, one per line "
+                                                 "(`-` for stdin). Prints one completion per line, newlines folded.")] = None,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help="Batch mode with JSON lines in and out: reads "
+                                        '{"prompt": ..., optional sampling fields}, writes {"prompt", "completion", '
+                                        '"tokens", "finish_reason"}. Reads --input or stdin.')] = False,
+    batch_size: Annotated[int, typer.Option(help="Prompts generated together in batch mode.")] = 16,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Generate text from a prompt, streaming it to stdout."""
+    from tinygen.sampling import SamplingParams
+    from tinygen.textgen import Completion, Request, TextGenerator
+
+    if max_new_tokens < 1:
+        raise TinygenError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if num_samples < 1 or batch_size < 1:
+        raise TinygenError("--num-samples and --batch-size must be at least 1")
+    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+    base = Request("", params, max_new_tokens, tuple(stop or ()), seed)
+    if input is not None or jsonl:
+        requests = _batch_requests(input, jsonl, base)
+        gen = TextGenerator(*_load(model, device)[:2])
+        _run_batch(gen, requests, batch_size, jsonl)
+        return
+    text = _text_arg(prompt)
+    net, tokenizer, _ = _load(model, device)
+    gen = TextGenerator(net, tokenizer)
+    n_prompt = len(gen.encode_prompt(text))
+    if n_prompt > gen.block_size:
+        ui.warn(f"prompt has {n_prompt} tokens, more than the model's context of {gen.block_size}; "
+                f"keeping the last {gen.block_size}")
+    sink = ui.TextSink()
+    show_prompt = sink.tty if echo is None else echo
+    for i in range(num_samples):
+        if i:
+            sink.end()
+        if show_prompt:
+            sink.prompt(text)
+        result = Completion()
+        # One generator per sample run keeps a seed reproducible; later samples get seed + i.
+        request = Request(text, params, max_new_tokens, base.stop, None if seed is None else seed + i)
+        for piece in gen.stream(request, result):
+            sink.text(piece)
+        sink.end()
+        if sink.tty or os.environ.get("TINYGEN_STATS"):
+            ui.stats_line(result.tokens, result.seconds, result.first_token_seconds)
+
+
+def _batch_requests(path: Optional[str], jsonl: bool, base):
+    from dataclasses import replace
+
+    from tinygen.sampling import SamplingParams
+
+    if path in (None, "-"):
+        lines = _read_stdin().splitlines()
+    else:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise TinygenError(f"no such input file: {path}") from None
+        except UnicodeDecodeError:
+            raise TinygenError(f"{path} is not valid UTF-8") from None
+    requests = []
+    fields = set(SamplingParams.__dataclass_fields__)
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            requests.append(replace(base, prompt=line))
+            continue
+        try:
+            obj = json.loads(line)
+            prompt = obj.pop("prompt")
+        except (ValueError, KeyError, AttributeError, TypeError):
+            raise TinygenError(f"line {n} of the input is not a JSON object with a \"prompt\"") from None
+        if not isinstance(prompt, str):
+            raise TinygenError(f"line {n}: \"prompt\" must be a string")
+        unknown = set(obj) - fields - {"max_new_tokens", "stop", "seed"}
+        if unknown:
+            raise TinygenError(f"line {n}: unknown fields {', '.join(sorted(unknown))}")
+        try:
+            params = replace(base.params, **{k: v for k, v in obj.items() if k in fields})
+            stop = obj.get("stop", base.stop)
+            stop = (stop,) if isinstance(stop, str) else tuple(stop)
+            requests.append(Request(prompt, params, int(obj.get("max_new_tokens", base.max_new_tokens)), stop,
+                                    obj.get("seed", base.seed)))
+        except TypeError as e:
+            raise TinygenError(f"line {n}: {e}") from None
+    if not requests:
+        raise TinygenError("batch mode got no prompts")
+    return requests
+
+
+def _run_batch(gen, requests, batch_size: int, jsonl: bool) -> None:
+    for index, result in gen.batch(requests, batch_size):
+        if jsonl:
+            line = json.dumps({"prompt": requests[index].prompt, "completion": result.text,
+                               "tokens": result.tokens, "finish_reason": result.finish_reason}, ensure_ascii=False)
+        else:
+            line = result.text.replace("\r", " ").replace("\n", " ")
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+@app.command()
+def tokenize(
+    text: Annotated[Optional[str], typer.Argument(help="Text to tokenize (or ids with --decode); `-` or piped stdin "
+                                                  "reads stdin.", show_default=False)] = None,
+    model: ModelOpt = None,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Use this tokenizer instead: a checkpoint, a GPT-2 "
+                                                     "model folder, or a folder with vocab.json + merges.txt.")] = None,
+    ids: Annotated[bool, typer.Option("--ids", help="Print only the ids, space-separated.")] = False,
+    decode: Annotated[bool, typer.Option("--decode", help="Turn ids (space or comma separated) back into text.")] = False,
+    count: Annotated[bool, typer.Option("--count", help="Print only the number of tokens.")] = False,
+) -> None:
+    """Show how text splits into tokens, with ids and a count."""
+    from tinygen.checkpoint import load_tokenizer, load_tokenizer_source
+
+    tok = load_tokenizer_source(tokenizer) if tokenizer else load_tokenizer(model)
+    text = _text_arg(text)
+    if decode:
+        try:
+            token_ids = [int(t) for t in text.replace(",", " ").split()]
+        except ValueError:
+            raise TinygenError("--decode expects token ids: integers separated by spaces or commas") from None
+        bad = [t for t in token_ids if not 0 <= t < tok.n_vocab]
+        if bad:
+            raise TinygenError(f"token id {bad[0]} is outside this vocabulary (0..{tok.n_vocab - 1})")
+        sys.stdout.write(tok.decode(token_ids) + "\n")
+        return
+    token_ids = tok.encode(text)
+    if count:
+        print(len(token_ids))
+    elif ids:
+        print(" ".join(map(str, token_ids)))
+    else:
+        ui.show_tokens(tok, token_ids, text)
+
+
+@app.command()
+def info(
+    model: Annotated[Optional[str], typer.Argument(help="Model file or GPT-2 folder (default: as for --model).",
+                                                   show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show a model's config, size, tokenizer and provenance (reads the header only)."""
+    from tinygen.checkpoint import load_tokenizer, read_info
+
+    meta = read_info(model)
+    tok = load_tokenizer(info=meta)
+    cfg = meta.config
+    summary = {
+        "path": str(meta.path),
+        "kind": meta.kind,
+        "format_version": meta.format_version,
+        "config": json.loads(cfg.to_json()),
+        "parameters": meta.n_params,
+        "file_size": meta.file_size,
+        "dtypes": list(meta.dtypes),
+        "tokenizer": {"name": tok.name, "n_vocab": tok.n_vocab, "special_tokens": tok.special},
+        "provenance": meta.provenance,
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        return
+    rows = [
+        ("path", str(meta.path)),
+        ("kind", meta.kind + (f" (format v{meta.format_version})" if meta.format_version else "")),
+        ("architecture", cfg.arch),
+        ("shape", f"n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd} "
+                  f"block_size={cfg.block_size} vocab_size={cfg.vocab_size}"),
+        ("parameters", f"{ui.human_count(meta.n_params)} ({meta.n_params:,})"),
+        ("file size", ui.human_bytes(meta.file_size)),
+        ("dtype", ", ".join(meta.dtypes)),
+        ("tokenizer", f"{tok.name}, {tok.n_vocab:,} tokens, special: {' '.join(tok.special)}"),
+    ]
+    rows += [(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in meta.provenance.items()]
+    ui.info_table(rows, title=f"tinygen model: {meta.path.name}")
+
+
+@app.command()
+def bench(
+    model: ModelOpt = None,
+    shape: Annotated[Optional[str], typer.Option(help="Benchmark a named shape with random weights instead of a model: "
+                                                 "gpt2 (124M), small (~15M) or tiny.")] = None,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length for the prefill measurement.")] = 128,
+    new_tokens: Annotated[int, typer.Option(help="Tokens to decode per measurement.")] = 64,
+    repeats: Annotated[int, typer.Option(help="Timed repeats; the median is reported.")] = 3,
+    compare: Annotated[bool, typer.Option("--compare", help="Also run transformers' generate() on the same weights "
+                                          "and report the ratio (needs transformers).")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Measure decode and prefill speed, optionally against transformers."""
+    from tinygen import bench as bench_lib
+
+    results = bench_lib.run(model=model, shape=shape, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                            repeats=repeats, compare=compare, threads=threads, device=device,
+                            progress=None if as_json else ui.err())
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        bench_lib.print_table(results, ui.out())
+
+
+def _click_exceptions():
+    """Typer >= 0.29 vendors click as typer._click; older Typer uses the click package."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def main() -> None:
+    exc = _click_exceptions()
+    try:
+        rc = app(standalone_mode=False)
+    except TinygenError as e:
+        ui.error(str(e))
+        rc = 1
+    except exc.UsageError as e:
+        if e.ctx is not None and getattr(exc, "NoArgsIsHelpError", ()) and isinstance(e, exc.NoArgsIsHelpError):
+            print(e.ctx.get_help())
+        else:
+            command = e.ctx.command_path if e.ctx else "tinygen"
+            ui.error(f"{e.format_message()} (see `{command} --help`)")
+        rc = 2
+    except (typer.Abort, KeyboardInterrupt):
+        rc = 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep Python's exit flush from failing too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        rc = 0
+    sys.exit(rc if isinstance(rc, int) else 0)

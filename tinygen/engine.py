@@ -1,0 +1,178 @@
+"""Generation on token ids: prefill the prompt once, then decode one token at a time from the KV cache.
+
+The engine knows nothing of text. `generate` is the one streaming primitive: a generator over a
+batch of prompts that yields the tokens of each step as they come. Single-prompt streaming and
+collect-everything batch generation are thin wrappers around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+
+from tinygen.errors import TinygenError
+from tinygen.model import GPT, KVCache
+from tinygen.sampling import SamplingParams, sample_next
+
+
+def window_keep(block_size: int) -> int:
+    """Tokens kept when generation fills the context: dropping a quarter at a time means one
+    re-prefill per block_size/4 tokens instead of one per token."""
+    return max(1, block_size - block_size // 4)
+
+
+def _prefill(model: GPT, windows: list[list[int]], device) -> tuple[KVCache, torch.Tensor]:
+    """Run the prompts (right-padded to one length) through the model in one pass.
+
+    Returns the filled cache and the logits (B, V) at each row's last real token. Padding sits
+    after each row's tokens, so causal attention keeps it out of every real position; decoding
+    later overwrites it slot by slot.
+    """
+    B, T = len(windows), max(len(w) for w in windows)
+    idx = torch.zeros(B, T, dtype=torch.long)
+    for i, w in enumerate(windows):
+        idx[i, : len(w)] = torch.tensor(w, dtype=torch.long)
+    idx = idx.to(device)
+    cache = KVCache(model.config, B, device, model.lm_head.weight.dtype)
+    cache.kv_len = T
+    pos = torch.arange(T, device=device).expand(B, T)
+    h, _ = model.hidden(idx, pos, cache)
+    last = torch.tensor([len(w) - 1 for w in windows], device=device)
+    return cache, model.lm_head(h[torch.arange(B, device=device), last])
+
+
+def _decode(model: GPT, cache: KVCache, tokens: torch.Tensor, ctx_len: list[int]) -> torch.Tensor:
+    """Feed one token per row (B,) at each row's own position; returns next logits (B, V)."""
+    device = tokens.device
+    pos = torch.tensor(ctx_len, device=device)[:, None]  # (B, 1)
+    cache.kv_len = max(ctx_len) + 1
+    cache.mask = torch.arange(cache.kv_len, device=device)[None, None, None, :] <= pos[:, None, :, None]  # (B,1,1,S)
+    h, _ = model.hidden(tokens[:, None], pos, cache)
+    return model.lm_head(h[:, -1])
+
+
+@torch.inference_mode()
+def generate(
+    model: GPT,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    max_new_tokens: int,
+    *,
+    stop_ids: Iterable[int] = (),
+    generator: torch.Generator | None = None,
+    done: Callable[[int], bool] | None = None,
+) -> Iterator[list[tuple[int, int]]]:
+    """Yield, per step, the (row, token) pairs of the rows still generating.
+
+    A row ends when it samples a stop id (which is not yielded), after max_new_tokens tokens,
+    or when done(row) turns true after a yield (how callers apply stop strings, which are text).
+    Prompts longer than the context keep their last block_size tokens.
+    """
+    if max_new_tokens <= 0 or not prompts:
+        return
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = model.lm_head.weight.device
+    max_len = model.config.block_size
+    stop_ids = frozenset(stop_ids)
+    history = [list(p) for p in prompts]
+    rows = list(range(len(prompts)))  # batch slot -> original row
+    windows = [h[-max_len:] for h in history]
+    ctx_len = [len(w) for w in windows]
+    cache, logits = _prefill(model, windows, device)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(len(rows), model.config.vocab_size, dtype=torch.bool, device=device)
+        for i, w in enumerate(windows):
+            seen[i, torch.tensor(w, device=device)] = True
+
+    for step in range(max_new_tokens):
+        next_ids = sample_next(logits, params, generator, seen)
+        if seen is not None:
+            seen[torch.arange(len(rows), device=device), next_ids] = True
+        next_list = next_ids.tolist()
+        out = [(rows[i], t) for i, t in enumerate(next_list) if t not in stop_ids]
+        if out:
+            yield out
+        keep = [i for i, t in enumerate(next_list) if t not in stop_ids and not (done and done(rows[i]))]
+        if not keep or step == max_new_tokens - 1:
+            return
+        if len(keep) < len(rows):  # drop finished rows so they cost nothing from here on
+            sel = torch.tensor(keep, device=device)
+            cache.k, cache.v = cache.k[:, sel], cache.v[:, sel]
+            next_ids = next_ids[sel]
+            seen = seen[sel] if seen is not None else None
+            rows = [rows[i] for i in keep]
+            ctx_len = [ctx_len[i] for i in keep]
+        for i, r in enumerate(rows):
+            history[r].append(next_list[keep[i]])
+        if max(ctx_len) >= max_len:
+            # The context is full: slide the window and rebuild the cache from the kept tokens.
+            windows = [history[r][-window_keep(max_len):] for r in rows]
+            ctx_len = [len(w) for w in windows]
+            cache, logits = _prefill(model, windows, device)
+        else:
+            logits = _decode(model, cache, next_ids, ctx_len)
+            ctx_len = [n + 1 for n in ctx_len]
+
+
+def stream(model: GPT, prompt: list[int], params: SamplingParams, max_new_tokens: int, **kw) -> Iterator[int]:
+    """Tokens of one prompt, one at a time."""
+    for step in generate(model, [prompt], params, max_new_tokens, **kw):
+        yield step[0][1]
+
+
+def generate_batch(model: GPT, prompts: list[list[int]], params: SamplingParams, max_new_tokens: int, **kw) -> list[list[int]]:
+    """All completions at once: the generated ids of each prompt, in prompt order."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in generate(model, prompts, params, max_new_tokens, **kw):
+        for row, token in step:
+            out[row].append(token)
+    return out
+
+
+@torch.inference_mode()
+def naive_generate(model: GPT, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding by full recompute, no cache: the reference the fast path is tested against."""
+    device = model.lm_head.weight.device
+    ids = list(prompt)
+    for _ in range(max_new_tokens):
+        idx = torch.tensor([ids[-model.config.block_size :]], device=device)
+        ids.append(int(model(idx)[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def make_generator(seed: int | None, device) -> torch.Generator | None:
+    """A seeded generator on the sampling device, so a seed reproduces output exactly there."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple's MPS, then the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TinygenError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TinygenError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise TinygenError("--device mps was asked for, but MPS is not available; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise TinygenError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the hardware runs it natively, fp32 elsewhere (CPU bf16 matmuls are slow without AMX)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32

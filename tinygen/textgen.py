@@ -1,0 +1,138 @@
+"""Text in, text out: the engine plus a tokenizer.
+
+Encodes prompts, decodes streamed ids incrementally (whole UTF-8 characters only), applies stop
+strings, and runs batches of requests with length-sorted batching. Yields text and returns
+results; printing is the CLI's job.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from tinygen import engine
+from tinygen.errors import TinygenError
+from tinygen.sampling import SamplingParams
+from tinygen.tokenizer import StopMatcher, StreamDecoder, Tokenizer
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    params: SamplingParams
+    max_new_tokens: int = 200
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Completion:
+    text: str = ""
+    tokens: int = 0  # generated tokens, stop token excluded
+    finish_reason: str = "length"  # "stop": end-of-text or a stop string; "length": max tokens
+    prompt_tokens: int = 0
+    seconds: float = 0.0
+    first_token_seconds: float | None = None
+    pieces: list[str] = field(default_factory=list, repr=False)
+
+
+class TextGenerator:
+    def __init__(self, model, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model.lm_head.weight.device
+        # A base model stops at end-of-text; the reserved chat token <|end|> also ends a turn.
+        self.stop_ids = tuple(t for t in (tokenizer.eot_id, tokenizer.special.get("<|end|>")) if t is not None)
+
+    @property
+    def block_size(self) -> int:
+        return self.model.config.block_size
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """Prompt ids; an empty prompt starts from end-of-text, i.e. a fresh document."""
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            if self.tokenizer.eot_id is None:
+                raise TinygenError("empty prompt, and this tokenizer has no <|endoftext|> to start from")
+            ids = [self.tokenizer.eot_id]
+        return ids
+
+    def stream(self, request: Request, result: Completion | None = None) -> Iterator[str]:
+        """Text pieces of one completion as they are generated; fills result as it goes."""
+        result = result if result is not None else Completion()
+        ids = self.encode_prompt(request.prompt)
+        result.prompt_tokens = len(ids)
+        decoder, stops = StreamDecoder(self.tokenizer), StopMatcher(request.stop)
+        gen = engine.make_generator(request.seed, self.device)
+        start = time.perf_counter()
+        tokens = engine.stream(
+            self.model, ids, request.params, request.max_new_tokens,
+            stop_ids=self.stop_ids, generator=gen, done=lambda _row: stops.stopped,
+        )
+        for token in tokens:
+            if result.first_token_seconds is None:
+                result.first_token_seconds = time.perf_counter() - start
+            result.tokens += 1
+            piece = stops.feed(decoder.push(token))
+            if piece:
+                result.pieces.append(piece)
+                yield piece
+        tail = stops.feed(decoder.flush()) + stops.flush()
+        if tail:
+            result.pieces.append(tail)
+            yield tail
+        result.seconds = time.perf_counter() - start
+        result.text = "".join(result.pieces)
+        result.finish_reason = "length" if result.tokens >= request.max_new_tokens and not stops.stopped else "stop"
+
+    def complete(self, request: Request) -> Completion:
+        result = Completion()
+        for _ in self.stream(request, result):
+            pass
+        return result
+
+    def batch(self, requests: list[Request], batch_size: int) -> Iterator[tuple[int, Completion]]:
+        """Completions of many requests as (index, completion), in input order.
+
+        Requests that share sampling settings run together, sorted by prompt length so that each
+        batch pads little.
+        """
+        encoded = [self.encode_prompt(r.prompt) for r in requests]
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.params, r.max_new_tokens, r.stop, r.seed), []).append(i)
+        batches = []
+        for members in groups.values():
+            members.sort(key=lambda i: len(encoded[i]))
+            batches += [members[j : j + batch_size] for j in range(0, len(members), batch_size)]
+        done: dict[int, Completion] = {}
+        next_out = 0
+        for batch in sorted(batches, key=min):
+            done.update(self._run_batch(batch, requests, encoded))
+            while next_out in done:
+                yield next_out, done.pop(next_out)
+                next_out += 1
+
+    def _run_batch(self, batch: list[int], requests: list[Request], encoded: list[list[int]]) -> dict[int, Completion]:
+        first = requests[batch[0]]
+        decoders = [StreamDecoder(self.tokenizer) for _ in batch]
+        stops = [StopMatcher(first.stop) for _ in batch]
+        results = [Completion(prompt_tokens=len(encoded[i])) for i in batch]
+        start = time.perf_counter()
+        steps = engine.generate(
+            self.model, [encoded[i] for i in batch], first.params, first.max_new_tokens,
+            stop_ids=self.stop_ids, generator=engine.make_generator(first.seed, self.device),
+            done=lambda row: stops[row].stopped,
+        )
+        for step in steps:
+            for row, token in step:
+                results[row].tokens += 1
+                results[row].pieces.append(stops[row].feed(decoders[row].push(token)))
+        elapsed = time.perf_counter() - start
+        for row, r in enumerate(results):
+            r.pieces.append(stops[row].feed(decoders[row].flush()) + stops[row].flush())
+            r.text = "".join(r.pieces)
+            r.seconds = elapsed
+            r.finish_reason = "length" if r.tokens >= first.max_new_tokens and not stops[row].stopped else "stop"
+        return dict(zip(batch, results))

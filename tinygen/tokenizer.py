@@ -1,0 +1,213 @@
+"""Byte-level BPE tokenizers: tiktoken encodes and decodes, rustbpe trains.
+
+A tokenizer is fully described by its mergeable ranks, split pattern and special tokens; that
+description is what a checkpoint stores, so a model always travels with its own tokenizer.
+Free of torch on purpose: `tinygen tokenize` must start fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import json
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+
+import tiktoken
+
+from tinygen.errors import TinygenError
+
+EOT = "<|endoftext|>"
+# Reserved now so that the chat template never has to renumber a trained vocabulary.
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+SPECIAL_TOKENS = (EOT, *CHAT_TOKENS)
+
+# GPT-4's split pattern (rustbpe's default), written out so a checkpoint records exactly what it used.
+GPT4_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+    r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+# GPT-2's pattern, as Hugging Face's byte-level pre-tokenizer applies it.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class Tokenizer:
+    """A tiktoken Encoding plus the data needed to rebuild it anywhere."""
+
+    def __init__(self, ranks: list[bytes], pattern: str, special: dict[str, int], name: str = "tinygen"):
+        self.ranks = ranks  # ranks[i] is the byte string of token i; order is merge priority
+        self.pattern = pattern
+        self.special = special
+        self.name = name
+        try:
+            self.enc = tiktoken.Encoding(
+                name=name,
+                pat_str=pattern,
+                mergeable_ranks={b: i for i, b in enumerate(ranks)},
+                special_tokens=special,
+            )
+        except (ValueError, TypeError) as e:
+            raise TinygenError(f"invalid tokenizer data: {e}") from e
+        self.special_ids = frozenset(special.values())
+
+    @property
+    def n_vocab(self) -> int:
+        return self.enc.n_vocab
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.special.get(EOT)
+
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Encode text. With special=True, special-token text (`<|endoftext|>`) becomes its id."""
+        if special:
+            return self.enc.encode(text, allowed_special="all")
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode(list(ids), errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.enc.decode_single_token_bytes(token_id)
+
+    # -- serialisation -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {
+            "type": "tiktoken-bpe",
+            "name": self.name,
+            "pattern": self.pattern,
+            "ranks": [base64.b64encode(b).decode("ascii") for b in self.ranks],
+            "special": self.special,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Tokenizer":
+        try:
+            ranks = [base64.b64decode(s) for s in d["ranks"]]
+            return cls(ranks, d["pattern"], {k: int(v) for k, v in d["special"].items()}, d.get("name", "tinygen"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise TinygenError(f"checkpoint tokenizer metadata is malformed ({e})") from e
+
+    # -- constructors ----------------------------------------------------------------------------
+
+    @classmethod
+    def from_gpt2_files(cls, vocab_path: Path, merges_path: Path) -> "Tokenizer":
+        """Build from Hugging Face GPT-2 `vocab.json` + `merges.txt` (with or without a #version line)."""
+        try:
+            vocab: dict[str, int] = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+            merge_lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
+        except (OSError, ValueError) as e:
+            raise TinygenError(f"cannot read GPT-2 tokenizer files: {e}") from e
+        decoder = _unicode_to_byte()
+
+        def to_bytes(token: str) -> bytes:
+            return bytes(decoder[ch] for ch in token)
+
+        mergeable = {bytes([b]) for b in range(256)}
+        last_id = -1
+        for line in merge_lines:
+            if not line or line.startswith("#version"):
+                continue
+            a, b = line.split(" ")
+            merged = a + b
+            token_id = vocab.get(merged)
+            # tiktoken merges by the rank of the merged token, so ids must follow merge order.
+            if token_id is None or token_id <= last_id:
+                raise TinygenError(f"unsupported BPE vocabulary in {vocab_path}: ids do not follow merge order")
+            last_id = token_id
+            mergeable.add(to_bytes(merged))
+        ranks: list[bytes | None] = [None] * len(vocab)
+        special: dict[str, int] = {}
+        for token, token_id in vocab.items():
+            raw = to_bytes(token) if all(ch in decoder for ch in token) else None
+            if raw is not None and raw in mergeable:
+                ranks[token_id] = raw
+            else:
+                special[token] = token_id
+        n_ranks = len(vocab) - len(special)
+        if any(r is None for r in ranks[:n_ranks]) or any(i < n_ranks for i in special.values()):
+            raise TinygenError(f"unsupported BPE vocabulary in {vocab_path}: special tokens must come last")
+        return cls(ranks[:n_ranks], GPT2_PATTERN, special, name="gpt2")
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> "Tokenizer":
+        """Train a byte-level BPE with rustbpe; vocab_size counts the special tokens too."""
+        import rustbpe
+
+        n_merged = vocab_size - len(special_tokens)
+        if n_merged < 256 + 1:
+            raise TinygenError(f"vocab size {vocab_size} is too small: need at least {256 + 1 + len(special_tokens)}")
+        bpe = rustbpe.Tokenizer()
+        bpe.train_from_iterator(iter(texts), vocab_size=n_merged, pattern=GPT4_PATTERN)
+        pairs = sorted(bpe.get_mergeable_ranks(), key=lambda p: p[1])
+        ranks = [bytes(b) for b, _ in pairs]
+        special = {tok: len(ranks) + i for i, tok in enumerate(special_tokens)}
+        return cls(ranks, GPT4_PATTERN, special)
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: the printable stand-ins it uses for raw bytes."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+class StreamDecoder:
+    """Turns token ids into text as they arrive, never splitting a multi-byte UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self._utf8.decode(self.tokenizer.token_bytes(token_id))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+class StopMatcher:
+    """Holds back streamed text that could still become a stop string.
+
+    feed() returns the text that is safe to show; `stopped` turns true once a stop string has
+    appeared, and the text before it is the last thing returned.
+    """
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in stops if s]
+        self._pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        buf = self._pending + text
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._pending = ""
+            return buf[:cut]
+        hold = max((_overlap(buf, s) for s in self.stops), default=0)
+        self._pending = buf[len(buf) - hold :] if hold else ""
+        return buf[: len(buf) - hold]
+
+    def flush(self) -> str:
+        out, self._pending = ("" if self.stopped else self._pending), ""
+        return out
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of stop."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
