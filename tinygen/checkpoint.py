@@ -140,7 +140,7 @@ def _read_hf_info(path: Path) -> ModelInfo:
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
     )
     _, tensors = _read_header(path / HF_WEIGHTS)
-    weights = {k: v for k, v in tensors.items() if not k.endswith(("attn.bias", "attn.masked_bias")) and k != "lm_head.weight"}
+    weights = {k: v for k, v in tensors.items() if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
     size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
     return ModelInfo(
         path=path,
@@ -223,7 +223,7 @@ def _from_hf_gpt2(state: dict) -> dict:
     out = {}
     for key, value in state.items():
         name = key.removeprefix("transformer.")
-        if name.endswith(("attn.bias", "attn.masked_bias")) or name == "lm_head.weight":
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
             continue  # causal-mask buffers and the tied head
         if name.endswith(HF_CONV1D):
             value = value.t().contiguous()
