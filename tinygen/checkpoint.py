@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tinygen.atomic import atomic_path
 from tinygen.config import ModelConfig
 from tinygen.errors import TinygenError
 from tinygen.tokenizer import Tokenizer
@@ -173,8 +174,14 @@ def load_tokenizer(model: str | os.PathLike | None = None, info: ModelInfo | Non
 
 
 def load_tokenizer_source(source: str | os.PathLike) -> Tokenizer:
-    """A tokenizer from a checkpoint, a GPT-2 model folder, or a bare vocab.json + merges.txt folder."""
+    """A tokenizer from a checkpoint, a GPT-2 model folder, a bare vocab.json + merges.txt folder, or a
+    tokenizer file written by `tinygen tokenize --train`."""
     path = Path(source)
+    if path.suffix == ".json" and path.is_file():
+        try:
+            return Tokenizer.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except ValueError as e:
+            raise TinygenError(f"{path} is not a tokenizer file: {e}") from e
     if path.is_dir() and not (path / "config.json").exists():
         if (path / "vocab.json").exists() and (path / "merges.txt").exists():
             return Tokenizer.from_gpt2_files(path / "vocab.json", path / "merges.txt")
@@ -248,11 +255,6 @@ def save_checkpoint(path: str | os.PathLike, model, tokenizer: Tokenizer, proven
         "tokenizer": json.dumps(tokenizer.to_dict()),
         "provenance": json.dumps(provenance or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -211,10 +211,18 @@ def tokenize(
     ids: Annotated[bool, typer.Option("--ids", help="Print only the ids, space-separated.")] = False,
     decode: Annotated[bool, typer.Option("--decode", help="Turn ids (space or comma separated) back into text.")] = False,
     count: Annotated[bool, typer.Option("--count", help="Print only the number of tokens.")] = False,
+    train: Annotated[Optional[list[str]], typer.Option("--train", help="Train a new BPE tokenizer on these files, "
+                                                       "folders or globs (repeatable) and write it to --out.")] = None,
+    vocab_size: Annotated[int, typer.Option(help="With --train: vocabulary size, special tokens included.")] = 4096,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="With --train: the tokenizer file to write (.json).")] = None,
+    separator: Annotated[str, typer.Option(help="With --train: text that separates documents.")] = "<|endoftext|>",
 ) -> None:
-    """Show how text splits into tokens, with ids and a count."""
+    """Show how text splits into tokens, with ids and a count; or train a tokenizer."""
     from tinygen.checkpoint import load_tokenizer, load_tokenizer_source
 
+    if train:
+        _train_tokenizer(train, vocab_size, out, separator)
+        return
     tok = load_tokenizer_source(tokenizer) if tokenizer else load_tokenizer(model)
     text = _text_arg(text)
     if decode:
@@ -234,6 +242,20 @@ def tokenize(
         print(" ".join(map(str, token_ids)))
     else:
         ui.show_tokens(tok, token_ids, text)
+
+
+def _train_tokenizer(sources: list[str], vocab_size: int, out: Optional[Path], separator: str) -> None:
+    from tinygen import atomic
+    from tinygen import data as data_lib
+    from tinygen.tokenizer import Tokenizer
+
+    if out is None:
+        raise TinygenError("--train needs --out FILE for the tokenizer")
+    docs = data_lib.read_documents(data_lib.expand_sources(sources), separator)
+    tok = Tokenizer.train(docs, vocab_size)
+    atomic.write_bytes(out, json.dumps(tok.to_dict()).encode())
+    ui.err().print(f"wrote {out}: {tok.n_vocab:,} tokens ({len(tok.ranks):,} merged + {len(tok.special)} special), "
+                   f"trained on {len(docs):,} documents")
 
 
 @app.command()
@@ -275,6 +297,168 @@ def info(
     ]
     rows += [(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in meta.provenance.items()]
     ui.info_table(rows, title=f"tinygen model: {meta.path.name}")
+
+
+def _parse_duration(text: Optional[str]) -> Optional[float]:
+    """Seconds from `90`, `90s`, `45m`, `2h` or `1h30m`."""
+    if text is None:
+        return None
+    import re
+
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    if not parts or not any(parts.groups()) or not text.strip():
+        raise TinygenError(f"--time expects a duration like 90s, 45m, 2h or 1h30m, got {text!r}")
+    h, m, sec = (float(g) if g else 0.0 for g in parts.groups())
+    seconds = 3600 * h + 60 * m + sec
+    if seconds <= 0:
+        raise TinygenError("--time must be positive")
+    return seconds
+
+
+@app.command()
+def train(
+    data: Annotated[list[str], typer.Argument(help="Training text: files, folders or globs; plain text or JSONL "
+                                              "with a \"text\" field.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors).", show_default=False)],
+    preset: Annotated[Optional[str], typer.Option(help="Model size: tiny (~1M), mini, small (~15M), medium, "
+                                                  "gpt2 (124M). Default tiny.", show_default=False)] = None,
+    n_layer: Annotated[Optional[int], typer.Option(help="Override the preset's number of blocks.")] = None,
+    n_head: Annotated[Optional[int], typer.Option(help="Override the preset's attention heads.")] = None,
+    n_embd: Annotated[Optional[int], typer.Option(help="Override the preset's width.")] = None,
+    block_size: Annotated[Optional[int], typer.Option(help="Override the preset's context length.")] = None,
+    arch: Annotated[str, typer.Option(help="rope (default: rotary, RMSNorm, SwiGLU) or gpt2.")] = "rope",
+    dropout: Annotated[float, typer.Option(help="Dropout; 0.1-0.2 helps on small data.")] = 0.0,
+    vocab_size: Annotated[int, typer.Option(help="Size of the BPE vocabulary to train, special tokens included.")] = 4096,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Reuse this checkpoint's (or GPT-2 folder's) "
+                                                     "tokenizer instead of training one.")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Start from this checkpoint's weights (fine-tuning).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run saved at --out.")] = False,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
+    tokens: Annotated[Optional[int], typer.Option("--tokens", help="Stop after this many training tokens.")] = None,
+    time_limit: Annotated[Optional[str], typer.Option("--time", help="Stop after this long: 90s, 45m, 2h.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per micro-batch on each process.")] = 16,
+    batch_tokens: Annotated[Optional[int], typer.Option(help="Tokens per optimizer step; gradient accumulation "
+                                                        "makes up the difference.")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 100,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Clip the gradient norm to this; 0 is off.")] = 1.0,
+    eval_every: Annotated[int, typer.Option(help="Evaluate, sample and save every this many steps.")] = 250,
+    eval_tokens: Annotated[int, typer.Option(help="Validation tokens scored per evaluation.")] = 200_000,
+    val_fraction: Annotated[float, typer.Option(help="Share of documents held out for validation.")] = 0.05,
+    separator: Annotated[str, typer.Option(help="Text that separates documents in plain-text files.")] = "<|endoftext|>",
+    seed: Annotated[int, typer.Option(help="Seed for initialisation, batches and dropout.")] = 1337,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model (GPU).")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Train a model (and its tokenizer) on your own text."""
+    from tinygen.engine import resolve_device
+    from tinygen.progress import TrainDisplay
+    from tinygen.recipe import prepare
+    from tinygen.train import TrainSettings, init_distributed, shutdown_distributed
+    from tinygen.train import train as train_loop
+
+    stops = dict(max_steps=max_steps, max_tokens=tokens, max_time=_parse_duration(time_limit))
+    settings = None  # a resumed run takes its settings from its state file
+    if not resume:
+        if not any(stops.values()):
+            stops["max_steps"] = 1000
+        settings = TrainSettings(**stops, batch_size=batch_size, batch_tokens=batch_tokens, lr=lr,
+                                 warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
+                                 eval_every=eval_every, eval_tokens=eval_tokens, seed=seed, compile=compile)
+    dev = resolve_device(device)
+    dist = init_distributed(dev)
+    if dev.type == "cuda" and dist.world > 1:
+        import torch
+
+        dev = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(dev)
+    console = ui.err()
+    try:
+        run = prepare(data, out, settings, stops, dist=dist, preset=preset,
+                      shape=dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size), arch=arch,
+                      dropout=dropout, vocab_size=vocab_size, tokenizer_from=tokenizer, init=init, resume=resume,
+                      separator=separator, val_fraction=val_fraction)
+        if settings is not None and not any((max_steps, tokens, time_limit)) and dist.master:
+            console.print("[dim]no --max-steps, --tokens or --time given: training for 1000 steps[/dim]")
+        stop = _StopFlag()
+        events = train_loop(run.model, run.tokenizer, run.train_data, run.val_data, out, run.settings, device=dev,
+                            dist=dist, resume=resume, val_bytes=run.val_bytes, provenance=run.provenance,
+                            should_stop=stop)
+        if not dist.master:
+            for _ in events:
+                pass
+            return
+        with stop.installed(), TrainDisplay(console, run.tokenizer, out) as display:
+            for ev in events:
+                if type(ev).__name__ == "Start":
+                    display.start(ev, 0 if resume else None)
+                else:
+                    display.handle(ev)
+        display.finish()
+    finally:
+        shutdown_distributed(dist)
+
+
+class _StopFlag:
+    """Ctrl-C or SIGTERM asks the training loop to save and stop at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def installed(self):
+        import contextlib
+        import signal
+
+        @contextlib.contextmanager
+        def handlers():
+            def on_signal(signum, frame):
+                if self.requested:  # a second Ctrl-C means now
+                    raise KeyboardInterrupt
+                self.requested = True
+                ui.warn("stopping: saving a checkpoint at the end of this step (Ctrl-C again to abort)")
+
+            old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+
+        return handlers()
+
+
+@app.command("eval")
+def eval_cmd(
+    files: Annotated[list[str], typer.Argument(help="Text files to score (documents split on --separator).",
+                                               show_default=False)],
+    model: ModelOpt = None,
+    separator: Annotated[str, typer.Option(help="Text that separates documents.")] = "<|endoftext|>",
+    stride: Annotated[Optional[int], typer.Option(help="Sliding-window stride in tokens (default: half the context).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Score a model on text: mean loss, perplexity and bits per byte."""
+    from tinygen import data as data_lib
+    from tinygen.evaluate import score_tokens
+
+    docs = data_lib.read_documents(data_lib.expand_sources(files), separator)
+    net, tok, meta = _load(model, device)
+    if stride is not None and not 0 < stride <= net.config.block_size:
+        raise TinygenError(f"--stride must be in 1..{net.config.block_size}")
+    tokens = data_lib.encode_documents(docs, tok)
+    score = score_tokens(net, tokens, stride=stride, n_bytes=sum(len(d.encode()) for d in docs))
+    result = {"model": str(meta.path), "documents": len(docs), **score.as_dict()}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    rows = [("model", str(meta.path)), ("documents", f"{len(docs):,}"), ("tokens", f"{score.tokens:,}"),
+            ("loss", f"{score.loss:.4f} nats/token"), ("perplexity", f"{score.perplexity:.2f}"),
+            ("bits per byte", f"{score.bits_per_byte:.4f}")]
+    ui.info_table(rows, title="evaluation")
 
 
 @app.command()

@@ -85,10 +85,10 @@ class CausalSelfAttention(nn.Module):
             att = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
             y = att @ v  # (B, H, T, D)
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None,
-                dropout_p=self.dropout if self.training else 0.0,
-            )
+            # No dropout on the attention probabilities: it forces SDPA off its fused kernels onto
+            # a path that materialises (B, H, T, T), several times slower; residual dropout below
+            # regularises small-data training well enough.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         y = F.dropout(self.c_proj(y), self.dropout, self.training)
         return y, att

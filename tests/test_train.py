@@ -1,0 +1,274 @@
+"""Training: resume gives the same weights as an uninterrupted run, DDP on gloo matches one
+process, the token cache is reused, eval numbers are right, and mistakes are one-line errors."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tinygen import data as data_lib
+from tinygen.checkpoint import load_model, save_checkpoint
+from tinygen.config import ModelConfig
+from tinygen.errors import TinygenError
+from tinygen.evaluate import score_tokens
+from tinygen.model import GPT
+from tinygen.train import Eval, Saved, Start, Step, TrainSettings, train
+
+from conftest import STORY_LINES, make_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tokens(tokenizer):
+    return data_lib.encode_documents(STORY_LINES * 30, tokenizer)
+
+
+@pytest.fixture()
+def small_config(tokenizer):
+    return ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=tokenizer.n_vocab, dropout=0.1)
+
+
+def _run(model, tokenizer, tokens, out, settings, **kw):
+    return list(train(model, tokenizer, tokens, tokens[:500], out, settings, device=CPU, **kw))
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, tokenizer, tokens, small_config):
+    settings = TrainSettings(max_steps=12, batch_size=4, eval_every=4, warmup_steps=3, sample_tokens=8, lr=3e-3)
+    torch.manual_seed(0)
+    straight = GPT(small_config)
+    events = _run(straight, tokenizer, tokens, tmp_path / "a.safetensors", settings)
+    assert isinstance(events[0], Start)
+    assert [e.step for e in events if isinstance(e, Step)] == list(range(1, 13))
+    assert [e.step for e in events if isinstance(e, Eval)] == [4, 8, 12]
+
+    # Interrupt after step 6, as Ctrl-C does: the loop saves and returns at the next step boundary.
+    torch.manual_seed(0)
+    first = GPT(small_config)
+    count = {"n": 0}
+    gen = train(first, tokenizer, tokens, tokens[:500], tmp_path / "b.safetensors", settings, device=CPU,
+                should_stop=lambda: count["n"] >= 6)
+    saved = []
+    for e in gen:
+        if isinstance(e, Step):
+            count["n"] = e.step
+        if isinstance(e, Saved):
+            saved.append(e)
+    assert saved[-1].reason == "interrupted" and saved[-1].step == 6
+
+    loaded, _, _ = load_model(tmp_path / "b.safetensors")
+    resumed = GPT(small_config)
+    resumed.load_state_dict(loaded.state_dict())
+    events = list(train(resumed, tokenizer, tokens, tokens[:500], tmp_path / "b.safetensors", settings,
+                        device=CPU, resume=True))
+    assert events[0].resumed_step == 6
+    assert [e.step for e in events if isinstance(e, Step)] == list(range(7, 13))
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    info = load_model(tmp_path / "b.safetensors")[2]
+    assert info.provenance["steps"] == 12 and info.provenance["tokens_seen"] == 12 * 4 * 32
+
+
+def test_loss_falls_and_provenance_is_recorded(tmp_path, tokenizer, tokens, small_config):
+    torch.manual_seed(0)
+    model = GPT(small_config)
+    settings = TrainSettings(max_steps=40, batch_size=8, eval_every=20, warmup_steps=5, lr=3e-3, sample_tokens=0)
+    events = _run(model, tokenizer, tokens, tmp_path / "m.safetensors", settings, provenance={"data": "stories"},
+                  val_bytes=1000)
+    losses = [e.loss for e in events if isinstance(e, Step)]
+    assert losses[-1] < losses[0] - 1.0
+    evals = [e for e in events if isinstance(e, Eval)]
+    assert evals[-1].val_loss < evals[0].val_loss and evals[-1].val_bpb > 0
+    prov = load_model(tmp_path / "m.safetensors")[2].provenance
+    assert prov["data"] == "stories" and prov["steps"] == 40 and math.isclose(prov["val_loss"], evals[-1].val_loss)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tokenizer, tokens, small_config):
+    out = tmp_path / "m.safetensors"
+    save_checkpoint(out, GPT(small_config), tokenizer)
+    before = out.read_bytes()
+    model = GPT(small_config)
+    with torch.no_grad():
+        model.transformer.wte.weight.fill_(float("nan"))
+    with pytest.raises(TinygenError, match="nan"):
+        _run(model, tokenizer, tokens, out, TrainSettings(max_steps=3, batch_size=2, sample_tokens=0))
+    assert out.read_bytes() == before
+
+
+def test_data_smaller_than_a_sequence_is_a_user_error(tmp_path, tokenizer, small_config):
+    with pytest.raises(TinygenError, match="smaller than one sequence"):
+        _run(GPT(small_config), tokenizer, np.arange(10, dtype=np.uint16), tmp_path / "m.safetensors",
+             TrainSettings(max_steps=1))
+
+
+def test_settings_need_a_stop():
+    with pytest.raises(TinygenError, match="stop"):
+        TrainSettings()
+
+
+def test_score_tokens_sliding_windows_score_each_token_once(tokenizer):
+    model = make_model(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=tokenizer.n_vocab))
+    toks = np.array(tokenizer.encode(" ".join(STORY_LINES)), dtype=np.int64)
+    assert len(toks) > 40
+    for stride in (4, 8, 16):
+        assert score_tokens(model, toks, stride=stride).tokens == len(toks) - 1
+    # Non-overlapping windows equal the mean loss of each chunk computed by hand.
+    block = 16
+    nll = 0.0
+    with torch.no_grad():
+        for s in range(0, len(toks) - 1, block):
+            chunk = torch.tensor(toks[s : s + block + 1])
+            logits = model(chunk[:-1][None])
+            nll += torch.nn.functional.cross_entropy(logits[0], chunk[1:], reduction="sum").item()
+    assert math.isclose(score_tokens(model, toks, stride=block).nll, nll, rel_tol=1e-4)
+    # Short text: one window, the plain mean cross-entropy.
+    short = torch.tensor(toks[:10])
+    with torch.no_grad():
+        ce = torch.nn.functional.cross_entropy(model(short[:-1][None])[0], short[1:]).item()
+    assert math.isclose(score_tokens(model, toks[:10]).loss, ce, rel_tol=1e-5)
+
+
+def test_token_cache_is_reused_and_keyed(tmp_path, tokenizer):
+    text = tmp_path / "t.txt"
+    text.write_text("<|endoftext|>".join(STORY_LINES))
+    cache = tmp_path / "cache"
+    first = data_lib.load_tokens([text], tokenizer, cache, val_fraction=0.3, seed=1)
+    again = data_lib.load_tokens([text], tokenizer, cache, val_fraction=0.3, seed=1)
+    assert not first.cached and again.cached
+    assert np.array_equal(first.train, again.train) and np.array_equal(first.val, again.val)
+    assert first.n_docs == (5, 2) and first.train.dtype == np.uint16
+    assert first.train[0] == tokenizer.eot_id  # each document starts with end-of-text
+    other_tok = type(tokenizer).train(STORY_LINES * 5, vocab_size=300)
+    assert not data_lib.load_tokens([text], other_tok, cache, val_fraction=0.3, seed=1).cached
+    text.write_text("<|endoftext|>".join(STORY_LINES[:-1]))
+    assert not data_lib.load_tokens([text], tokenizer, cache, val_fraction=0.3, seed=1).cached
+
+
+def test_documents_from_files_folders_globs_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("one<|endoftext|>\ntwo\n<|endoftext|>\n\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.jsonl").write_text('{"text": "three"}\n\n{"text": "four"}\n')
+    (tmp_path / "skip.bin").write_bytes(b"\x00")
+    files = data_lib.expand_sources([str(tmp_path)])
+    assert [f.name for f in files] == ["a.txt", "b.jsonl"]
+    assert data_lib.read_documents(files) == ["one", "two", "three", "four"]
+    assert data_lib.expand_sources([str(tmp_path / "*.txt")]) == [tmp_path / "a.txt"]
+    with pytest.raises(TinygenError, match="no such file"):
+        data_lib.expand_sources([str(tmp_path / "missing.txt")])
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    with pytest.raises(TinygenError, match="bad.jsonl:1"):
+        data_lib.read_documents([tmp_path / "bad.jsonl"])
+    (tmp_path / "empty.txt").write_text("\n<|endoftext|>\n")
+    with pytest.raises(TinygenError, match="empty"):
+        data_lib.read_documents([tmp_path / "empty.txt"])
+
+
+def test_validation_split_is_by_whole_document():
+    docs = [f"doc {i}" for i in range(40)]
+    train_docs, val_docs = data_lib.split_documents(docs, 0.1, seed=3)
+    assert len(val_docs) == 4 and sorted(train_docs + val_docs) == sorted(docs)
+    assert data_lib.split_documents(docs, 0.1, seed=3) == (train_docs, val_docs)
+
+
+# -- through the command line -------------------------------------------------------------------
+
+def _cli(*args, cwd, timeout=180, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k != "TINYGEN_MODEL"}
+    env.update(NO_COLOR="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "tinygen", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--vocab-size", "300",
+        "--batch-size", "4", "--eval-every", "5", "--warmup-steps", "2"]
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    path = tmp_path / "stories.txt"
+    path.write_text("\n<|endoftext|>\n".join(STORY_LINES * 12))
+    return path
+
+
+def test_cli_train_sample_eval_and_errors(tmp_path, corpus):
+    r = _cli("train", str(corpus), "--out", "m.safetensors", *TINY, "--max-steps", "10", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""  # progress is stderr's business
+    assert "saved" in r.stderr and "eval @ 10" in r.stderr
+    metrics = [json.loads(line) for line in (tmp_path / "m.safetensors.metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "train_loss" in m] == list(range(1, 11))
+    r = _cli("sample", "-m", "m.safetensors", "-n", "5", "--seed", "1", "Once", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    r = _cli("eval", "-m", "m.safetensors", str(corpus), "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    score = json.loads(r.stdout)
+    assert math.isclose(score["perplexity"], math.exp(score["loss"]), rel_tol=1e-6) and score["bits_per_byte"] > 0
+    # Mistakes: one line on stderr, non-zero exit, no traceback.
+    (tmp_path / "empty.txt").write_text("")
+    cases = [
+        ("train", "nope.txt", "--out", "x.safetensors"),
+        ("train", "empty.txt", "--out", "x.safetensors"),
+        ("train", str(corpus), "--out", "x.safetensors", "--vocab-size", "100"),
+        ("train", str(corpus), "--out", "x.safetensors", *TINY, "--block-size", "100000", "--max-steps", "1"),
+        ("train", str(corpus), "--out", "x.safetensors", "--init", "m.safetensors", "--n-layer", "3", "--max-steps", "1"),
+        ("train", str(corpus), "--out", "x.safetensors", "--time", "soon"),
+        ("train", str(corpus), "--out", "fresh.safetensors", "--resume"),
+        ("eval", "-m", "m.safetensors", "nope.txt"),
+    ]
+    for args in cases:
+        r = _cli(*args, cwd=tmp_path)
+        assert r.returncode != 0, args
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+
+
+def test_cli_ctrl_c_saves_and_resume_finishes(tmp_path, corpus):
+    env = {k: v for k, v in os.environ.items() if k != "TINYGEN_MODEL"}
+    proc = subprocess.Popen([sys.executable, "-m", "tinygen", "train", str(corpus), "--out", "m.safetensors", *TINY,
+                             "--max-steps", "100000"], cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    seen = ""
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        seen += line
+        if line.startswith("step 20"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 0, seen + rest
+    assert "interrupted" in rest and "Traceback" not in rest
+    state = json.loads((tmp_path / "m.safetensors.state.json").read_text())
+    stopped_at = state["step"]
+    assert stopped_at >= 20
+    r = _cli("train", str(corpus), "--out", "m.safetensors", "--resume", "--max-steps", str(stopped_at + 5), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming at step {stopped_at}" in r.stderr
+    assert json.loads((tmp_path / "m.safetensors.state.json").read_text())["step"] == stopped_at + 5
+
+
+def test_ddp_on_gloo_matches_one_process(tmp_path, corpus):
+    common = [str(corpus), *TINY, "--max-steps", "6", "--eval-every", "100", "--seed", "7"]
+    one = _cli("train", *common, "--out", "one.safetensors", "--batch-size", "8", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    env = {k: v for k, v in os.environ.items() if k != "TINYGEN_MODEL"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                          "-m", "tinygen", "train", *common, "--out", "two.safetensors", "--batch-size", "4"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes" in two.stderr
+
+    def losses(name):
+        rows = (tmp_path / f"{name}.safetensors.metrics.jsonl").read_text().splitlines()
+        return [json.loads(r)["train_loss"] for r in rows if "train_loss" in json.loads(r)]
+
+    assert len(losses("two")) == 6
+    assert np.allclose(losses("one"), losses("two"), rtol=1e-4, atol=1e-5)
+    a, b = load_model(tmp_path / "one.safetensors")[0], load_model(tmp_path / "two.safetensors")[0]
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-5), name

@@ -1,0 +1,82 @@
+"""How well a model predicts text: mean loss, perplexity and bits per byte.
+
+Text longer than the context is scored in sliding windows: each window overlaps the previous
+one, and only its new tokens are scored, so every token (after the first) is predicted from as
+much context as the model allows. Training computes its validation numbers with this same code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Score:
+    nll: float  # summed negative log-likelihood, nats
+    tokens: int  # tokens scored
+    bytes: int  # UTF-8 bytes of the text those tokens came from (0 if unknown)
+
+    @property
+    def loss(self) -> float:
+        return self.nll / max(self.tokens, 1)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+    @property
+    def bits_per_byte(self) -> float | None:
+        return self.nll / math.log(2) / self.bytes if self.bytes else None
+
+    def as_dict(self) -> dict:
+        return {"loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
+                "tokens": self.tokens, "bytes": self.bytes}
+
+
+@torch.no_grad()
+def score_tokens(model, tokens: np.ndarray | list[int], *, stride: int | None = None, batch_size: int = 8,
+                 max_tokens: int | None = None, n_bytes: int = 0) -> Score:
+    """Score a token stream. stride defaults to half the context; stride == block_size gives
+    plain non-overlapping windows (cheaper, what training uses mid-run)."""
+    block = model.config.block_size
+    stride = stride or max(1, block // 2)
+    tokens = np.asarray(tokens[: max_tokens + 1] if max_tokens else tokens, dtype=np.int64)
+    n = len(tokens)
+    if n < 2:
+        return Score(0.0, 0, n_bytes)
+    device = model.lm_head.weight.device
+    # Window w covers tokens [start, start + block]; it scores targets from `first` on, the ones
+    # the previous window did not reach.
+    windows, scored_until, start = [], 1, 0
+    while scored_until < n:
+        end = min(start + block + 1, n)
+        windows.append((start, end, scored_until))
+        scored_until = end
+        start = min(start + stride, max(0, n - block - 1))
+        if end == n:
+            break
+    was_training = model.training
+    model.eval()
+    nll = 0.0
+    counted = 0
+    for i in range(0, len(windows), batch_size):
+        group = windows[i : i + batch_size]
+        width = max(e - s for s, e, _ in group) - 1
+        x = torch.zeros(len(group), width, dtype=torch.long)
+        y = torch.full((len(group), width), -1, dtype=torch.long)
+        for row, (s, e, first) in enumerate(group):
+            seg = torch.from_numpy(tokens[s:e])
+            x[row, : e - s - 1] = seg[:-1]
+            keep = seg[1:].clone()
+            keep[: first - s - 1] = -1  # already scored by an earlier window
+            y[row, : e - s - 1] = keep
+        logits = model(x.to(device))
+        nll += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-1, reduction="sum").item()
+        counted += int((y >= 0).sum())
+    model.train(was_training)
+    return Score(nll, counted, n_bytes)
