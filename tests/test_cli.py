@@ -20,8 +20,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import random
+import re
 import shlex
 import shutil
 import subprocess
@@ -86,7 +86,6 @@ os.dup2(devnull, 0)
 os.dup2(devnull, 1)
 
 import torch  # noqa: F401  (the expensive import, paid once; no torch op runs before a fork)
-import torch._dynamo  # noqa: F401  (load_model's meta-device init imports it lazily: ~1 s a child otherwise)
 import tinygen.checkpoint, tinygen.engine, tinygen.model, tinygen.sampling, tinygen.textgen  # noqa: F401
 from tinygen.cli import main
 
@@ -349,8 +348,8 @@ def test_tinygen_model_env_var(cli, model_path, tmp_path):
 
 @pytest.fixture(scope="module")
 def bad_files(tmp_path_factory, model_path) -> dict[str, Path]:
-    from safetensors.numpy import save_file
     import numpy as np
+    from safetensors.numpy import save_file
 
     d = tmp_path_factory.mktemp("bad")
     files = {"missing": d / "nope.safetensors", "missing_txt": d / "nope.txt", "model": model_path,
@@ -428,9 +427,6 @@ def test_broken_pipe_is_quiet(broken_pipe):
     assert stderr == ""
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "cli.py main(): the `except BrokenPipeError` branch (rc = 0) is never reached, because Typer's "
-    "core._main catches EPIPE itself and calls sys.exit(1)"))
 def test_broken_pipe_exits_zero(broken_pipe):
     assert broken_pipe[2] == 0, "main() means a closed pipe to end with exit 0"
 
@@ -454,14 +450,14 @@ def test_batch_input_file(cli, model_path, tmp_path):
     assert cli("sample", "-m", model_path, "--input", "-", *n, input=path.read_bytes()).raw == batch.raw
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "engine.generate re-windows every row of a batch when the longest row fills the context "
-    "(engine.py, `if max(ctx_len) >= max_len:`), so in --input mode a short prompt's completion "
-    "depends on the other prompts in the file"))
 def test_batch_completion_does_not_depend_on_other_prompts(cli, gpt2_arch_path, tokenizer, tmp_path):
-    short, long = "Spot liked", "The sun was warm and the sky was blue. Lily smiled. They played all day"
-    n = 40
-    assert len(tokenizer.encode(short)) + n < 48  # alone, the short prompt never fills the 48-token context
+    # gpt2_arch_path has a 48-token context. The long prompt fills it at once, so the batch slides its
+    # window; the short prompt alone (26 + 20 tokens) never fills it and needs no sliding.
+    long = ('day and were very happy. The sun was warm and the sky was blue. Lily smiled. '
+            '"Can I play too?" asked the little cat. "Yes!" said Spot.')
+    short = "Once upon a time, there was a little dog named Spot. Spot liked to run in the park with"
+    n = 20
+    assert len(tokenizer.encode(long)) >= 45 and len(tokenizer.encode(short)) + n < 48
     path = tmp_path / "prompts.txt"
     path.write_text(f"{long}\n{short}\n", encoding="utf-8")
     args = ("-n", str(n), "-t", "0")
@@ -478,11 +474,8 @@ _JSONL_LINES = [
     {"prompt": "Spot liked", "max_new_tokens": 7, "temperature": 1.0, "seed": 3},
     {"prompt": "The sun", "max_new_tokens": 30, "temperature": 1.0, "seed": 3, "stop": "a"},
 ]
-_JSONL_BUG = ("cli.py _batch_requests uses `Request`, which is imported only inside sample(), so every "
-              "valid --jsonl line raises NameError and prints a traceback")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_JSONL_BUG)
 def test_jsonl_batch(cli, model_path):
     stdin = "".join(json.dumps(obj) + "\n" for obj in _JSONL_LINES)
     r = cli("sample", "-m", model_path, "--jsonl", input=stdin)
@@ -501,7 +494,6 @@ def test_jsonl_batch(cli, model_path):
     assert cli("sample", "-m", model_path, "--jsonl", input=stdin).raw == r.raw  # seeds make it reproducible
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_JSONL_BUG)
 def test_jsonl_error_on_a_later_line(cli, model_path):
     r = cli("sample", "-m", model_path, "--jsonl", input=json.dumps(_JSONL_LINES[0]) + "\nnot json\n")
     assert_one_line_error(r, "line 2")
@@ -518,10 +510,6 @@ def test_jsonl_bad_line_is_one_line_error(cli, model_path, line, needles):
     assert_one_line_error(cli("sample", "-m", model_path, "--jsonl", input=line + "\n"), *needles)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    _JSONL_BUG + "; behind that, _batch_requests catches only TypeError around the field conversions, so "
-    '"max_new_tokens": "lots" (ValueError from int()) and "seed": "abc" (RuntimeError from manual_seed '
-    "at generation time) still end in tracebacks"))
 @pytest.mark.parametrize("line", [
     '{"prompt": "x", "max_new_tokens": "lots"}',
     '{"prompt": "x", "seed": "abc", "temperature": 1.0}',
@@ -666,9 +654,6 @@ def test_version_and_help():
         assert re.search(rf"^\W*{command}\s", p.stdout, re.M), f"{command} missing from --help:\n{p.stdout}"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "cli.py main(): NoArgsIsHelpError's constructor already renders the help (Typer's Rich help prints "
-    "while get_help() runs), then `print(e.ctx.get_help())` renders it a second time"))
 def test_bare_tinygen_prints_help_once():
     r = run_real()
     assert "Traceback" not in r.err

@@ -102,3 +102,12 @@ def test_cuda_bf16_matches_cpu_greedy_prefix():
     a = list(stream(cpu, prompt, GREEDY, 8))
     b = list(stream(gpu, prompt, GREEDY, 8))
     assert a[:3] == b[:3]  # bf16 rounding may flip a near-tie later on
+
+
+def test_sliding_in_a_batch_is_per_row(model):
+    """A row that fills its context slides alone; a short row beside it is unaffected."""
+    block = model.config.block_size
+    long_row, short_row = list(range(block - 1)), [5, 6, 7]
+    batched = generate_batch(model, [long_row, short_row], GREEDY, 30)
+    assert batched[1] == list(stream(model, short_row, GREEDY, 30))
+    assert batched[0] == list(stream(model, long_row, GREEDY, 30))

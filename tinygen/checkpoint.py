@@ -204,8 +204,9 @@ def load_model(model: str | os.PathLike | None = None, device="cpu", dtype=None)
         raise TinygenError(f"cannot load weights from {info.weights_path}: {e}") from e
     if info.kind == "gpt2":
         state = _from_hf_gpt2(state)
-    with torch.device("meta"):
-        net = GPT(info.config)
+    # Built straight on the target device (a meta-device model would cost a second of imports).
+    with torch.device(device):
+        net = GPT(info.config, init=False)
     expected = {k: v for k, v in net.state_dict().items() if k != "lm_head.weight"}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -217,8 +218,6 @@ def load_model(model: str | os.PathLike | None = None, device="cpu", dtype=None)
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise TinygenError(f"{info.path}: tensor {k} has shape {tuple(v.shape)}, config says {tuple(expected[k].shape)}")
-    with torch.device(device):  # build on the target device: no CPU copy of throwaway random weights
-        net = GPT(info.config)
     net.load_state_dict(state, strict=False)  # lm_head is tied to wte, so it is never stored
     if tokenizer.n_vocab > info.config.vocab_size:
         raise TinygenError(f"{info.path}: tokenizer has {tokenizer.n_vocab} tokens but the model only {info.config.vocab_size}")

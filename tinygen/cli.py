@@ -149,6 +149,7 @@ def _batch_requests(path: Optional[str], jsonl: bool, base):
     from dataclasses import replace
 
     from tinygen.sampling import SamplingParams
+    from tinygen.textgen import Request
 
     if path in (None, "-"):
         lines = _read_stdin().splitlines()
@@ -178,16 +179,29 @@ def _batch_requests(path: Optional[str], jsonl: bool, base):
         if unknown:
             raise TinygenError(f"line {n}: unknown fields {', '.join(sorted(unknown))}")
         try:
-            params = replace(base.params, **{k: v for k, v in obj.items() if k in fields})
-            stop = obj.get("stop", base.stop)
-            stop = (stop,) if isinstance(stop, str) else tuple(stop)
-            requests.append(Request(prompt, params, int(obj.get("max_new_tokens", base.max_new_tokens)), stop,
-                                    obj.get("seed", base.seed)))
-        except TypeError as e:
+            params = replace(base.params, **{k: _number(v, k) for k, v in obj.items() if k in fields})
+        except TinygenError as e:
             raise TinygenError(f"line {n}: {e}") from None
+        stop = obj.get("stop", base.stop)
+        stop = (stop,) if isinstance(stop, str) else stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
+            raise TinygenError(f"line {n}: \"stop\" must be a string or a list of strings")
+        max_new = obj.get("max_new_tokens", base.max_new_tokens)
+        if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
+            raise TinygenError(f"line {n}: \"max_new_tokens\" must be a positive integer")
+        seed = obj.get("seed", base.seed)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise TinygenError(f"line {n}: \"seed\" must be an integer")
+        requests.append(Request(prompt, params, max_new, tuple(stop), seed))
     if not requests:
         raise TinygenError("batch mode got no prompts")
     return requests
+
+
+def _number(value, name: str):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TinygenError(f"\"{name}\" must be a number, got {json.dumps(value)}")
+    return int(value) if name == "top_k" else float(value)
 
 
 def _run_batch(gen, requests, batch_size: int, jsonl: bool) -> None:
@@ -197,8 +211,7 @@ def _run_batch(gen, requests, batch_size: int, jsonl: bool) -> None:
                                "tokens": result.tokens, "finish_reason": result.finish_reason}, ensure_ascii=False)
         else:
             line = result.text.replace("\r", " ").replace("\n", " ")
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+        ui.write(line + "\n")
 
 
 @app.command()
@@ -233,13 +246,13 @@ def tokenize(
         bad = [t for t in token_ids if not 0 <= t < tok.n_vocab]
         if bad:
             raise TinygenError(f"token id {bad[0]} is outside this vocabulary (0..{tok.n_vocab - 1})")
-        sys.stdout.write(tok.decode(token_ids) + "\n")
+        ui.write(tok.decode(token_ids) + "\n")
         return
     token_ids = tok.encode(text)
     if count:
-        print(len(token_ids))
+        ui.write(f"{len(token_ids)}\n")
     elif ids:
-        print(" ".join(map(str, token_ids)))
+        ui.write(" ".join(map(str, token_ids)) + "\n")
     else:
         ui.show_tokens(tok, token_ids, text)
 
@@ -282,7 +295,7 @@ def info(
         "provenance": meta.provenance,
     }
     if as_json:
-        print(json.dumps(summary, indent=2, ensure_ascii=False))
+        ui.write(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         return
     rows = [
         ("path", str(meta.path)),
@@ -453,7 +466,7 @@ def eval_cmd(
     score = score_tokens(net, tokens, stride=stride, n_bytes=sum(len(d.encode()) for d in docs))
     result = {"model": str(meta.path), "documents": len(docs), **score.as_dict()}
     if as_json:
-        print(json.dumps(result, indent=2))
+        ui.write(json.dumps(result, indent=2) + "\n")
         return
     rows = [("model", str(meta.path)), ("documents", f"{len(docs):,}"), ("tokens", f"{score.tokens:,}"),
             ("loss", f"{score.loss:.4f} nats/token"), ("perplexity", f"{score.perplexity:.2f}"),
@@ -482,7 +495,7 @@ def bench(
                             repeats=repeats, compare=compare, threads=threads, device=device,
                             progress=None if as_json else ui.err())
     if as_json:
-        print(json.dumps(results, indent=2))
+        ui.write(json.dumps(results, indent=2) + "\n")
     else:
         bench_lib.print_table(results, ui.out())
 
@@ -504,15 +517,15 @@ def main() -> None:
         ui.error(str(e))
         rc = 1
     except exc.UsageError as e:
-        if e.ctx is not None and getattr(exc, "NoArgsIsHelpError", ()) and isinstance(e, exc.NoArgsIsHelpError):
-            print(e.ctx.get_help())
+        if isinstance(e, getattr(exc, "NoArgsIsHelpError", ())):
+            rc = 0  # bare `tinygen`: Typer has already shown the help
         else:
             command = e.ctx.command_path if e.ctx else "tinygen"
             ui.error(f"{e.format_message()} (see `{command} --help`)")
-        rc = 2
+            rc = 2
     except (typer.Abort, KeyboardInterrupt):
         rc = 130
-    except BrokenPipeError:
+    except ui.OutputClosed:
         # The reader went away (`| head`): stop quietly, and keep Python's exit flush from failing too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         rc = 0

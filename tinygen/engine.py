@@ -42,12 +42,23 @@ def _prefill(model: GPT, windows: list[list[int]], device) -> tuple[KVCache, tor
     return cache, model.lm_head(h[torch.arange(B, device=device), last])
 
 
+def _rewindow(model: GPT, cache: KVCache, row: int, tokens: list[int]) -> None:
+    """Refill one row's cache from a shorter window of its own tokens; other rows are untouched."""
+    fresh, _ = _prefill(model, [tokens], cache.k.device)
+    n = len(tokens)
+    cache.k[:, row, :, :n] = fresh.k[:, 0, :, :n]
+    cache.v[:, row, :, :n] = fresh.v[:, 0, :, :n]
+
+
 def _decode(model: GPT, cache: KVCache, tokens: torch.Tensor, ctx_len: list[int]) -> torch.Tensor:
     """Feed one token per row (B,) at each row's own position; returns next logits (B, V)."""
     device = tokens.device
     pos = torch.tensor(ctx_len, device=device)[:, None]  # (B, 1)
     cache.kv_len = max(ctx_len) + 1
-    cache.mask = torch.arange(cache.kv_len, device=device)[None, None, None, :] <= pos[:, None, :, None]  # (B,1,1,S)
+    if min(ctx_len) == max(ctx_len):
+        cache.mask = None  # rows in step (always so at batch 1): every written slot is visible, no mask needed
+    else:
+        cache.mask = torch.arange(cache.kv_len, device=device)[None, None, None, :] <= pos[:, None, :, None]  # (B,1,1,S)
     h, _ = model.hidden(tokens[:, None], pos, cache)
     return model.lm_head(h[:, -1])
 
@@ -107,14 +118,15 @@ def generate(
             ctx_len = [ctx_len[i] for i in keep]
         for i, r in enumerate(rows):
             history[r].append(next_list[keep[i]])
-        if max(ctx_len) >= max_len:
-            # The context is full: slide the window and rebuild the cache from the kept tokens.
-            windows = [history[r][-window_keep(max_len):] for r in rows]
-            ctx_len = [len(w) for w in windows]
-            cache, logits = _prefill(model, windows, device)
-        else:
-            logits = _decode(model, cache, next_ids, ctx_len)
-            ctx_len = [n + 1 for n in ctx_len]
+            if ctx_len[i] >= max_len:
+                # This row's context is full: slide its window. The cache is rebuilt from the kept
+                # tokens before the newest one, which is then decoded with everyone else's, so a
+                # row's output never depends on the other rows in the batch.
+                window = history[r][-window_keep(max_len) - 1 : -1]
+                _rewindow(model, cache, i, window)
+                ctx_len[i] = len(window)
+        logits = _decode(model, cache, next_ids, ctx_len)
+        ctx_len = [n + 1 for n in ctx_len]
 
 
 def stream(model: GPT, prompt: list[int], params: SamplingParams, max_new_tokens: int, **kw) -> Iterator[int]:

@@ -28,7 +28,9 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.kv_len = 0  # slots [0, kv_len) may be read: the longest row's length
-        self.mask: torch.Tensor | None = None  # (B, 1, T, kv_len) bool, True = may attend; None = causal
+        # (B, 1, T, kv_len) bool, True = may attend. None: every readable slot is visible, under a
+        # causal mask when several queries arrive at once (prefill from position 0).
+        self.mask: torch.Tensor | None = None
 
     def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, H, T, D) at per-row positions pos (B, T); return the readable keys/values."""
@@ -88,7 +90,8 @@ class CausalSelfAttention(nn.Module):
             # No dropout on the attention probabilities: it forces SDPA off its fused kernels onto
             # a path that materialises (B, H, T, T), several times slower; residual dropout below
             # regularises small-data training well enough.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            # is_causal aligns its mask top-left, so a single query must not use it: it would see key 0 only.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         y = F.dropout(self.c_proj(y), self.dropout, self.training)
         return y, att
@@ -139,7 +142,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, init: bool = True):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(
@@ -159,7 +162,8 @@ class GPT(nn.Module):
             # Not persistent: derived from the config, so never stored in checkpoints.
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        init_weights(self)
+        if init:  # loading a checkpoint overwrites every weight, so it skips this
+            init_weights(self)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once

@@ -27,6 +27,19 @@ def err() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+class OutputClosed(Exception):
+    """stdout's reader has gone (`| head`). Not an OSError, so that Typer lets it through to main."""
+
+
+def write(text: str) -> None:
+    """Plain text to stdout, flushed: what pipes and scripts read."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise OutputClosed from None
+
+
 def is_tty(stream=None) -> bool:
     stream = stream or sys.stdout
     return hasattr(stream, "isatty") and stream.isatty()
@@ -56,12 +69,14 @@ class TextSink:
     def _write(self, text: str, style: str) -> None:
         if not text:
             return
-        if self.console is not None:
+        if self.console is None:
+            write(text)
+            return
+        try:
             self.console.print(Text(text, style=style), end="")
             self.console.file.flush()
-        else:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+        except BrokenPipeError:
+            raise OutputClosed from None
 
     def end(self) -> None:
         self._write("\n", "")
@@ -91,8 +106,7 @@ def show_tokens(tokenizer: Tokenizer, ids: list[int], text: str) -> None:
     """The tokenizer-viewer display: coloured tokens, then their ids, then a count."""
     if not is_tty():
         # In a pipe, one token per line (id, then the token as a JSON string) reads and greps well.
-        for i in ids:
-            sys.stdout.write(f"{i}\t{json.dumps(token_label(tokenizer, i), ensure_ascii=False)}\n")
+        write("".join(f"{i}\t{json.dumps(token_label(tokenizer, i), ensure_ascii=False)}\n" for i in ids))
         err().print(f"{len(ids)} tokens, {len(text)} characters")
         return
     console = out()
