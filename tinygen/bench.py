@@ -53,9 +53,8 @@ def _decode_rates(stamps: list[float], start: float, n: int) -> tuple[float, flo
     return first, rate
 
 
-def _build(model: str | None, shape: str | None, device):
+def _build(model: str | None, shape: str | None, device, dtype):
     from tinygen.checkpoint import load_model
-    from tinygen.engine import inference_dtype
     from tinygen.model import GPT
 
     if shape is not None:
@@ -64,14 +63,14 @@ def _build(model: str | None, shape: str | None, device):
         torch.manual_seed(0)
         with torch.device(device):
             net = GPT(ModelConfig(**SHAPES[shape][0]))
-        return net.to(inference_dtype(device)).eval(), f"{shape} ({SHAPES[shape][1]}, random weights)"
-    net, _, info = load_model(model, device=device, dtype=inference_dtype(device))
+        return net.to(dtype).eval(), f"{shape} ({SHAPES[shape][1]}, random weights)"
+    net, _, info = load_model(model, device=device, dtype=dtype)
     return net, str(info.path)
 
 
 @torch.inference_mode()
 def run(model=None, shape=None, prompt_tokens=128, new_tokens=64, repeats=3, compare=False,
-        threads=None, device="auto", progress=None) -> dict:
+        threads=None, device="auto", dtype="auto", progress=None) -> dict:
     from tinygen import engine
     from tinygen.sampling import SamplingParams
 
@@ -80,7 +79,7 @@ def run(model=None, shape=None, prompt_tokens=128, new_tokens=64, repeats=3, com
     if prompt_tokens < 1 or new_tokens < 2 or repeats < 1:
         raise TinygenError("--prompt-tokens must be >= 1, --new-tokens >= 2 and --repeats >= 1")
     dev = engine.resolve_device(device)
-    net, label = _build(model, shape, dev)
+    net, label = _build(model, shape, dev, engine.inference_dtype(dev, dtype))
     cfg = net.config
     if prompt_tokens + new_tokens > cfg.block_size:
         raise TinygenError(f"prompt + new tokens ({prompt_tokens + new_tokens}) exceed the context ({cfg.block_size})")
