@@ -110,10 +110,12 @@ def show_tokens(tokenizer: Tokenizer, ids: list[int], text: str) -> None:
         err().print(f"{len(ids)} tokens, {len(text)} characters")
         return
     console = out()
+    # NO_COLOR strips colours but keeps attributes, so token boundaries then alternate reverse video.
+    palette = ("reverse", "") if console.no_color else TOKEN_COLOURS
     line = Text()
     for n, i in enumerate(ids):
         label = token_label(tokenizer, i).replace("\n", "↵\n")
-        style = "bold magenta on #202020" if i in tokenizer.special_ids else TOKEN_COLOURS[n % len(TOKEN_COLOURS)]
+        style = "bold magenta on #202020" if i in tokenizer.special_ids else palette[n % len(palette)]
         line.append(label, style=style)
     console.print(line)
     console.print(Text(" ".join(str(i) for i in ids), style="cyan"))
