@@ -53,3 +53,12 @@ def test_bench_table_and_errors(tmp_path):
     assert "decode tok/s" in r.stdout and "prefill tok/s" in r.stdout
     bad = subprocess.run([sys.executable, "-m", "tinygen", "bench", "--shape", "huge"], capture_output=True, text=True)
     assert bad.returncode == 1 and "unknown shape" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_train_reports_throughput():
+    r = subprocess.run([sys.executable, "-m", "tinygen", "bench", "--train", "--shape", "tiny", "--steps", "3",
+                        "--batch-size", "2", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["train_tok_s"] > 0 and result["batch"] == [2, 256] and result["steps"] == 3
+    assert result["mfu"] is None  # MFU is a GPU figure

@@ -15,12 +15,16 @@ import torch
 from tinygen.config import ModelConfig
 from tinygen.errors import TinygenError
 
-SHAPES = {
-    # name: (config fields, what it stands for)
-    "gpt2": (dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, arch="gpt2"), "GPT-2 124M"),
-    "small": (dict(n_layer=6, n_head=6, n_embd=384, block_size=512, vocab_size=8192, arch="rope"), "~15M"),
-    "tiny": (dict(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=4096, arch="rope"), "~1.3M"),
-}
+def shape_config(name: str) -> ModelConfig:
+    """A training preset as a full config: GPT-2's vocabulary and architecture for "gpt2", a trained
+    8192-token vocabulary and the default architecture for the others."""
+    from tinygen.train import PRESETS
+
+    if name not in PRESETS:
+        raise TinygenError(f"unknown shape {name!r}; choose from {', '.join(PRESETS)}")
+    if name == "gpt2":
+        return ModelConfig(**PRESETS[name], vocab_size=50257, arch="gpt2")
+    return ModelConfig(**PRESETS[name], vocab_size=8192)
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -58,12 +62,11 @@ def _build(model: str | None, shape: str | None, device, dtype):
     from tinygen.model import GPT
 
     if shape is not None:
-        if shape not in SHAPES:
-            raise TinygenError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
+        config = shape_config(shape)
         torch.manual_seed(0)
         with torch.device(device):
-            net = GPT(ModelConfig(**SHAPES[shape][0]))
-        return net.to(dtype).eval(), f"{shape} ({SHAPES[shape][1]}, random weights)"
+            net = GPT(config)
+        return net.to(dtype).eval(), f"{shape} (random weights)"
     net, _, info = load_model(model, device=device, dtype=dtype)
     return net, str(info.path)
 
@@ -165,6 +168,45 @@ def run(model=None, shape=None, prompt_tokens=128, new_tokens=64, repeats=3, com
             agree += 1
         result["greedy_agreement"] = f"{agree}/{new_tokens} tokens"
     return result
+
+
+def run_train(model=None, shape=None, steps=8, batch_size=8, threads=None, device="auto", progress=None) -> dict:
+    """Training throughput of the real training loop on random tokens: tokens/s and, on GPU, MFU."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from tinygen import engine
+    from tinygen.tokenizer import Tokenizer
+    from tinygen.train import Step, TrainSettings, train
+
+    if threads:
+        torch.set_num_threads(threads)
+    if steps < 3:
+        raise TinygenError("--steps must be at least 3 (the first two are warm-up)")
+    dev = engine.resolve_device(device)
+    net, label = _build(model, shape or ("tiny" if model is None else None), torch.device("cpu"), torch.float32)
+    cfg = net.config
+    net = net.train()
+    if progress is not None:
+        progress.print(f"[dim]training {label}, {net.num_params() / 1e6:.1f}M params on {dev}, "
+                       f"batch {batch_size} x {cfg.block_size} tokens, {steps} steps[/dim]")
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=batch_size * (cfg.block_size + 1) * 4, dtype=np.int64)
+    settings = TrainSettings(max_steps=steps, batch_size=batch_size, eval_every=10**9, warmup_steps=1, sample_tokens=0)
+    # A byte-level stand-in tokenizer: the loop needs one to write its checkpoint.
+    stand_in = Tokenizer([bytes([b]) for b in range(256)], r"\S+|\s+", {})
+    with tempfile.TemporaryDirectory() as tmp:
+        events = list(train(net, stand_in, tokens, tokens[:0], Path(tmp) / "bench.safetensors", settings, device=dev))
+    rates = [e for e in events if isinstance(e, Step)][2:]
+    tps = statistics.median(e.tokens_per_s for e in rates)
+    mfus = [e.mfu for e in rates if e.mfu is not None]
+    return {
+        "model": label, "device": str(dev), "threads": torch.get_num_threads(), "params": net.num_params(),
+        "config": {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "arch")},
+        "batch": [batch_size, cfg.block_size], "steps": steps,
+        "train_tok_s": tps, "mfu": statistics.median(mfus) if mfus else None,
+    }
 
 
 def print_table(result: dict, console) -> None:

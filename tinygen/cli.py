@@ -480,21 +480,36 @@ def eval_cmd(
 @app.command()
 def bench(
     model: ModelOpt = None,
-    shape: Annotated[Optional[str], typer.Option(help="Benchmark a named shape with random weights instead of a model: "
-                                                 "gpt2 (124M), small (~15M) or tiny.")] = None,
+    shape: Annotated[Optional[str], typer.Option(help="Benchmark a training preset's shape with random weights instead "
+                                                 "of a model: tiny, mini, small (~15M), medium or gpt2 (124M).")] = None,
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length for the prefill measurement.")] = 128,
     new_tokens: Annotated[int, typer.Option(help="Tokens to decode per measurement.")] = 64,
     repeats: Annotated[int, typer.Option(help="Timed repeats; the median is reported.")] = 3,
     compare: Annotated[bool, typer.Option("--compare", help="Also run transformers' generate() on the same weights "
                                           "and report the ratio (needs transformers).")] = False,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    train: Annotated[bool, typer.Option("--train", help="Measure training instead: tokens/s (and MFU on GPU) of "
+                                        "the real training loop on random tokens.")] = False,
+    steps: Annotated[int, typer.Option(help="With --train: optimizer steps to time (the first two are warm-up).")] = 8,
+    batch_size: Annotated[int, typer.Option(help="With --train: sequences per step.")] = 8,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Measure decode and prefill speed, optionally against transformers (same weights, same dtype)."""
+    """Measure decode and prefill speed, optionally against transformers (same weights, same dtype);
+    or, with --train, training throughput."""
     from tinygen import bench as bench_lib
 
+    if train:
+        result = bench_lib.run_train(model=model, shape=shape, steps=steps, batch_size=batch_size, threads=threads,
+                                     device=device, progress=None if as_json else ui.err())
+        if as_json:
+            ui.write(json.dumps(result, indent=2) + "\n")
+        else:
+            mfu = f" · MFU {result['mfu']:.1%}" if result["mfu"] is not None else ""
+            ui.write(f"training {result['model']}: {result['train_tok_s']:,.0f} tokens/s{mfu} "
+                     f"({result['device']}, {result['threads']} threads, batch {result['batch'][0]}x{result['batch'][1]})\n")
+        return
     results = bench_lib.run(model=model, shape=shape, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                             repeats=repeats, compare=compare, threads=threads, device=device, dtype=dtype,
                             progress=None if as_json else ui.err())
