@@ -272,3 +272,24 @@ def test_ddp_on_gloo_matches_one_process(tmp_path, corpus):
     a, b = load_model(tmp_path / "one.safetensors")[0], load_model(tmp_path / "two.safetensors")[0]
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(x, y, atol=1e-5), name
+
+
+def test_eval_val_split_reproduces_the_final_validation_numbers(tmp_path, corpus):
+    r = _cli("train", str(corpus), "--out", "m.safetensors", *TINY, "--max-steps", "4", "--val-fraction", "0.2",
+             "--seed", "5", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    prov = load_model(tmp_path / "m.safetensors")[2].provenance
+    r = _cli("eval", "-m", "m.safetensors", str(corpus), "--val-split", "0.2", "--seed", "5", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    score = json.loads(r.stdout)
+    assert math.isclose(score["loss"], prov["val_loss"], rel_tol=1e-5)
+    assert math.isclose(score["bits_per_byte"], prov["val_bpb"], rel_tol=1e-5)
+    assert score["documents"] == prov["val_docs"]
+    before = load_model(tmp_path / "m.safetensors")[0].state_dict()
+    r = _cli("eval", "-m", "m.safetensors", str(corpus), "--val-split", "0.2", "--seed", "5", "--record", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    model, _, info = load_model(tmp_path / "m.safetensors")
+    assert math.isclose(info.provenance["val_loss"], score["loss"], rel_tol=1e-9)
+    assert "val split 0.2" in info.provenance["val_data"] and info.provenance["steps"] == 4
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

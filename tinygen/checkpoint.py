@@ -237,6 +237,20 @@ def _from_hf_gpt2(state: dict) -> dict:
     return out
 
 
+def update_provenance(path: str | os.PathLike, extra: dict) -> None:
+    """Merge extra into a tinygen checkpoint's provenance, rewriting the file atomically."""
+    from safetensors.torch import load_file, save_file
+
+    info = read_info(path)
+    if info.kind != "tinygen":
+        raise TinygenError(f"{info.path} is not a tinygen checkpoint, so it has no provenance to update")
+    meta, _ = _read_header(info.path)
+    tensors = load_file(str(info.path))
+    meta["provenance"] = json.dumps({**info.provenance, **extra})
+    with atomic_path(info.path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
 def save_checkpoint(path: str | os.PathLike, model, tokenizer: Tokenizer, provenance: dict | None = None) -> Path:
     """Write model + tokenizer + provenance to one .safetensors file, atomically (temp, then rename)."""
     from safetensors.torch import save_file

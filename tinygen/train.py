@@ -296,13 +296,16 @@ def train(
                                                "settings": asdict(s), "history": history})
         return Saved(out, step, reason)
 
-    def evaluate() -> Eval:
+    def evaluate(final: bool) -> Eval:
         val = None
         if len(val_data) > 1:
-            n = min(len(val_data), s.eval_tokens)
             with autocast:
-                val = score_tokens(model, val_data, stride=block, max_tokens=n,
-                                   n_bytes=int(val_bytes * n / len(val_data)))
+                if final:  # all of it, in sliding windows: the numbers `tinygen eval --val-split` reports
+                    val = score_tokens(model, val_data, n_bytes=val_bytes)
+                else:  # a cheaper look mid-run: non-overlapping windows over the first eval_tokens
+                    n = min(len(val_data), s.eval_tokens)
+                    val = score_tokens(model, val_data, stride=block, max_tokens=n,
+                                       n_bytes=int(val_bytes * n / len(val_data)))
         sample = []
         if s.sample_tokens and tokenizer.eot_id is not None:
             from tinygen.engine import generate_batch
@@ -367,7 +370,7 @@ def train(
                        elapsed, progress_at(step, tokens_seen, elapsed))
         done = (total_steps and step >= total_steps) or (s.max_time and elapsed >= s.max_time)
         if step % s.eval_every == 0 or done:
-            ev = evaluate() if dist.master else None
+            ev = evaluate(bool(done)) if dist.master else None
             if ev is not None:
                 record.update(val_loss=ev.val_loss, val_bpb=ev.val_bpb)
             history.append(record)
