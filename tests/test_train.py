@@ -293,3 +293,16 @@ def test_eval_val_split_reproduces_the_final_validation_numbers(tmp_path, corpus
     assert "val split 0.2" in info.provenance["val_data"] and info.provenance["steps"] == 4
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_on_cuda_with_bf16_autocast(tmp_path, tokenizer, tokens, small_config):
+    torch.manual_seed(0)
+    model = GPT(small_config)
+    events = list(train(model, tokenizer, tokens, tokens[:500], tmp_path / "m.safetensors",
+                        TrainSettings(max_steps=20, batch_size=8, eval_every=20, warmup_steps=2, lr=3e-3),
+                        device=torch.device("cuda")))
+    losses = [e.loss for e in events if isinstance(e, Step)]
+    assert losses[-1] < losses[0]
+    loaded, _, _ = load_model(tmp_path / "m.safetensors")
+    assert loaded.lm_head.weight.dtype == torch.float32  # master weights stay fp32; autocast does bf16 math
