@@ -376,8 +376,9 @@ def train(
 
     stops = dict(max_steps=max_steps, max_tokens=tokens, max_time=_parse_duration(time_limit))
     settings = None  # a resumed run takes its settings from its state file
+    default_steps = not resume and not any(stops.values())
     if not resume:
-        if not any(stops.values()):
+        if default_steps:
             stops["max_steps"] = 1000
         settings = TrainSettings(**stops, batch_size=batch_size, batch_tokens=batch_tokens, lr=lr,
                                  warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
@@ -395,7 +396,7 @@ def train(
                       shape=dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size), arch=arch,
                       dropout=dropout, vocab_size=vocab_size, tokenizer_from=tokenizer, init=init, resume=resume,
                       separator=separator, val_fraction=val_fraction)
-        if settings is not None and not any((max_steps, tokens, time_limit)) and dist.master:
+        if default_steps and dist.master:
             console.print("[dim]no --max-steps, --tokens or --time given: training for 1000 steps[/dim]")
         stop = _StopFlag()
         events = train_loop(run.model, run.tokenizer, run.train_data, run.val_data, out, run.settings, device=dev,
@@ -407,10 +408,7 @@ def train(
             return
         with stop.installed(), TrainDisplay(console, run.tokenizer, out) as display:
             for ev in events:
-                if type(ev).__name__ == "Start":
-                    display.start(ev, 0 if resume else None)
-                else:
-                    display.handle(ev)
+                display.handle(ev)
         display.finish()
     finally:
         shutdown_distributed(dist)

@@ -48,8 +48,8 @@ class TrainDisplay:
             self.progress.__exit__(*exc)
         return False
 
-    def start(self, ev: Start, resume_from: int | None = None) -> None:
-        if resume_from is None and ev.resumed_step == 0:
+    def _start(self, ev: Start) -> None:
+        if ev.resumed_step == 0:
             self.metrics_path.unlink(missing_ok=True)
         elif self.metrics_path.exists():
             # Resuming from an earlier save: forget metrics logged after it.
@@ -65,7 +65,9 @@ class TrainDisplay:
         )
 
     def handle(self, ev) -> None:
-        if isinstance(ev, Step):
+        if isinstance(ev, Start):
+            self._start(ev)
+        elif isinstance(ev, Step):
             self._step(ev)
         elif isinstance(ev, Eval):
             self._eval(ev)

@@ -13,6 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -261,11 +262,13 @@ def train(
     optimizer = make_optimizer(model, s, device)
     batch_rng = torch.Generator().manual_seed(s.seed)
     torch.manual_seed(s.seed + dist.rank)  # dropout differs per rank, batches are shared
-    step, tokens_seen, elapsed_before, history = 0, 0, 0.0, []
+    # The newest metrics record: its losses go into the checkpoint's provenance. The full history
+    # lives in the metrics JSONL the display writes, so the state file keeps only this one.
+    step, tokens_seen, elapsed_before, last = 0, 0, 0.0, {}
     if resume:
         meta = load_state(out, optimizer, batch_rng)
         step, tokens_seen, elapsed_before = meta["step"], meta["tokens_seen"], meta["elapsed"]
-        history = meta.get("history", [])
+        last = meta.get("last", {})
     runner = model
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -273,13 +276,14 @@ def train(
         runner = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     if s.compile:
         runner = torch.compile(runner)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     peak = peak_flops(device)
     fpt = flops_per_token(model)
     if dist.master:
         yield Start(model.num_params(), tokens_per_step, accum, dist.world, len(train_data), len(val_data), step, str(device))
 
-    def progress_at(step_: int, tokens_: int, elapsed_: float) -> float:
+    def progress_at(step_: int, elapsed_: float) -> float:
+        """Fraction of the budget used: of the steps (or tokens) and of the time, whichever is further."""
         fractions = []
         if total_steps:
             fractions.append(step_ / total_steps)
@@ -289,11 +293,10 @@ def train(
 
     def checkpoint(reason: str) -> Saved:
         prov = {**(provenance or {}), "steps": step, "tokens_seen": tokens_seen, "train_seconds": round(elapsed, 1)}
-        if history:
-            prov.update({k: history[-1][k] for k in ("train_loss", "val_loss", "val_bpb") if history[-1].get(k) is not None})
+        prov.update({k: last[k] for k in ("train_loss", "val_loss", "val_bpb") if last.get(k) is not None})
         save_checkpoint(out, model, tokenizer, prov)
         save_state(out, optimizer, batch_rng, {"step": step, "tokens_seen": tokens_seen, "elapsed": elapsed,
-                                               "settings": asdict(s), "history": history})
+                                               "settings": asdict(s), "last": last})
         return Saved(out, step, reason)
 
     def evaluate(final: bool) -> Eval:
@@ -325,8 +328,8 @@ def train(
     saved_at = step if resume else -1
     while True:
         elapsed = elapsed_before + time.perf_counter() - start
-        progress = progress_at(step, tokens_seen, elapsed)
-        if (total_steps and step >= total_steps) or (s.max_time and elapsed >= s.max_time):
+        progress = progress_at(step, elapsed)
+        if progress >= 1.0:
             break
         if should_stop():
             if dist.master:
@@ -343,7 +346,7 @@ def train(
         for micro in range(accum):
             x, y = get_batch(train_data, offsets[micro, dist.rank], block, device)
             sync = micro == accum - 1 or dist.world == 1
-            with (_null() if sync else runner.no_sync()), autocast:
+            with (nullcontext() if sync else runner.no_sync()), autocast:
                 loss = runner(x, y) / accum
             loss.backward()
             loss_sum += loss.detach()
@@ -363,30 +366,19 @@ def train(
         tokens_seen += tokens_per_step
         dt = time.perf_counter() - t0
         elapsed = elapsed_before + time.perf_counter() - start
-        record = {"step": step, "train_loss": last_loss, "lr": lr, "tokens": tokens_seen, "time": round(elapsed, 2)}
+        last = {"step": step, "train_loss": last_loss, "lr": lr, "tokens": tokens_seen, "time": round(elapsed, 2)}
+        progress = progress_at(step, elapsed)
         if dist.master:
             tps = tokens_per_step / dt
             yield Step(step, last_loss, lr, tokens_seen, tps, tps * fpt / (peak * dist.world) if peak else None,
-                       elapsed, progress_at(step, tokens_seen, elapsed))
-        done = (total_steps and step >= total_steps) or (s.max_time and elapsed >= s.max_time)
+                       elapsed, progress)
+        done = progress >= 1.0
         if step % s.eval_every == 0 or done:
-            ev = evaluate(bool(done)) if dist.master else None
-            if ev is not None:
-                record.update(val_loss=ev.val_loss, val_bpb=ev.val_bpb)
-            history.append(record)
             if dist.master:
+                ev = evaluate(done)
+                last.update(val_loss=ev.val_loss, val_bpb=ev.val_bpb)
                 yield ev
                 yield checkpoint("final" if done else "eval")
             saved_at = step
-        else:
-            history.append(record)
     if dist.master and saved_at != step:
         yield checkpoint("final")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
