@@ -1,11 +1,12 @@
-"""The bundled model in weights/: loads with no --model, within budget, and writes stories."""
+"""The bundled models in weights/: load with no --model, within budget; one writes stories, one chats."""
 
+import json
 import subprocess
 import sys
 
 import pytest
 
-from tinygen.checkpoint import default_model_path, read_info
+from tinygen.checkpoint import DEFAULT_CHAT_MODEL, default_model_path, load_tokenizer, read_info
 
 BUNDLED = default_model_path()
 pytestmark = pytest.mark.skipif(not BUNDLED.exists(), reason="no bundled model in weights/")
@@ -28,3 +29,22 @@ def test_bundled_model_samples_a_story():
     assert len(words) >= 15
     # A trained story model writes mostly ordinary lowercase words, not byte soup.
     assert sum(w.strip('.,!?"').isalpha() for w in words) / len(words) > 0.8
+
+
+CHAT = default_model_path(DEFAULT_CHAT_MODEL)
+
+
+@pytest.mark.skipif(not CHAT.exists(), reason="no bundled chat model in weights/")
+def test_bundled_chat_model_takes_turns_and_tells_stories():
+    info = read_info(CHAT)
+    assert info.file_size <= 32 * 1024 * 1024
+    assert load_tokenizer(info=info).chat_template is not None and info.provenance["chat"] is True
+    r = subprocess.run([sys.executable, "-m", "tinygen", "chat", "--jsonl", "--seed", "1"],
+                       input="Tell me a story about a dog who finds a ball.\nHi! How are you?\n",
+                       capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "NO_COLOR": "1"})
+    assert r.returncode == 0, r.stderr
+    story, greeting = (json.loads(line)["content"] for line in r.stdout.splitlines())
+    assert "dog" in story.lower() and len(story.split()) >= 40  # a story, about what was asked
+    # Both replies end by themselves, well before the 256-token cap: the model closes its turn.
+    assert 0 < len(greeting.split()) < 60
+    assert "<|" not in story + greeting

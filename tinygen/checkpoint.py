@@ -22,6 +22,7 @@ from tinygen.tokenizer import Tokenizer
 FORMAT = "tinygen"
 FORMAT_VERSION = 1
 DEFAULT_MODEL = "stories.safetensors"
+DEFAULT_CHAT_MODEL = "chat.safetensors"
 HF_WEIGHTS = "model.safetensors"
 # GPT-2 stores these as Conv1D, whose weight is (in, out): the transpose of nn.Linear's.
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -46,22 +47,22 @@ class ModelInfo:
         return self.path / HF_WEIGHTS if self.kind == "gpt2" else self.path
 
 
-def default_model_path() -> Path:
-    """The bundled model: inside the installed package (wheel) or in the repo's weights/ folder."""
+def default_model_path(name: str = DEFAULT_MODEL) -> Path:
+    """A bundled model: inside the installed package (wheel) or in the repo's weights/ folder."""
     here = Path(__file__).resolve().parent
-    for candidate in (here / "weights" / DEFAULT_MODEL, here.parent / "weights" / DEFAULT_MODEL):
+    for candidate in (here / "weights" / name, here.parent / "weights" / name):
         if candidate.exists():
             return candidate
-    return here.parent / "weights" / DEFAULT_MODEL
+    return here.parent / "weights" / name
 
 
-def resolve_model_path(model: str | os.PathLike | None) -> Path:
-    """--model, else $TINYGEN_MODEL, else the bundled model."""
+def resolve_model_path(model: str | os.PathLike | None, default: str = DEFAULT_MODEL) -> Path:
+    """--model, else $TINYGEN_MODEL, else the bundled model (`default` names which)."""
     if model:
         return Path(model)
     if os.environ.get("TINYGEN_MODEL"):
         return Path(os.environ["TINYGEN_MODEL"])
-    return default_model_path()
+    return default_model_path(default)
 
 
 def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:

@@ -295,6 +295,7 @@ def info(
         "file_size": meta.file_size,
         "dtypes": list(meta.dtypes),
         "tokenizer": {"name": tok.name, "n_vocab": tok.n_vocab, "special_tokens": tok.special},
+        "chat_template": tok.chat_template,
         "provenance": meta.provenance,
     }
     if as_json:
@@ -310,9 +311,55 @@ def info(
         ("file size", ui.human_bytes(meta.file_size)),
         ("dtype", ", ".join(meta.dtypes)),
         ("tokenizer", f"{tok.name}, {tok.n_vocab:,} tokens, special: {' '.join(tok.special)}"),
+        ("chat", "chat-tuned: " + " ".join(f"{r}={p}…{s}" for r, (p, s) in tok.chat_template["roles"].items())
+         if tok.chat_template else "not chat-tuned (`tinygen chat` uses a plain User:/Assistant: transcript)"),
     ]
     rows += [(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in meta.provenance.items()]
     ui.info_table(rows, title=f"tinygen model: {meta.path.name}")
+
+
+@app.command()
+def chat(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to chat with. Default: $TINYGEN_MODEL, "
+                                                 "else the bundled chat model. A model that was never chat-tuned "
+                                                 "gets a plain User:/Assistant: transcript.", show_default=False)] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt.", show_default=False)] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Answer this one message and exit.",
+                                                  show_default=False)] = None,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help='Replies as {"role", "content"} JSON lines; input lines may '
+                                        "be JSON messages too (so they can hold newlines).")] = False,
+    max_new_tokens: MaxNewOpt = 256,
+    temperature: TempOpt = 0.7,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 0.9,
+    min_p: MinPOpt = 0.0,
+    repetition_penalty: RepPenOpt = 1.1,
+    seed: SeedOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Chat with a model: a REPL on a terminal; in a pipe, each input line is one message."""
+    from tinygen.chat import ChatSession
+    from tinygen.checkpoint import DEFAULT_CHAT_MODEL, resolve_model_path
+    from tinygen.repl import Repl, banner
+    from tinygen.sampling import SamplingParams
+
+    if max_new_tokens < 1:
+        raise TinygenError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+    path = resolve_model_path(model, DEFAULT_CHAT_MODEL)
+    net, tokenizer, _ = _load(str(path), device, dtype)
+    session = ChatSession(net, tokenizer, params, max_tokens=max_new_tokens, seed=seed, system=system)
+    repl = Repl(session, jsonl=jsonl)
+    interactive = prompt is None and sys.stdin.isatty()
+    if not session.template.tuned and not interactive:
+        ui.warn(f"{path.name} is not chat-tuned: using a plain User:/Assistant: transcript")
+    if prompt is not None:
+        repl.turn(prompt, show_stats=ui.is_tty())
+    elif interactive:
+        repl.interactive(banner(path.name, net.num_params(), session.template.tuned))
+    else:
+        repl.scripted(sys.stdin)
 
 
 def _parse_duration(text: Optional[str]) -> Optional[float]:
@@ -334,7 +381,7 @@ def _parse_duration(text: Optional[str]) -> Optional[float]:
 @app.command()
 def train(
     data: Annotated[list[str], typer.Argument(help="Training text: files, folders or globs; plain text or JSONL "
-                                              "with a \"text\" field.", show_default=False)],
+                                              "with a \"text\" field. With --chat: conversations.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (.safetensors).", show_default=False)],
     preset: Annotated[Optional[str], typer.Option(help="Model size: tiny (~1M), mini, small (~15M), medium, "
                                                   "gpt2 (124M). Default tiny.", show_default=False)] = None,
@@ -349,6 +396,8 @@ def train(
                                                      "tokenizer instead of training one.")] = None,
     init: Annotated[Optional[str], typer.Option(help="Start from this checkpoint's weights (fine-tuning).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run saved at --out.")] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Chat fine-tuning of --init: DATA is messages-format JSONL "
+                                       "(see `tinygen chat-data`); only the assistant's tokens are learned.")] = False,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
     tokens: Annotated[Optional[int], typer.Option("--tokens", help="Stop after this many training tokens.")] = None,
     time_limit: Annotated[Optional[str], typer.Option("--time", help="Stop after this long: 90s, 45m, 2h.")] = None,
@@ -395,13 +444,13 @@ def train(
         run = prepare(data, out, settings, stops, dist=dist, preset=preset,
                       shape=dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size), arch=arch,
                       dropout=dropout, vocab_size=vocab_size, tokenizer_from=tokenizer, init=init, resume=resume,
-                      separator=separator, val_fraction=val_fraction)
+                      separator=separator, val_fraction=val_fraction, chat=chat)
         if default_steps and dist.master:
             console.print("[dim]no --max-steps, --tokens or --time given: training for 1000 steps[/dim]")
         stop = _StopFlag()
         events = train_loop(run.model, run.tokenizer, run.train_data, run.val_data, out, run.settings, device=dev,
                             dist=dist, resume=resume, val_bytes=run.val_bytes, provenance=run.provenance,
-                            should_stop=stop)
+                            chat=run.chat, should_stop=stop)
         if not dist.master:
             for _ in events:
                 pass
@@ -443,6 +492,31 @@ class _StopFlag:
                     signal.signal(sig, handler)
 
         return handlers()
+
+
+@app.command("chat-data")
+def chat_data(
+    kind: Annotated[str, typer.Argument(help="topical-chat (Topical-Chat .json files), dolly (Dolly JSONL) or "
+                                        "stories (story text: \"Tell me a story about ...\" requests).",
+                                        show_default=False)],
+    sources: Annotated[list[str], typer.Argument(help="Files or folders to convert.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the wording of story requests.")] = 0,
+) -> None:
+    """Convert conversation datasets into the JSONL that `tinygen train --chat` reads."""
+    from tinygen import atomic
+    from tinygen.chatdata import CONVERTERS, to_jsonl
+
+    if kind not in CONVERTERS:
+        raise TinygenError(f"unknown kind {kind!r}; choose from {', '.join(CONVERTERS)}")
+    convs = CONVERTERS[kind](sources, seed=seed) if kind == "stories" else CONVERTERS[kind](sources)
+    if out is None:
+        for line in to_jsonl(convs):
+            ui.write(line)
+        return
+    lines = list(to_jsonl(convs))
+    atomic.write_bytes(out, "".join(lines).encode())
+    ui.err().print(f"wrote {len(lines)} conversations to {out}")
 
 
 @app.command("eval")

@@ -40,9 +40,10 @@ class Score:
 
 @torch.no_grad()
 def score_tokens(model, tokens: np.ndarray | list[int], *, stride: int | None = None, batch_size: int = 8,
-                 max_tokens: int | None = None, n_bytes: int = 0) -> Score:
+                 max_tokens: int | None = None, n_bytes: int = 0, mask: np.ndarray | None = None) -> Score:
     """Score a token stream. stride defaults to half the context; stride == block_size gives
-    plain non-overlapping windows (cheaper, what training uses mid-run)."""
+    plain non-overlapping windows (cheaper, what training uses mid-run). With a mask (parallel
+    to tokens), only tokens where it is nonzero are scored: a chat model's replies."""
     block = model.config.block_size
     stride = stride or max(1, block // 2)
     tokens = np.asarray(tokens[: max_tokens + 1] if max_tokens else tokens, dtype=np.int64)
@@ -74,6 +75,8 @@ def score_tokens(model, tokens: np.ndarray | list[int], *, stride: int | None = 
             x[row, : e - s - 1] = seg[:-1]
             keep = seg[1:].clone()
             keep[: first - s - 1] = -1  # already scored by an earlier window
+            if mask is not None:
+                keep[torch.from_numpy(np.asarray(mask[s + 1 : e]) == 0)] = -1
             y[row, : e - s - 1] = keep
         logits = model(x.to(device))
         nll += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-1, reduction="sum").item()

@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinygen import atomic
+from tinygen import atomic, chatdata
 from tinygen import data as data_lib
 from tinygen.checkpoint import load_model, load_tokenizer_source
 from tinygen.config import ModelConfig
 from tinygen.errors import TinygenError
 from tinygen.model import GPT
+from tinygen.template import Renderer, template_for, with_chat_template
 from tinygen.tokenizer import EOT, Tokenizer
-from tinygen.train import PRESETS, Dist, TrainSettings, state_paths
+from tinygen.train import PRESETS, ChatSupervision, Dist, TrainSettings, state_paths
 
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size")
 
@@ -35,6 +36,7 @@ class Run:
     settings: TrainSettings
     provenance: dict
     cached: bool
+    chat: ChatSupervision | None = None
 
 
 def _barrier(dist: Dist) -> None:
@@ -61,23 +63,21 @@ def prepare(
     resume: bool = False,
     separator: str = EOT,
     val_fraction: float = 0.05,
+    chat: bool = False,
 ) -> Run:
     shape = {k: v for k, v in (shape or {}).items() if v is not None}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if chat:
+        if not (init or resume):
+            raise TinygenError("--chat fine-tunes an existing model: pass --init BASE.safetensors (or --resume)")
+        return _prepare_chat(sources, out, settings, stops, init=init, resume=resume, dropout=dropout,
+                             val_fraction=val_fraction)
     files = data_lib.expand_sources(sources)
     cache_dir = out.parent / ".tinygen-cache"
     base = None
     # ---------------------------------------------------------------- tokenizer
     if resume:
-        if not out.exists():
-            raise TinygenError(f"nothing to resume: {out} does not exist")
-        base, tokenizer, _ = load_model(out)
-        saved = json.loads(state_paths(out)[1].read_text()) if state_paths(out)[1].exists() else None
-        if saved is None:
-            raise TinygenError(f"nothing to resume: {state_paths(out)[1].name} is missing next to {out}")
-        kept = {f.name: saved["settings"][f.name] for f in fields(TrainSettings) if f.name in saved["settings"]}
-        kept["betas"] = tuple(kept["betas"])
-        # Continue exactly as configured; stop limits given now may extend the run.
-        settings = replace(TrainSettings(**kept), **{k: v for k, v in stops.items() if v})
+        base, tokenizer, settings = _resumed(out, stops)
     elif init:
         base, tokenizer, _ = load_model(init)
     elif tokenizer_from:
@@ -100,15 +100,13 @@ def prepare(
                                       val_fraction=val_fraction, seed=settings.seed)
     # ---------------------------------------------------------------- model
     if base is not None:
+        model = _continued(base, dropout)
         for name, value in shape.items():
             if getattr(base.config, name) != value:
                 raise TinygenError(f"--{name.replace('_', '-')} {value} does not match the model being continued "
                                    f"({name}={getattr(base.config, name)}); drop the flag or start a new model")
         if preset and any(getattr(base.config, k) != v for k, v in PRESETS[preset].items()):
             raise TinygenError(f"--preset {preset} does not match the shape of the model being continued")
-        config = replace(base.config, dropout=dropout)
-        model = GPT(config)
-        model.load_state_dict(base.state_dict())
     else:
         if preset is not None and preset not in PRESETS:
             raise TinygenError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -126,3 +124,62 @@ def prepare(
     if init:
         provenance["init"] = str(init)
     return Run(model, tokenizer, tokens.train, tokens.val, tokens.val_bytes, settings, provenance, tokens.cached)
+
+
+def _resumed(out: Path, stops: dict) -> tuple[GPT, Tokenizer, TrainSettings]:
+    """The interrupted run's model, tokenizer and settings; stop limits given now may extend it."""
+    if not out.exists():
+        raise TinygenError(f"nothing to resume: {out} does not exist")
+    base, tokenizer, _ = load_model(out)
+    json_path = state_paths(out)[1]
+    if not json_path.exists():
+        raise TinygenError(f"nothing to resume: {json_path.name} is missing next to {out}")
+    saved = json.loads(json_path.read_text())
+    kept = {f.name: saved["settings"][f.name] for f in fields(TrainSettings) if f.name in saved["settings"]}
+    kept["betas"] = tuple(kept["betas"])
+    return base, tokenizer, replace(TrainSettings(**kept), **{k: v for k, v in stops.items() if v})
+
+
+def _continued(base: GPT, dropout: float, vocab_size: int | None = None) -> GPT:
+    """A trainable copy of base with this run's dropout. Rows added to the vocabulary (new special
+    tokens) start at the mean embedding, a neutral point the fine-tune moves from."""
+    config = replace(base.config, dropout=dropout, vocab_size=vocab_size or base.config.vocab_size)
+    model = GPT(config)
+    weights = base.state_dict()
+    wte = weights["transformer.wte.weight"]
+    if config.vocab_size > len(wte):
+        extra = wte.mean(0, keepdim=True).expand(config.vocab_size - len(wte), -1)
+        weights["transformer.wte.weight"] = weights["lm_head.weight"] = torch.cat([wte, extra])
+    model.load_state_dict(weights)
+    return model
+
+
+def _prepare_chat(sources: list[str], out: Path, settings: TrainSettings | None, stops: dict, *, init: str | None,
+                  resume: bool, dropout: float, val_fraction: float) -> Run:
+    """Supervised fine-tuning on conversations: the template's special tokens join the tokenizer
+    (and the embeddings grow to match) when the base model lacks them."""
+    if resume:
+        base, tokenizer, settings = _resumed(out, stops)
+        if tokenizer.chat_template is None:
+            raise TinygenError(f"{out} was not a chat fine-tune; resume it without --chat")
+    else:
+        base, tokenizer, _ = load_model(init)
+        tokenizer, _ = with_chat_template(tokenizer)
+    model = _continued(base, dropout, max(base.config.vocab_size, tokenizer.n_vocab))
+    convs = chatdata.read_conversations(sources)
+    train_convs, val_convs = data_lib.split_documents(convs, val_fraction, settings.seed)
+    renderer = Renderer(tokenizer, template_for(tokenizer))
+    block = model.config.block_size
+    train_set, dropped = chatdata.encode_conversations(train_convs, tokenizer, renderer, block)
+    val_set, dropped_val = chatdata.encode_conversations(val_convs, tokenizer, renderer, block)
+    if not len(train_set.starts):
+        raise TinygenError("no conversation has an assistant reply within the model's context")
+    provenance = {
+        "data": ", ".join(sources[:5]) + (f" (+{len(sources) - 5} more)" if len(sources) > 5 else ""),
+        "chat": True, "train_conversations": len(train_set.starts), "val_conversations": len(val_set.starts),
+        "dropped_conversations": dropped + dropped_val,
+        "train_tokens": int(len(train_set.tokens)), "trained_tokens": int(train_set.mask.sum()),
+        "val_tokens": int(len(val_set.tokens)), "init": str(init or out),
+    }
+    return Run(model, tokenizer, train_set.tokens, val_set.tokens, 0, settings, provenance, cached=False,
+               chat=ChatSupervision(train_set.mask, val_set.mask, train_set.starts))

@@ -60,15 +60,20 @@ class TextGenerator:
 
     def stream(self, request: Request, result: Completion | None = None) -> Iterator[str]:
         """Text pieces of one completion as they are generated; fills result as it goes."""
+        return self.stream_ids(self.encode_prompt(request.prompt), request, result)
+
+    def stream_ids(self, ids: list[int], request: Request, result: Completion | None = None,
+                   generator=None, stop_ids: tuple[int, ...] = ()) -> Iterator[str]:
+        """Like stream, from prompt ids (a chat turn renders its own); a caller's generator
+        carries one random stream across calls, and stop_ids add to the end-of-text stops."""
         result = result if result is not None else Completion()
-        ids = self.encode_prompt(request.prompt)
         result.prompt_tokens = len(ids)
         decoder, stops = StreamDecoder(self.tokenizer), StopMatcher(request.stop)
-        gen = engine.make_generator(request.seed, self.device)
+        gen = generator if generator is not None else engine.make_generator(request.seed, self.device)
         start = time.perf_counter()
         tokens = engine.stream(
             self.model, ids, request.params, request.max_new_tokens,
-            stop_ids=self.stop_ids, generator=gen, done=lambda _row: stops.stopped,
+            stop_ids=tuple(dict.fromkeys(self.stop_ids + stop_ids)), generator=gen, done=lambda _row: stops.stopped,
         )
         for token in tokens:
             if result.first_token_seconds is None:

@@ -35,11 +35,13 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 class Tokenizer:
     """A tiktoken Encoding plus the data needed to rebuild it anywhere."""
 
-    def __init__(self, ranks: list[bytes], pattern: str, special: dict[str, int], name: str = "tinygen"):
+    def __init__(self, ranks: list[bytes], pattern: str, special: dict[str, int], name: str = "tinygen",
+                 chat_template: dict | None = None):
         self.ranks = ranks  # ranks[i] is the byte string of token i; order is merge priority
         self.pattern = pattern
         self.special = special
         self.name = name
+        self.chat_template = chat_template  # set by chat fine-tuning; see template.py
         try:
             self.enc = tiktoken.Encoding(
                 name=name,
@@ -80,13 +82,15 @@ class Tokenizer:
             "pattern": self.pattern,
             "ranks": [base64.b64encode(b).decode("ascii") for b in self.ranks],
             "special": self.special,
+            **({"chat_template": self.chat_template} if self.chat_template else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Tokenizer":
         try:
             ranks = [base64.b64decode(s) for s in d["ranks"]]
-            return cls(ranks, d["pattern"], {k: int(v) for k, v in d["special"].items()}, d.get("name", "tinygen"))
+            return cls(ranks, d["pattern"], {k: int(v) for k, v in d["special"].items()}, d.get("name", "tinygen"),
+                       chat_template=d.get("chat_template"))
         except (KeyError, TypeError, ValueError) as e:
             raise TinygenError(f"checkpoint tokenizer metadata is malformed ({e})") from e
 

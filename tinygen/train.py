@@ -219,10 +219,24 @@ def load_state(out: Path, optimizer, batch_rng: torch.Generator) -> dict:
     return meta
 
 
-def get_batch(data: np.ndarray, rows: torch.Tensor, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets (B, T) for windows starting at the given offsets."""
+@dataclass
+class ChatSupervision:
+    """Chat fine-tuning: which targets count, and where conversations start."""
+
+    train_mask: np.ndarray  # parallel to the training tokens: 1 where the loss counts (the assistant's tokens)
+    val_mask: np.ndarray
+    starts: np.ndarray  # offsets of the training conversations; every window begins at one
+
+
+def get_batch(data: np.ndarray, rows: torch.Tensor, block: int, device,
+              mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets (B, T) for windows starting at the given offsets; targets
+    where mask is 0 become -1, which the loss ignores."""
     x = torch.from_numpy(np.stack([data[i : i + block] for i in rows.tolist()]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block] for i in rows.tolist()]).astype(np.int64))
+    if mask is not None:
+        keep = np.stack([mask[i + 1 : i + 1 + block] for i in rows.tolist()])
+        y[torch.from_numpy(keep == 0)] = -1
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -243,10 +257,12 @@ def train(
     resume: bool = False,
     val_bytes: int = 0,
     provenance: dict | None = None,
+    chat: ChatSupervision | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> Iterator[Start | Step | Eval | Saved]:
     cfg = model.config
     block = cfg.block_size
+    train_mask, val_mask = (chat.train_mask, chat.val_mask) if chat else (None, None)
     if len(train_data) < block + 2:
         raise TinygenError(f"the training data ({len(train_data)} tokens) is smaller than one sequence of "
                            f"{block + 1}; add text or use a smaller --block-size")
@@ -304,11 +320,11 @@ def train(
         if len(val_data) > 1:
             with autocast:
                 if final:  # all of it, in sliding windows: the numbers `tinygen eval --val-split` reports
-                    val = score_tokens(model, val_data, n_bytes=val_bytes)
+                    val = score_tokens(model, val_data, n_bytes=val_bytes, mask=val_mask)
                 else:  # a cheaper look mid-run: non-overlapping windows over the first eval_tokens
                     n = min(len(val_data), s.eval_tokens)
                     val = score_tokens(model, val_data, stride=block, max_tokens=n,
-                                       n_bytes=int(val_bytes * n / len(val_data)))
+                                       n_bytes=int(val_bytes * n / len(val_data)), mask=val_mask)
         sample = []
         if s.sample_tokens and tokenizer.eot_id is not None:
             from tinygen.engine import generate_batch
@@ -341,10 +357,15 @@ def train(
             group["lr"] = lr
         # All processes draw the same offsets; each takes its own slice of every micro-batch,
         # so N processes see exactly the rows one process would see with the same global batch.
-        offsets = torch.randint(0, len(train_data) - block - 1, (accum, dist.world, s.batch_size), generator=batch_rng)
+        shape = (accum, dist.world, s.batch_size)
+        if chat is None:
+            offsets = torch.randint(0, len(train_data) - block - 1, shape, generator=batch_rng)
+        else:  # whole conversations from their start, so a reply always sees what it answers
+            picks = torch.randint(0, len(chat.starts), shape, generator=batch_rng)
+            offsets = torch.from_numpy(chat.starts)[picks].clamp(max=len(train_data) - block - 1)
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            x, y = get_batch(train_data, offsets[micro, dist.rank], block, device)
+            x, y = get_batch(train_data, offsets[micro, dist.rank], block, device, train_mask)
             sync = micro == accum - 1 or dist.world == 1
             with (nullcontext() if sync else runner.no_sync()), autocast:
                 loss = runner(x, y) / accum

@@ -1,0 +1,150 @@
+"""`tinygen chat` on a real pseudo-terminal: the REPL a user types into.
+
+Covers line continuation, slash commands, Ctrl-C during a reply (the session goes on) and at the
+prompt (a clean exit), Ctrl-D, and the readline history file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import termios
+import time
+
+import pytest
+from test_chat import chat_model_path, chat_tokenizer  # noqa: F401  (fixtures)
+
+
+def _own_terminal() -> None:
+    """Make the pty the child's controlling terminal, so that Ctrl-C on it sends SIGINT."""
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+class Terminal:
+    """A child process on a pty, driven like expect(1)."""
+
+    def __init__(self, args, env_extra):
+        env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "TINYGEN_MODEL", "FORCE_COLOR")}
+        env.update({"TERM": "xterm-256color", "COLUMNS": "100", **env_extra})
+        self.fd, follower = pty.openpty()
+        self.proc = subprocess.Popen([sys.executable, "-m", "tinygen", *map(str, args)], stdin=follower,
+                                     stdout=follower, stderr=follower, env=env, close_fds=True,
+                                     preexec_fn=_own_terminal)
+        os.close(follower)
+        self.screen = ""
+        self.pos = 0
+
+    def expect(self, pattern: str, timeout: float = 60) -> None:
+        """Wait until pattern appears after the previous match."""
+        deadline = time.monotonic() + timeout
+        while not (m := re.search(pattern, self.screen[self.pos :])):
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                pytest.fail(f"waited for {pattern!r}; the screen shows:\n{self.screen[-2000:]}")
+            try:
+                data = os.read(self.fd, 4096)
+            except OSError:
+                data = b""
+            if not data:
+                pytest.fail(f"the process ended before {pattern!r}:\n{self.screen[-2000:]}")
+            self.screen += data.decode("utf-8", "replace")
+        self.pos += m.end()
+
+    def send(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def finish(self, timeout: float = 30) -> int:
+        try:
+            while select.select([self.fd], [], [], timeout)[0]:
+                data = os.read(self.fd, 4096)
+                if not data:
+                    break
+                self.screen += data.decode("utf-8", "replace")
+        except OSError:
+            pass
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the process did not exit; the screen shows:\n{self.screen[-2000:]!r}")
+        finally:
+            os.close(self.fd)
+
+
+@pytest.fixture
+def term(chat_model_path, tmp_path):  # noqa: F811
+    terms = []
+
+    def start(*extra):
+        t = Terminal(["chat", "-m", chat_model_path, "-t", "0", *extra], {"XDG_STATE_HOME": str(tmp_path / "state")})
+        terms.append(t)
+        return t
+
+    yield start
+    for t in terms:
+        if t.proc.poll() is None:
+            t.proc.kill()
+
+
+def test_a_conversation_with_commands_and_line_continuation(term, tmp_path):
+    t = term("-n", "6")
+    t.expect(r"chat-tuned")
+    t.expect(r">>> ")
+    t.send("hello \\\r")
+    t.expect(r"\.\.\. ")
+    t.send("world\r")
+    t.expect(r"tok/s · context \d+/64")  # the stats line after the reply
+    t.send("/set top_k 5\r")
+    t.expect(r"top_k = 5")
+    t.send("/nope\r")
+    t.expect(r"unknown command /nope")
+    t.send(f"/save {tmp_path / 't.json'}\r")
+    t.expect(r"saved 2 messages")
+    t.send("\x04")  # Ctrl-D
+    assert t.finish() == 0
+    assert "Traceback" not in t.screen
+    assert "\x1b[" in t.screen  # styled on a terminal
+    saved = json.loads((tmp_path / "t.json").read_text())["messages"]
+    assert saved[0] == {"role": "user", "content": "hello \nworld"}  # one message over two lines
+    history = (tmp_path / "state" / "tinygen" / "chat_history").read_text()
+    assert "/set top_k 5" in history
+
+
+def test_ctrl_c_stops_a_reply_and_the_session_goes_on(term, tmp_path):
+    t = term("-n", "100000")  # the test model never ends a turn by itself
+    t.expect(r">>> ")
+    t.send("tell me everything\r")
+    t.expect(r"\x1b\[32m")  # the reply has started (green)
+    time.sleep(0.3)
+    t.send("\x03")
+    t.expect(r"reply interrupted")
+    t.expect(r">>> ")
+    t.send(f"/save {tmp_path / 'after.json'}\r")
+    t.expect(r"saved 2 messages")
+    t.send("/undo\r")
+    t.expect(r"took back 2 message")
+    t.expect(r">>> ")
+    # CPython's readline loop checks for signals before it blocks in select(), so a Ctrl-C in the
+    # instant between drawing the prompt and blocking waits for the next key; people are slower.
+    time.sleep(0.5)
+    t.send("\x03")  # Ctrl-C at the prompt leaves
+    assert t.finish() == 0
+    assert "Traceback" not in t.screen
+    partial = json.loads((tmp_path / "after.json").read_text())["messages"][1]
+    assert partial["role"] == "assistant" and partial["content"]
+
+
+def test_multiline_block(term, tmp_path):
+    t = term("-n", "3")
+    t.expect(r">>> ")
+    t.send('"""\rfirst line\rsecond line\r"""\r')
+    t.expect(r"context \d+/64")
+    t.send(f"/save {tmp_path / 'm.json'}\r/exit\r")
+    assert t.finish() == 0
+    assert json.loads((tmp_path / "m.json").read_text())["messages"][0]["content"] == "first line\nsecond line"
