@@ -100,13 +100,13 @@ def prepare(
                                       val_fraction=val_fraction, seed=settings.seed)
     # ---------------------------------------------------------------- model
     if base is not None:
-        model = _continued(base, dropout)
         for name, value in shape.items():
             if getattr(base.config, name) != value:
                 raise TinygenError(f"--{name.replace('_', '-')} {value} does not match the model being continued "
                                    f"({name}={getattr(base.config, name)}); drop the flag or start a new model")
         if preset and any(getattr(base.config, k) != v for k, v in PRESETS[preset].items()):
             raise TinygenError(f"--preset {preset} does not match the shape of the model being continued")
+        model = _continued(base, dropout)
     else:
         if preset is not None and preset not in PRESETS:
             raise TinygenError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -117,13 +117,18 @@ def prepare(
     if tokenizer.n_vocab > model.config.vocab_size:
         raise TinygenError(f"the tokenizer has {tokenizer.n_vocab} tokens but the model only {model.config.vocab_size}")
     provenance = {
-        "data": ", ".join(str(f) for f in files[:5]) + (f" (+{len(files) - 5} more)" if len(files) > 5 else ""),
+        "data": _listing(files),
         "train_docs": tokens.n_docs[0], "val_docs": tokens.n_docs[1],
         "train_tokens": int(len(tokens.train)), "val_tokens": int(len(tokens.val)),
     }
     if init:
         provenance["init"] = str(init)
     return Run(model, tokenizer, tokens.train, tokens.val, tokens.val_bytes, settings, provenance, tokens.cached)
+
+
+def _listing(items) -> str:
+    """The first few data paths for provenance, and how many more there were."""
+    return ", ".join(str(i) for i in items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
 
 
 def _resumed(out: Path, stops: dict) -> tuple[GPT, Tokenizer, TrainSettings]:
@@ -175,7 +180,7 @@ def _prepare_chat(sources: list[str], out: Path, settings: TrainSettings | None,
     if not len(train_set.starts):
         raise TinygenError("no conversation has an assistant reply within the model's context")
     provenance = {
-        "data": ", ".join(sources[:5]) + (f" (+{len(sources) - 5} more)" if len(sources) > 5 else ""),
+        "data": _listing(sources),
         "chat": True, "train_conversations": len(train_set.starts), "val_conversations": len(val_set.starts),
         "dropped_conversations": dropped + dropped_val,
         "train_tokens": int(len(train_set.tokens)), "trained_tokens": int(train_set.mask.sum()),

@@ -14,7 +14,7 @@ encoded as ordinary text. A model without a template (a base model) gets PLAIN, 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tinygen.errors import TinygenError
 from tinygen.tokenizer import CHAT_TOKENS, Tokenizer
@@ -28,7 +28,6 @@ class ChatTemplate:
     generation_prompt: str  # opens the assistant turn the model is asked to write
     stop: tuple[str, ...]  # ends a reply: special tokens stop on their id, other strings as text
     tuned: bool = True  # False for PLAIN: the model was never taught this format
-    name: str = field(default="tinygen", compare=False)
 
     def to_dict(self) -> dict:
         return {"roles": {r: list(ps) for r, ps in self.roles.items()}, "generation_prompt": self.generation_prompt,
@@ -60,7 +59,6 @@ PLAIN = ChatTemplate(
     generation_prompt="Assistant:",
     stop=("\n", "User:"),
     tuned=False,
-    name="plain",
 )
 
 
