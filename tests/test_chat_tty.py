@@ -106,6 +106,9 @@ def test_a_conversation_with_commands_and_line_continuation(term, tmp_path):
     t.expect(r"unknown command /nope")
     t.send(f"/save {tmp_path / 't.json'}\r")
     t.expect(r"saved 2 messages")
+    # readline draws the prompt after it puts the tty in raw mode; a ^D typed before that is
+    # consumed by the cooked line discipline as an end-of-file marker and reaches readline as NUL
+    t.expect(r">>> ")
     t.send("\x04")  # Ctrl-D
     assert t.finish() == 0
     assert "Traceback" not in t.screen
