@@ -16,7 +16,8 @@ from conftest import STORY_LINES, make_model
 from test_cli import assert_ok, clean_env, run_real
 
 from tinygen.chat import ChatSession
-from tinygen.chatdata import dolly, encode_conversations, read_conversations, story_request, topical_chat
+from tinygen.chatdata import (dolly, encode_conversations, mixed, read_conversations, story_request, to_jsonl,
+                              topical_chat)
 from tinygen.checkpoint import load_model, save_checkpoint
 from tinygen.config import ModelConfig
 from tinygen.errors import TinygenError
@@ -161,6 +162,27 @@ def test_story_request_names_the_character_and_what_happens():
     assert any("a dog who finds a ball" in r for r in requests), requests
     assert all("story" in r.lower() for r in requests)
     assert any("Max" in r for r in requests)
+
+
+def test_mix_joins_first_exchanges_from_different_files(tmp_path):
+    def write(name, n):
+        convs = [[{"role": "user", "content": f"{name} q{i}"}, {"role": "assistant", "content": f"{name} a{i}"},
+                  {"role": "user", "content": f"{name} later"}, {"role": "assistant", "content": "x"}] for i in range(n)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(to_jsonl(convs)))
+        return str(tmp_path / f"{name}.jsonl")
+
+    sources = [write("chat", 20), write("story", 8), write("quiz", 12)]
+    convs = list(mixed(sources, seed=1))
+    assert len(convs) == 10  # a quarter of all the conversations
+    for conv in convs:
+        assert [m["role"] for m in conv] == ["user", "assistant"] * (len(conv) // 2) and len(conv) in (4, 6)
+        files = [m["content"].split()[0] for m in conv[::2]]
+        assert len(set(files)) == len(files)  # each exchange from a different file
+        assert all(q["content"].split()[1][1:] == a["content"].split()[1][1:] for q, a in zip(conv[::2], conv[1::2]))
+        assert "later" not in str(conv)  # first exchanges only
+    assert convs == list(mixed(sources, seed=1)) != list(mixed(sources, seed=2))
+    with pytest.raises(TinygenError, match="two or more files"):
+        list(mixed(sources[:1]))
 
 
 def test_bad_chat_data_is_one_clear_error(tmp_path):

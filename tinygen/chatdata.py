@@ -4,7 +4,8 @@ The training format is OpenAI-style JSONL, one conversation per line:
     {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
 Converters turn the shared datasets into it: Topical-Chat (multi-turn small talk), Dolly
 (single-turn instructions) and story requests built from a story corpus ("Tell me a story about
-a dog who finds a ball." paired with a story that has one).
+a dog who finds a ball." paired with a story that has one); `mix` joins exchanges from those
+into conversations that change subject.
 """
 
 from __future__ import annotations
@@ -221,7 +222,28 @@ def story_requests(sources: list[str], max_chars: int = 1800, seed: int = 0) -> 
             yield [{"role": "user", "content": story_request(story, rng)}, {"role": "assistant", "content": story}]
 
 
-CONVERTERS = {"topical-chat": topical_chat, "dolly": dolly, "stories": story_requests}
+def mixed(sources: list[str], seed: int = 0, max_chars: int = 2000) -> Iterator[Conversation]:
+    """Conversations that change subject: the first exchange of two or three conversations drawn
+    from different files, joined. Trained only on whole conversations, a model keeps to the
+    subject it opened with (small talk, then a story request answered with more small talk); these
+    teach it to answer the newest message."""
+    pools = []
+    for path in expand_sources(sources):
+        pool = [c[:2] for c in read_conversations([str(path)]) if [m["role"] for m in c[:2]] == ["user", "assistant"]]
+        if pool:
+            pools.append(pool)
+    if len(pools) < 2:
+        raise TinygenError("mix needs two or more files of conversations (the output of the other kinds)")
+    rng = random.Random(seed)
+    for _ in range(sum(map(len, pools)) // 4):
+        picked = rng.sample(range(len(pools)), min(len(pools), rng.choice((2, 2, 3))))
+        conv = [m for p in picked for m in rng.choice(pools[p])]
+        if sum(len(m["content"]) for m in conv) <= max_chars:
+            yield conv
+
+
+CONVERTERS = {"topical-chat": topical_chat, "dolly": dolly, "stories": story_requests, "mix": mixed}
+SEEDED = {"stories", "mix"}  # the converters whose output depends on --seed
 
 
 def to_jsonl(convs: Iterable[Conversation]) -> Iterator[str]:

@@ -496,20 +496,21 @@ class _StopFlag:
 
 @app.command("chat-data")
 def chat_data(
-    kind: Annotated[str, typer.Argument(help="topical-chat (Topical-Chat .json files), dolly (Dolly JSONL) or "
-                                        "stories (story text: \"Tell me a story about ...\" requests).",
+    kind: Annotated[str, typer.Argument(help="topical-chat (Topical-Chat .json files), dolly (Dolly JSONL), "
+                                        "stories (story text: \"Tell me a story about ...\" requests) or mix "
+                                        "(conversations that change subject, joined from files of the others).",
                                         show_default=False)],
     sources: Annotated[list[str], typer.Argument(help="Files or folders to convert.", show_default=False)],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write here instead of stdout.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for the wording of story requests.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for the wording of story requests and the choices of mix.")] = 0,
 ) -> None:
     """Convert conversation datasets into the JSONL that `tinygen train --chat` reads."""
     from tinygen import atomic
-    from tinygen.chatdata import CONVERTERS, to_jsonl
+    from tinygen.chatdata import CONVERTERS, SEEDED, to_jsonl
 
     if kind not in CONVERTERS:
         raise TinygenError(f"unknown kind {kind!r}; choose from {', '.join(CONVERTERS)}")
-    convs = CONVERTERS[kind](sources, seed=seed) if kind == "stories" else CONVERTERS[kind](sources)
+    convs = CONVERTERS[kind](sources, **({"seed": seed} if kind in SEEDED else {}))
     if out is None:
         for line in to_jsonl(convs):
             ui.write(line)
