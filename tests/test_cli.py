@@ -447,6 +447,8 @@ def test_batch_input_file(cli, model_path, tmp_path):
     assert batch.out.splitlines() == singles
     assert batch.out.count("\n") == 3
     assert cli("sample", "-m", model_path, "--input", path, "--batch-size", "1", *n).raw == batch.raw
+    # Two slots for three prompts: the third takes over the first slot that frees up.
+    assert cli("sample", "-m", model_path, "--input", path, "--batch-size", "2", *n).raw == batch.raw
     assert cli("sample", "-m", model_path, "--input", "-", *n, input=path.read_bytes()).raw == batch.raw
 
 

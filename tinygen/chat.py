@@ -42,8 +42,8 @@ class Turn:
 
 class ChatSession:
     def __init__(self, model, tokenizer, params: SamplingParams = SamplingParams(), *, max_tokens: int = 256,
-                 seed: int | None = None, system: str | None = None):
-        self.generator = TextGenerator(model, tokenizer)
+                 seed: int | None = None, system: str | None = None, compiled=None):
+        self.generator = TextGenerator(model, tokenizer, compiled=compiled)
         self.tokenizer = tokenizer
         self.template = template_for(tokenizer)
         self.renderer = Renderer(tokenizer, self.template)

@@ -18,12 +18,16 @@ import typer
 from tinygen import __version__, ui
 from tinygen.errors import TinygenError
 
+RICH_HELP = ui.is_tty() and not os.environ.get("NO_COLOR")
 app = typer.Typer(
     name="tinygen",
     help="Train, run and look inside compact GPT-style language models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Boxed, coloured help on a terminal; plain text in a pipe, which also skips importing Rich's
+    # Markdown renderer (a third of the start-up time of `tinygen --help`).
+    rich_markup_mode="rich" if RICH_HELP else None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -36,6 +40,12 @@ ModelOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help="Weights for generation: auto (bf16 on CUDA, float32 elsewhere), "
                                        "float32 or bfloat16. On a CPU, bfloat16 decodes faster but prefills slower.")]
+QuantOpt = Annotated[Optional[str], typer.Option("--quantize", help="int8: int8 weight-only linear layers (CPU), "
+                                                "a quarter of float32's bytes per token; the loss it costs is in "
+                                                "the README.", show_default=False)]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile the decode step and replay it as a CUDA "
+                                           "graph: several times faster at batch 1 on a GPU. The first run "
+                                           "compiles (about a minute); later runs load it from the cache.")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate per sample.")]
 TempOpt = Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature; 0 is greedy.")]
 TopKOpt = Annotated[int, typer.Option("--top-k", "-k", help="Keep the k most likely tokens; 0 is off.")]
@@ -76,12 +86,33 @@ def _text_arg(text: Optional[str]) -> str:
     return ""
 
 
-def _load(model: Optional[str], device: str, dtype: str = "auto"):
+def _load(model: Optional[str], device: str, dtype: str = "auto", quantize: Optional[str] = None):
     from tinygen.checkpoint import load_model
     from tinygen.engine import inference_dtype, resolve_device
 
     dev = resolve_device(device)
-    return load_model(model, device=dev, dtype=inference_dtype(dev, dtype))
+    if quantize is not None and dev.type != "cpu":
+        raise TinygenError(f"--quantize {quantize} is for CPUs; on {dev.type}, bf16 weights (the default) are faster")
+    net, tokenizer, info = load_model(model, device=dev, dtype=inference_dtype(dev, dtype))
+    if quantize is not None:
+        from tinygen.quantize import quantize as quantize_model
+
+        quantize_model(net, quantize)
+    return net, tokenizer, info
+
+
+def _decoder(net, compile: bool):
+    """The compiled batch-1 decode step, compiled now so that its cost shows up front, or None."""
+    if not compile:
+        return None
+    from tinygen.compiled import StaticDecoder, cache_dir
+
+    if net.device.type == "cpu":
+        ui.warn("--compile pays off on a GPU; on a CPU the plain decode step is as fast")
+    decoder = StaticDecoder(net)
+    ui.note(f"compiling the decode step (cached in {cache_dir()})…")
+    ui.note(f"ready in {decoder.warm_up():.1f} s")
+    return decoder
 
 
 @app.command()
@@ -108,6 +139,8 @@ def sample(
     batch_size: Annotated[int, typer.Option(help="Prompts generated together in batch mode.")] = 16,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantOpt = None,
+    compile: CompileOpt = False,
 ) -> None:
     """Generate text from a prompt, streaming it to stdout."""
     from tinygen.sampling import SamplingParams
@@ -121,12 +154,12 @@ def sample(
     base = Request("", params, max_new_tokens, tuple(stop or ()), seed)
     if input is not None or jsonl:
         requests = _batch_requests(input, jsonl, base)
-        gen = TextGenerator(*_load(model, device, dtype)[:2])
+        gen = TextGenerator(*_load(model, device, dtype, quantize)[:2])
         _run_batch(gen, requests, batch_size, jsonl)
         return
     text = _text_arg(prompt)
-    net, tokenizer, _ = _load(model, device, dtype)
-    gen = TextGenerator(net, tokenizer)
+    net, tokenizer, _ = _load(model, device, dtype, quantize)
+    gen = TextGenerator(net, tokenizer, compiled=_decoder(net, compile))
     n_prompt = len(gen.encode_prompt(text))
     if n_prompt > gen.block_size:
         ui.warn(f"prompt has {n_prompt} tokens, more than the model's context of {gen.block_size}; "
@@ -337,6 +370,8 @@ def chat(
     seed: SeedOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantOpt = None,
+    compile: CompileOpt = False,
 ) -> None:
     """Chat with a model: a REPL on a terminal; in a pipe, each input line is one message."""
     from tinygen.chat import ChatSession
@@ -348,8 +383,9 @@ def chat(
         raise TinygenError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
     path = resolve_model_path(model, DEFAULT_CHAT_MODEL)
-    net, tokenizer, _ = _load(str(path), device, dtype)
-    session = ChatSession(net, tokenizer, params, max_tokens=max_new_tokens, seed=seed, system=system)
+    net, tokenizer, _ = _load(str(path), device, dtype, quantize)
+    session = ChatSession(net, tokenizer, params, max_tokens=max_new_tokens, seed=seed, system=system,
+                          compiled=_decoder(net, compile))
     repl = Repl(session, jsonl=jsonl)
     interactive = prompt is None and sys.stdin.isatty()
     if not session.template.tuned and not interactive:
@@ -534,6 +570,7 @@ def eval_cmd(
                                          "(shown by `tinygen info`).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     device: DeviceOpt = "auto",
+    quantize: QuantOpt = None,
 ) -> None:
     """Score a model on text: mean loss, perplexity and bits per byte."""
     from tinygen import data as data_lib
@@ -544,12 +581,14 @@ def eval_cmd(
         _, docs = data_lib.split_documents(docs, val_split, seed)
         if not docs:
             raise TinygenError("--val-split left no documents to score")
-    net, tok, meta = _load(model, device)
+    if record and quantize is not None:
+        raise TinygenError("--record stores the model's own scores; drop --quantize to record")
+    net, tok, meta = _load(model, device, quantize=quantize)
     if stride is not None and not 0 < stride <= net.config.block_size:
         raise TinygenError(f"--stride must be in 1..{net.config.block_size}")
     tokens = data_lib.encode_documents(docs, tok)
     score = score_tokens(net, tokens, stride=stride, n_bytes=sum(len(d.encode()) for d in docs))
-    result = {"model": str(meta.path), "documents": len(docs), **score.as_dict()}
+    result = {"model": str(meta.path), "quantize": quantize, "documents": len(docs), **score.as_dict()}
     if record:
         from tinygen.checkpoint import update_provenance
 
@@ -560,7 +599,8 @@ def eval_cmd(
     if as_json:
         ui.write(json.dumps(result, indent=2) + "\n")
         return
-    rows = [("model", str(meta.path)), ("documents", f"{len(docs):,}"), ("tokens", f"{score.tokens:,}"),
+    rows = [("model", str(meta.path) + (f" (--quantize {quantize})" if quantize else "")),
+            ("documents", f"{len(docs):,}"), ("tokens", f"{score.tokens:,}"),
             ("loss", f"{score.loss:.4f} nats/token"), ("perplexity", f"{score.perplexity:.2f}"),
             ("bits per byte", f"{score.bits_per_byte:.4f}")]
     ui.info_table(rows, title="evaluation")
@@ -571,41 +611,42 @@ def bench(
     model: ModelOpt = None,
     shape: Annotated[Optional[str], typer.Option(help="Benchmark a training preset's shape with random weights instead "
                                                  "of a model: tiny, mini, small (~15M), medium or gpt2 (124M).")] = None,
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt length for the prefill measurement.")] = 128,
-    new_tokens: Annotated[int, typer.Option(help="Tokens to decode per measurement.")] = 64,
-    repeats: Annotated[int, typer.Option(help="Timed repeats; the median is reported.")] = 3,
-    compare: Annotated[bool, typer.Option("--compare", help="Also run transformers' generate() on the same weights "
-                                          "and report the ratio (needs transformers).")] = False,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
-    train: Annotated[bool, typer.Option("--train", help="Measure training instead: tokens/s (and MFU on GPU) of "
-                                        "the real training loop on random tokens.")] = False,
-    steps: Annotated[int, typer.Option(help="With --train: optimizer steps to time (the first two are warm-up).")] = 8,
-    batch_size: Annotated[int, typer.Option(help="With --train: sequences per step.")] = 8,
+    only: Annotated[Optional[str], typer.Option("--only", help="Comma-separated sections to run: decode (batch-1 "
+                                                "decode, prefill, bandwidth), batch (batched generation), train. "
+                                                "Default: all.", show_default=False)] = None,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length.")] = 128,
+    new_tokens: Annotated[int, typer.Option(help="Tokens to decode per batch-1 measurement.")] = 64,
+    repeats: Annotated[int, typer.Option(help="Timed repeats of batch-1 decode and prefill; the median is reported.")] = 3,
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes for batched generation, comma-separated.")] = "1,8,32,64",
+    batch_new_tokens: Annotated[int, typer.Option(help="Tokens generated per row in batched generation.")] = 32,
+    steps: Annotated[int, typer.Option(help="Training steps to time (the first two are warm-up).")] = 6,
+    train_batch: Annotated[int, typer.Option(help="Sequences per training step.")] = 8,
+    compare: Annotated[bool, typer.Option("--compare", help="Also run transformers' generate() on the same weights, "
+                                          "and a bare PyTorch training loop, and report the ratios (needs transformers).")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: tinygen's choice).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantOpt = None,
+    compile: Annotated[bool, typer.Option("--compile", help="Compile the batch-1 decode step (CUDA graphs on a GPU), "
+                                          "and both training loops.")] = False,
 ) -> None:
-    """Measure decode and prefill speed, optionally against transformers (same weights, same dtype);
-    or, with --train, training throughput."""
+    """Measure generation and training speed against references run in the same process."""
     from tinygen import bench as bench_lib
 
-    if train:
-        result = bench_lib.run_train(model=model, shape=shape, steps=steps, batch_size=batch_size, threads=threads,
-                                     device=device, progress=None if as_json else ui.err())
-        if as_json:
-            ui.write(json.dumps(result, indent=2) + "\n")
-        else:
-            mfu = f" · MFU {result['mfu']:.1%}" if result["mfu"] is not None else ""
-            ui.write(f"training {result['model']}: {result['train_tok_s']:,.0f} tokens/s{mfu} "
-                     f"({result['device']}, {result['threads']} threads, batch {result['batch'][0]}x{result['batch'][1]})\n")
-        return
-    results = bench_lib.run(model=model, shape=shape, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                            repeats=repeats, compare=compare, threads=threads, device=device, dtype=dtype,
-                            progress=None if as_json else ui.err())
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+    except ValueError:
+        raise TinygenError(f"--batch-sizes takes integers separated by commas, got {batch_sizes!r}") from None
+    sections = tuple(s.strip() for s in only.split(",")) if only else bench_lib.SECTIONS
+    result = bench_lib.run(model=model, shape=shape, sections=sections, prompt_tokens=prompt_tokens,
+                           new_tokens=new_tokens, repeats=repeats, batch_sizes=sizes, batch_new_tokens=batch_new_tokens,
+                           steps=steps, train_batch=train_batch, compare=compare, threads=threads, device=device,
+                           dtype=dtype, quantize=quantize, compile=compile, progress=None if as_json else ui.err())
     if as_json:
-        ui.write(json.dumps(results, indent=2) + "\n")
+        ui.write(json.dumps(result, indent=2) + "\n")
     else:
-        bench_lib.print_table(results, ui.out())
+        bench_lib.print_table(result, ui.out())
 
 
 def _click_exceptions():
@@ -626,7 +667,9 @@ def main() -> None:
         rc = 1
     except exc.UsageError as e:
         if isinstance(e, getattr(exc, "NoArgsIsHelpError", ())):
-            rc = 0  # bare `tinygen`: Typer has already shown the help
+            if not RICH_HELP:  # Typer's Rich path has shown the help already; click's plain one leaves it to us
+                ui.write(e.ctx.get_help() + "\n")
+            rc = 0
         else:
             command = e.ctx.command_path if e.ctx else "tinygen"
             ui.error(f"{e.format_message()} (see `{command} --help`)")

@@ -50,7 +50,7 @@ def score_tokens(model, tokens: np.ndarray | list[int], *, stride: int | None = 
     n = len(tokens)
     if n < 2:
         return Score(0.0, 0, n_bytes)
-    device = model.lm_head.weight.device
+    device = model.device
     # Window w covers tokens [start, start + block]; it scores targets from `first` on, the ones
     # the previous window did not reach.
     windows, scored_until, start = [], 1, 0

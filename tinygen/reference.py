@@ -57,7 +57,7 @@ def to_transformers(model: GPT):
     if missing or unexpected:
         raise RuntimeError(f"reference mapping is incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
     hf.tie_weights()
-    return hf.to(dtype=model.lm_head.weight.dtype, device=model.lm_head.weight.device).eval()
+    return hf.to(dtype=model.dtype, device=model.device).eval()
 
 
 @torch.inference_mode()

@@ -1,8 +1,8 @@
 """Text in, text out: the engine plus a tokenizer.
 
 Encodes prompts, decodes streamed ids incrementally (whole UTF-8 characters only), applies stop
-strings, and runs batches of requests with length-sorted batching. Yields text and returns
-results; printing is the CLI's job.
+strings, and runs many requests through continuously batched generation. Yields text and
+returns results; printing is the CLI's job.
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ class Completion:
 
 
 class TextGenerator:
-    def __init__(self, model, tokenizer: Tokenizer):
+    def __init__(self, model, tokenizer: Tokenizer, compiled=None):
         self.model = model
+        self.compiled = compiled  # a compiled.StaticDecoder for single streams, or None
         self.tokenizer = tokenizer
-        self.device = model.lm_head.weight.device
+        self.device = model.device
         # A base model stops at end-of-text; the reserved chat token <|end|> also ends a turn.
         self.stop_ids = tuple(t for t in (tokenizer.eot_id, tokenizer.special.get("<|end|>")) if t is not None)
 
@@ -74,6 +75,7 @@ class TextGenerator:
         tokens = engine.stream(
             self.model, ids, request.params, request.max_new_tokens,
             stop_ids=tuple(dict.fromkeys(self.stop_ids + stop_ids)), generator=gen, done=lambda _row: stops.stopped,
+            decoder=self.compiled,
         )
         for token in tokens:
             if result.first_token_seconds is None:
@@ -98,46 +100,56 @@ class TextGenerator:
         return result
 
     def batch(self, requests: list[Request], batch_size: int) -> Iterator[tuple[int, Completion]]:
-        """Completions of many requests as (index, completion), in input order.
+        """Completions of many requests as (index, completion), in input order, each yielded as
+        soon as it and every request before it are done.
 
-        Requests that share sampling settings run together, sorted by prompt length so that each
-        batch pads little.
+        Requests that share sampling settings run as one continuously batched generation: at most
+        batch_size rows decode at once, and a finished row hands its slot to the next request.
         """
         encoded = [self.encode_prompt(r.prompt) for r in requests]
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault((r.params, r.max_new_tokens, r.stop, r.seed), []).append(i)
-        batches = []
-        for members in groups.values():
-            members.sort(key=lambda i: len(encoded[i]))
-            batches += [members[j : j + batch_size] for j in range(0, len(members), batch_size)]
         done: dict[int, Completion] = {}
         next_out = 0
-        for batch in sorted(batches, key=min):
-            done.update(self._run_batch(batch, requests, encoded))
-            while next_out in done:
-                yield next_out, done.pop(next_out)
-                next_out += 1
+        for members in groups.values():
+            for index, result in self._run_group(members, requests, encoded, batch_size):
+                done[index] = result
+                while next_out in done:
+                    yield next_out, done.pop(next_out)
+                    next_out += 1
 
-    def _run_batch(self, batch: list[int], requests: list[Request], encoded: list[list[int]]) -> dict[int, Completion]:
-        first = requests[batch[0]]
-        decoders = [StreamDecoder(self.tokenizer) for _ in batch]
-        stops = [StopMatcher(first.stop) for _ in batch]
-        results = [Completion(prompt_tokens=len(encoded[i])) for i in batch]
+    def _run_group(self, members: list[int], requests: list[Request], encoded: list[list[int]],
+                   batch_size: int) -> Iterator[tuple[int, Completion]]:
+        first = requests[members[0]]
+        decoders = [StreamDecoder(self.tokenizer) for _ in members]
+        stops = [StopMatcher(first.stop) for _ in members]
+        results = [Completion(prompt_tokens=len(encoded[i])) for i in members]
+        finished: list[int] = []  # rows the engine has ended, in the order they ended
         start = time.perf_counter()
+
+        def close() -> Iterator[tuple[int, Completion]]:
+            while finished:
+                row = finished.pop(0)
+                r = results[row]
+                r.pieces.append(stops[row].feed(decoders[row].flush()) + stops[row].flush())
+                r.text = "".join(r.pieces)
+                r.seconds = time.perf_counter() - start
+                r.finish_reason = "length" if r.tokens >= first.max_new_tokens and not stops[row].stopped else "stop"
+                yield members[row], r
+
         steps = engine.generate(
-            self.model, [encoded[i] for i in batch], first.params, first.max_new_tokens,
+            self.model, [encoded[i] for i in members], first.params, first.max_new_tokens,
             stop_ids=self.stop_ids, generator=engine.make_generator(first.seed, self.device),
-            done=lambda row: stops[row].stopped,
+            done=lambda row: stops[row].stopped, batch_size=batch_size, finished=finished.append,
         )
         for step in steps:
+            now = time.perf_counter() - start
             for row, token in step:
-                results[row].tokens += 1
-                results[row].pieces.append(stops[row].feed(decoders[row].push(token)))
-        elapsed = time.perf_counter() - start
-        for row, r in enumerate(results):
-            r.pieces.append(stops[row].feed(decoders[row].flush()) + stops[row].flush())
-            r.text = "".join(r.pieces)
-            r.seconds = elapsed
-            r.finish_reason = "length" if r.tokens >= first.max_new_tokens and not stops[row].stopped else "stop"
-        return dict(zip(batch, results))
+                r = results[row]
+                if r.first_token_seconds is None:
+                    r.first_token_seconds = now
+                r.tokens += 1
+                r.pieces.append(stops[row].feed(decoders[row].push(token)))
+            yield from close()
+        yield from close()

@@ -49,6 +49,11 @@ def warn(message: str) -> None:
     err().print(Text("warning: ", style="yellow bold") + Text(message))
 
 
+def note(message: str) -> None:
+    """Progress for the user, on stderr, dim on a terminal."""
+    err().print(Text(message, style="dim"))
+
+
 def error(message: str) -> None:
     err().print(Text("error: ", style="red bold") + Text(message))
 
