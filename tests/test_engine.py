@@ -182,7 +182,14 @@ def test_static_decoder_equals_the_dynamic_path(model):
     _static_greedy_matches(model, compile=False)
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on a CPU needs a C++ compiler")
+def _can_build_cpu_kernels() -> bool:
+    import sysconfig
+    from pathlib import Path
+
+    return bool(shutil.which("g++") or shutil.which("c++")) and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
+
+
+@pytest.mark.skipif(not _can_build_cpu_kernels(), reason="torch.compile on a CPU needs a C++ compiler and Python's headers")
 def test_compiled_static_decoder_equals_the_dynamic_path(model, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     _static_greedy_matches(model, compile=True)  # fullgraph=True: a graph break would fail here
