@@ -116,9 +116,10 @@ def matmul_peak(device: torch.device) -> float:
 def decode_bytes(net, context: int) -> int:
     """Bytes read to decode one token at this context length: every weight but the embedding
     table (a lookup reads one row), and the KV cache written so far."""
-    weights = sum(t.numel() * t.element_size() for name, t in list(net.named_parameters()) + list(net.named_buffers())
+    tensors = [*net.named_parameters(), *net.named_buffers()]
+    weights = sum(t.numel() * t.element_size() for name, t in tensors
                   if not name.startswith(("transformer.wte", "transformer.wpe", "rope_")))
-    if not any(name.startswith("lm_head") for name, _ in list(net.named_parameters()) + list(net.named_buffers())):
+    if not any(name.startswith("lm_head") for name, _ in tensors):
         weights += net.transformer.wte.weight.numel() * net.transformer.wte.weight.element_size()  # the tied head
     cfg = net.config
     kv = 2 * cfg.n_layer * context * cfg.n_embd * net.dtype.itemsize
@@ -325,8 +326,9 @@ def run(model=None, shape=None, sections=SECTIONS, prompt_tokens=128, new_tokens
     dev = engine.resolve_device(device)
     net, label = _build(model, shape, dev, engine.inference_dtype(dev, dtype))
     cfg = net.config
-    if prompt_tokens + max(new_tokens, batch_new_tokens) > cfg.block_size:
-        raise TinygenError(f"prompt + new tokens ({prompt_tokens + new_tokens}) exceed the context ({cfg.block_size})")
+    longest = prompt_tokens + max(new_tokens, batch_new_tokens)
+    if longest > cfg.block_size:
+        raise TinygenError(f"prompt + new tokens ({longest}) exceed the context ({cfg.block_size})")
     params = net.num_params()
     hf = None
     if compare and set(sections) & {"decode", "batch"}:

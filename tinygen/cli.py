@@ -91,8 +91,6 @@ def _load(model: Optional[str], device: str, dtype: str = "auto", quantize: Opti
     from tinygen.engine import inference_dtype, resolve_device
 
     dev = resolve_device(device)
-    if quantize is not None and dev.type != "cpu":
-        raise TinygenError(f"--quantize {quantize} is for CPUs; on {dev.type}, bf16 weights (the default) are faster")
     net, tokenizer, info = load_model(model, device=dev, dtype=inference_dtype(dev, dtype))
     if quantize is not None:
         from tinygen.quantize import quantize as quantize_model

@@ -85,13 +85,9 @@ class TextGenerator:
             if piece:
                 result.pieces.append(piece)
                 yield piece
-        tail = stops.feed(decoder.flush()) + stops.flush()
+        tail = _settle(result, decoder, stops, request.max_new_tokens, start)
         if tail:
-            result.pieces.append(tail)
             yield tail
-        result.seconds = time.perf_counter() - start
-        result.text = "".join(result.pieces)
-        result.finish_reason = "length" if result.tokens >= request.max_new_tokens and not stops.stopped else "stop"
 
     def complete(self, request: Request) -> Completion:
         result = Completion()
@@ -131,12 +127,8 @@ class TextGenerator:
         def close() -> Iterator[tuple[int, Completion]]:
             while finished:
                 row = finished.pop(0)
-                r = results[row]
-                r.pieces.append(stops[row].feed(decoders[row].flush()) + stops[row].flush())
-                r.text = "".join(r.pieces)
-                r.seconds = time.perf_counter() - start
-                r.finish_reason = "length" if r.tokens >= first.max_new_tokens and not stops[row].stopped else "stop"
-                yield members[row], r
+                _settle(results[row], decoders[row], stops[row], first.max_new_tokens, start)
+                yield members[row], results[row]
 
         steps = engine.generate(
             self.model, [encoded[i] for i in members], first.params, first.max_new_tokens,
@@ -153,3 +145,15 @@ class TextGenerator:
                 r.pieces.append(stops[row].feed(decoders[row].push(token)))
             yield from close()
         yield from close()
+
+
+def _settle(result: Completion, decoder: StreamDecoder, stops: StopMatcher, max_new_tokens: int, start: float) -> str:
+    """Close a completion: flush the text its decoder and stop matcher still hold, and fill in its
+    text, time and finish reason. Returns the flushed tail, which may be empty."""
+    tail = stops.feed(decoder.flush()) + stops.flush()
+    if tail:
+        result.pieces.append(tail)
+    result.text = "".join(result.pieces)
+    result.seconds = time.perf_counter() - start
+    result.finish_reason = "length" if result.tokens >= max_new_tokens and not stops.stopped else "stop"
+    return tail
