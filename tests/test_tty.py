@@ -69,3 +69,16 @@ def test_tokenize_on_a_terminal_colours_tokens(model_path, tokenizer):
     assert " ".join(map(str, ids)) in screen
     assert f"{len(ids)} tokens" in screen
     assert screen.count("\x1b[") >= len(ids)  # a colour per token
+
+
+@pytest.mark.parametrize("args", [
+    ["attention", "Spot liked to run", "--matrix"],
+    ["sample", "Spot", "--explain", "-n", "2", "--seed", "0"],
+    ["tokenize", "--probs", "Spot liked to run"],
+])
+def test_inside_views_are_coloured_on_a_terminal_only_without_no_color(model_path, args):
+    screen = run_in_pty([*args, "-m", str(model_path)])
+    assert COLOUR.search(screen), screen
+    plain = run_in_pty([*args, "-m", str(model_path)], env_extra={"NO_COLOR": "1"})
+    assert not COLOUR.search(plain), plain
+    assert "Traceback" not in screen + plain

@@ -135,6 +135,11 @@ def sample(
                                         '{"prompt": ..., optional sampling fields}, writes {"prompt", "completion", '
                                         '"tokens", "finish_reason"}. Reads --input or stdin.')] = False,
     batch_size: Annotated[int, typer.Option(help="Prompts generated together in batch mode.")] = 16,
+    explain: Annotated[bool, typer.Option("--explain", help="Show each step's likeliest next tokens: the model's "
+                                          "probabilities beside those left after the sampling flags, and the token "
+                                          "drawn. With --jsonl: one JSON object per step.")] = False,
+    show_probs: Annotated[int, typer.Option("--show-probs", help="Like --explain, with this many candidates per step "
+                                            "(--explain shows 5).", show_default=False)] = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantOpt = None,
@@ -148,9 +153,14 @@ def sample(
         raise TinygenError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if num_samples < 1 or batch_size < 1:
         raise TinygenError("--num-samples and --batch-size must be at least 1")
+    if show_probs < 0:
+        raise TinygenError(f"--show-probs must be at least 1, got {show_probs}")
+    explain_k = show_probs or (5 if explain else 0)
+    if explain_k and (input is not None or num_samples > 1):
+        raise TinygenError("--explain follows one sample of one prompt; drop --input/--num-samples")
     params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
     base = Request("", params, max_new_tokens, tuple(stop or ()), seed)
-    if input is not None or jsonl:
+    if input is not None or (jsonl and not explain_k):
         requests = _batch_requests(input, jsonl, base)
         gen = TextGenerator(*_load(model, device, dtype, quantize)[:2])
         _run_batch(gen, requests, batch_size, jsonl)
@@ -162,6 +172,9 @@ def sample(
     if n_prompt > gen.block_size:
         ui.warn(f"prompt has {n_prompt} tokens, more than the model's context of {gen.block_size}; "
                 f"keeping the last {gen.block_size}")
+    if explain_k:
+        _explain(gen, Request(text, params, max_new_tokens, base.stop, seed), explain_k, jsonl)
+        return
     sink = ui.TextSink()
     show_prompt = sink.tty if echo is None else echo
     for i in range(num_samples):
@@ -177,6 +190,25 @@ def sample(
         sink.end()
         if sink.tty or os.environ.get("TINYGEN_STATS"):
             ui.stats_line(result.tokens, result.seconds, result.first_token_seconds)
+
+
+def _explain(gen, request, k: int, jsonl: bool) -> None:
+    from rich.text import Text
+
+    from tinygen import views
+    from tinygen.textgen import Completion
+
+    label = gen.tokenizer.label
+    if jsonl:
+        for step in gen.explain(request, k):
+            ui.write(json.dumps(step.to_dict(label), ensure_ascii=False) + "\n")
+        return
+    console = ui.out()
+    width = views.next_token_header(console, views.flags_summary(request.params))
+    result = Completion()
+    for step in gen.explain(request, k, result):
+        views.next_token_step(console, step, label, width)
+    console.print(Text(request.prompt, style="dim") + Text(result.text, style="bold"))
 
 
 def _batch_requests(path: Optional[str], jsonl: bool, base):
@@ -258,6 +290,8 @@ def tokenize(
     ids: Annotated[bool, typer.Option("--ids", help="Print only the ids, space-separated.")] = False,
     decode: Annotated[bool, typer.Option("--decode", help="Turn ids (space or comma separated) back into text.")] = False,
     count: Annotated[bool, typer.Option("--count", help="Print only the number of tokens.")] = False,
+    probs: Annotated[bool, typer.Option("--probs", help="Colour each token by the model's probability of it, with "
+                                        "its loss, and the text's perplexity (runs the model).")] = False,
     train: Annotated[Optional[list[str]], typer.Option("--train", help="Train a new BPE tokenizer on these files, "
                                                        "folders or globs (repeatable) and write it to --out.")] = None,
     vocab_size: Annotated[int, typer.Option(help="With --train: vocabulary size, special tokens included.")] = 4096,
@@ -282,6 +316,11 @@ def tokenize(
             raise TinygenError(f"token id {bad[0]} is outside this vocabulary (0..{tok.n_vocab - 1})")
         ui.write(tok.decode(token_ids) + "\n")
         return
+    if probs:
+        if tokenizer:
+            raise TinygenError("--probs scores with the model's own tokenizer; drop --tokenizer")
+        _token_probs(model, text)
+        return
     token_ids = tok.encode(text)
     if count:
         ui.write(f"{len(token_ids)}\n")
@@ -289,6 +328,29 @@ def tokenize(
         ui.write(" ".join(map(str, token_ids)) + "\n")
     else:
         ui.show_tokens(tok, token_ids, text)
+
+
+def _token_probs(model: Optional[str], text: str) -> None:
+    from tinygen import views
+    from tinygen.explain import surprisal
+
+    net, tok, _ = _load(model, "auto")
+    ids = tok.encode(text)
+    if not ids:
+        raise TinygenError("no text to score")
+    s = surprisal(net, ids, tok.eot_id)
+    labels = [tok.label(i) for i in ids]
+    summary = (f"{len(ids)} tokens · mean loss {s.mean_loss:.3f} nats/token over {s.scored} · "
+               f"perplexity {s.perplexity:.2f}")
+    if not ui.is_tty():
+        # One token per line, as plain tokenize writes in a pipe: id, text, probability, loss in nats.
+        ui.write("".join(f"{i}\t{json.dumps(label, ensure_ascii=False)}\t{p:.6g}\t{loss:.4f}\n"
+                         for i, label, p, loss in zip(ids, labels, s.probs, s.losses)))
+        ui.err().print(summary)
+        return
+    console = ui.out()
+    views.surprisal(console, labels, s.probs, s.context)
+    console.print(summary, style="bold")
 
 
 def _train_tokenizer(sources: list[str], vocab_size: int, out: Optional[Path], separator: str) -> None:
@@ -394,6 +456,118 @@ def chat(
         repl.interactive(banner(path.name, net.num_params(), session.template.tuned))
     else:
         repl.scripted(sys.stdin)
+
+
+@app.command()
+def attention(
+    text: Annotated[Optional[str], typer.Argument(help="Text to look at; `-` or piped stdin reads stdin.",
+                                                  show_default=False)] = None,
+    model: ModelOpt = None,
+    token: Annotated[Optional[str], typer.Option("--token", "-w", help="The query: a word of the text (its last "
+                                                 "token, if it has several). Default: the last token.",
+                                                 show_default=False)] = None,
+    position: Annotated[Optional[int], typer.Option(help="The query by token index (negative counts from the end).",
+                                                    show_default=False)] = None,
+    layer: Annotated[Optional[int], typer.Option("--layer", "-l", help="Layer, from 0 (negative counts from the "
+                                                 "end). Default: the last.", show_default=False)] = None,
+    head: Annotated[Optional[int], typer.Option("--head", help="One head, from 0. Default: the mean of the layer's "
+                                                "heads.", show_default=False)] = None,
+    all_heads: Annotated[bool, typer.Option("--all", help="Every layer x head at once, as a grid of small bars.")] = False,
+    matrix: Annotated[bool, typer.Option("--matrix", help="The whole token x token map of one layer/head as a "
+                                         "heatmap.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Every weight (layers x heads x tokens x tokens) and the "
+                                          "tokens, as JSON.")] = False,
+    html: Annotated[Optional[Path], typer.Option("--html", help="Write a standalone explorer page (one file, works "
+                                                 "offline) to open in a browser.", show_default=False)] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Show which earlier tokens a token attends to, in each layer and head."""
+    from tinygen import views
+    from tinygen.attention import attention_map, find_word, query_at
+
+    if token is not None and position is not None:
+        raise TinygenError("give --token or --position, not both")
+    if sum((all_heads, matrix, as_json, html is not None)) > 1:
+        raise TinygenError("pick one of --all, --matrix, --json and --html")
+    if all_heads and (layer is not None or head is not None):
+        raise TinygenError("--all shows every layer and head; drop --layer/--head")
+    text = _text_arg(text)
+    net, tok, meta = _load(model, device)
+    amap = attention_map(net, tok, tok.encode(text))
+    if amap.dropped:
+        ui.warn(f"the text has {len(amap.ids) + amap.dropped} tokens, more than the model's context; "
+                f"looking at the last {len(amap.ids)}")
+    query = find_word(amap, tok, token) if token is not None else query_at(amap, position)
+    if query.note:
+        ui.note(query.note)
+    layer_i = amap.layer_index(layer)
+    head_i = None if head is None else amap.head_index(head)
+    if as_json:
+        ui.write(json.dumps(amap.to_dict(meta.path.name, text, query.position), ensure_ascii=False) + "\n")
+        return
+    if html is not None:
+        from tinygen.explorer import write_html
+
+        # The page opens on the view the flags name; every layer and head is in it either way.
+        page = {**amap.to_dict(meta.path.name, text, query.position, decimals=None), "layer": layer_i, "head": head_i}
+        write_html(html, page)
+        ui.note(f"wrote {html}: open it in a browser")
+        return
+    q = query.position
+    where = f"layer {layer_i} of 0–{amap.n_layer - 1}, " + (f"head {head_i}" if head_i is not None
+                                                        else f"mean of its {amap.n_head} heads")
+    console = ui.out()
+    if all_heads:
+        views.attention_grid(console, amap.labels, amap.weights, q,
+                             f"attention from {views.visible(amap.labels[q])!r} (token {q}), every layer and head")
+    elif matrix:
+        views.attention_matrix(console, amap.labels, amap.matrix(layer_i, head_i), f"attention map, {where}")
+    else:
+        views.attention_bars(console, amap.labels, amap.matrix(layer_i, head_i)[q], q,
+                             f"attention from {views.visible(amap.labels[q])!r} (token {q}), {where}")
+
+
+@app.command()
+def embed(
+    words: Annotated[list[str], typer.Argument(help="Words to look up; with --analogy, three: A B C for A - B + C.",
+                                               show_default=False)],
+    model: ModelOpt = None,
+    analogy: Annotated[bool, typer.Option("--analogy", help="Nearest tokens to A - B + C (king man woman: "
+                                          "king - man + woman).")] = False,
+    top: Annotated[int, typer.Option("--top", "-k", help="How many neighbours to list.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Nearest tokens to a word in the model's token embedding space, by cosine similarity."""
+    from tinygen import embedding, views
+
+    if top < 1:
+        raise TinygenError(f"--top must be at least 1, got {top}")
+    if analogy and len(words) != 3:
+        raise TinygenError(f"--analogy takes three words, A B C for A - B + C; got {len(words)}")
+    net, tok, _ = _load(model, "cpu")
+    if analogy:
+        vector, parts = embedding.analogy(net, tok, *words)
+        queries = [(f"{words[0]} - {words[1]} + {words[2]}", vector, parts)]
+    else:
+        parts = [embedding.word_vector(net, tok, w) for w in words]
+        queries = [(w.word, w.vector, [w]) for w in parts]
+    results = []
+    for name, vector, used in queries:
+        for w in used:
+            if w.note:
+                ui.note(w.note)
+        found = embedding.nearest(net, tok, vector, top, exclude=[i for w in used for i in w.ids])
+        results.append({"query": name, "tokens": {w.word: [tok.label(i) for i in w.ids] for w in used},
+                        "nearest": [{"token": i, "text": tok.label(i), "cosine": round(c, 6)} for i, c in found]})
+    if as_json:
+        ui.write(json.dumps(results if len(results) > 1 else results[0], indent=2, ensure_ascii=False) + "\n")
+        return
+    console = ui.out()
+    for n, r in enumerate(results):
+        if n:
+            console.print()
+        views.neighbours(console, f"nearest to {r['query']} (cosine similarity of token embeddings)",
+                         [(x["text"], x["cosine"]) for x in r["nearest"]])
 
 
 def _parse_duration(text: Optional[str]) -> Optional[float]:

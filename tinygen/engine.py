@@ -77,6 +77,7 @@ def generate(
     batch_size: int | None = None,
     finished: Callable[[int], None] | None = None,
     decoder: StaticDecoder | None = None,
+    observe: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], None] | None = None,
 ) -> Iterator[list[tuple[int, int]]]:
     """Yield, per step, the (row, token) pairs of the rows still generating.
 
@@ -86,7 +87,9 @@ def generate(
     tokens. With batch_size, at most that many rows run at once, and a row that ends hands its
     slot to the next waiting prompt at once (continuous batching), so a long completion never
     holds a batch of short ones hostage. A decoder (compiled.StaticDecoder) takes over the
-    decode steps of a single row.
+    decode steps of a single row. observe(logits, seen, chosen) sees every step's logits (B, V),
+    the repetition-penalty mask (B, V) or None, and the ids sampled from them (B,), stop ids
+    included: what `sample --explain` shows.
     """
     if max_new_tokens <= 0 or not prompts:
         return
@@ -114,6 +117,8 @@ def generate(
 
     while True:
         next_ids = sample_next(logits, params, generator, seen)
+        if observe is not None:
+            observe(logits, seen, next_ids)
         if seen is not None:
             seen[torch.arange(len(rows), device=device), next_ids] = True
         next_list = next_ids.tolist()

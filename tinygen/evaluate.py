@@ -38,18 +38,30 @@ class Score:
                 "tokens": self.tokens, "bytes": self.bytes}
 
 
-@torch.no_grad()
 def score_tokens(model, tokens: np.ndarray | list[int], *, stride: int | None = None, batch_size: int = 8,
                  max_tokens: int | None = None, n_bytes: int = 0, mask: np.ndarray | None = None) -> Score:
     """Score a token stream. stride defaults to half the context; stride == block_size gives
     plain non-overlapping windows (cheaper, what training uses mid-run). With a mask (parallel
     to tokens), only tokens where it is nonzero are scored: a chat model's replies."""
+    tokens = np.asarray(tokens[: max_tokens + 1] if max_tokens else tokens, dtype=np.int64)
+    losses = token_losses(model, tokens, stride=stride, batch_size=batch_size)
+    if mask is not None:
+        keep = np.asarray(mask[1 : len(tokens)]) != 0
+        return Score(float(losses[keep].sum()), int(keep.sum()), n_bytes)
+    return Score(float(losses.sum()), len(losses), n_bytes)
+
+
+@torch.no_grad()
+def token_losses(model, tokens: np.ndarray | list[int], *, stride: int | None = None, batch_size: int = 8) -> np.ndarray:
+    """Each token's negative log-likelihood in nats: entry i is for tokens[i + 1], predicted from
+    the tokens before it (as many as the context holds)."""
     block = model.config.block_size
     stride = stride or max(1, block // 2)
-    tokens = np.asarray(tokens[: max_tokens + 1] if max_tokens else tokens, dtype=np.int64)
+    tokens = np.asarray(tokens, dtype=np.int64)
     n = len(tokens)
+    losses = np.zeros(max(n - 1, 0), dtype=np.float64)
     if n < 2:
-        return Score(0.0, 0, n_bytes)
+        return losses
     device = model.device
     # Window w covers tokens [start, start + block]; it scores targets from `first` on, the ones
     # the previous window did not reach.
@@ -63,23 +75,19 @@ def score_tokens(model, tokens: np.ndarray | list[int], *, stride: int | None = 
             break
     was_training = model.training
     model.eval()
-    nll = 0.0
-    counted = 0
     for i in range(0, len(windows), batch_size):
         group = windows[i : i + batch_size]
         width = max(e - s for s, e, _ in group) - 1
         x = torch.zeros(len(group), width, dtype=torch.long)
         y = torch.full((len(group), width), -1, dtype=torch.long)
-        for row, (s, e, first) in enumerate(group):
+        for row, (s, e, _) in enumerate(group):
             seg = torch.from_numpy(tokens[s:e])
             x[row, : e - s - 1] = seg[:-1]
-            keep = seg[1:].clone()
-            keep[: first - s - 1] = -1  # already scored by an earlier window
-            if mask is not None:
-                keep[torch.from_numpy(np.asarray(mask[s + 1 : e]) == 0)] = -1
-            y[row, : e - s - 1] = keep
+            y[row, : e - s - 1] = seg[1:]
         logits = model(x.to(device))
-        nll += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-1, reduction="sum").item()
-        counted += int((y >= 0).sum())
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-1, reduction="none")
+        nll = nll.view(len(group), width).cpu().double().numpy()
+        for row, (s, e, first) in enumerate(group):
+            losses[first - 1 : e - 1] = nll[row, first - s - 1 : e - s - 1]  # only what earlier windows did not score
     model.train(was_training)
-    return Score(nll, counted, n_bytes)
+    return losses

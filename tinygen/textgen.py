@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from tinygen import engine
 from tinygen.errors import TinygenError
+from tinygen.explain import Step, explain_step
 from tinygen.sampling import SamplingParams
 from tinygen.tokenizer import StopMatcher, StreamDecoder, Tokenizer
 
@@ -59,12 +60,29 @@ class TextGenerator:
             ids = [self.tokenizer.eot_id]
         return ids
 
-    def stream(self, request: Request, result: Completion | None = None) -> Iterator[str]:
-        """Text pieces of one completion as they are generated; fills result as it goes."""
-        return self.stream_ids(self.encode_prompt(request.prompt), request, result)
+    def stream(self, request: Request, result: Completion | None = None, observe=None) -> Iterator[str]:
+        """Text pieces of one completion as they are generated; fills result as it goes.
+        observe is engine.generate's hook on each step's logits."""
+        return self.stream_ids(self.encode_prompt(request.prompt), request, result, observe=observe)
+
+    def explain(self, request: Request, k: int, result: Completion | None = None) -> Iterator[Step]:
+        """One completion as explained steps: each generated token (and the stop token, if one
+        ends it) with the k likeliest candidates before and after the sampling flags."""
+        steps: list[Step] = []
+
+        def observe(logits, seen, chosen):
+            steps.append(explain_step(len(steps), logits[0], request.params, None if seen is None else seen[0],
+                                      int(chosen[0]), k))
+
+        done = 0
+        for _ in self.stream(request, result, observe=observe):
+            # A piece can lag its token (a character split over two tokens), so hand out every step so far.
+            yield from steps[done:]
+            done = len(steps)
+        yield from steps[done:]
 
     def stream_ids(self, ids: list[int], request: Request, result: Completion | None = None,
-                   generator=None, stop_ids: tuple[int, ...] = ()) -> Iterator[str]:
+                   generator=None, stop_ids: tuple[int, ...] = (), observe=None) -> Iterator[str]:
         """Like stream, from prompt ids (a chat turn renders its own); a caller's generator
         carries one random stream across calls, and stop_ids add to the end-of-text stops."""
         result = result if result is not None else Completion()
@@ -75,7 +93,7 @@ class TextGenerator:
         tokens = engine.stream(
             self.model, ids, request.params, request.max_new_tokens,
             stop_ids=tuple(dict.fromkeys(self.stop_ids + stop_ids)), generator=gen, done=lambda _row: stops.stopped,
-            decoder=self.compiled,
+            decoder=self.compiled, observe=observe,
         )
         for token in tokens:
             if result.first_token_seconds is None:

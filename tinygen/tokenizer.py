@@ -73,6 +73,18 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         return self.enc.decode_single_token_bytes(token_id)
 
+    def label(self, token_id: int) -> str:
+        """How one token reads on its own: its text, or its bytes when they are not whole characters
+        (a byte-level BPE splits some characters across tokens)."""
+        for name, sid in self.special.items():
+            if sid == token_id:
+                return name
+        raw = self.token_bytes(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "".join(f"<0x{b:02X}>" for b in raw)
+
     # -- serialisation -------------------------------------------------------------------------
 
     def to_dict(self) -> dict:

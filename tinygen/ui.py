@@ -20,7 +20,7 @@ TOKEN_COLOURS = ("on #3b4261", "on #2d4f67", "on #4f3b61", "on #3d5a3b", "on #5a
 
 
 def out() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    return Console(file=_Stdout(), highlight=False, soft_wrap=True)
 
 
 def err() -> Console:
@@ -29,6 +29,25 @@ def err() -> Console:
 
 class OutputClosed(Exception):
     """stdout's reader has gone (`| head`). Not an OSError, so that Typer lets it through to main."""
+
+
+class _Stdout:
+    """sys.stdout (as it is at each call) for a Rich console, with a closed pipe raised as OutputClosed."""
+
+    def write(self, text: str) -> int:
+        try:
+            return sys.stdout.write(text)
+        except BrokenPipeError:
+            raise OutputClosed from None
+
+    def flush(self) -> None:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise OutputClosed from None
+
+    def __getattr__(self, name):  # isatty, fileno, encoding: what Rich asks to decide on colour and width
+        return getattr(sys.stdout, name)
 
 
 def write(text: str) -> None:
@@ -77,11 +96,8 @@ class TextSink:
         if self.console is None:
             write(text)
             return
-        try:
-            self.console.print(Text(text, style=style), end="")
-            self.console.file.flush()
-        except BrokenPipeError:
-            raise OutputClosed from None
+        self.console.print(Text(text, style=style), end="")
+        self.console.file.flush()
 
     def end(self) -> None:
         self._write("\n", "")
@@ -95,23 +111,11 @@ def stats_line(n_tokens: int, seconds: float, prefill_seconds: float | None = No
     err().print(Text(" · ".join(parts), style="dim"))
 
 
-def token_label(tokenizer: Tokenizer, token_id: int) -> str:
-    """How one token reads on screen: its text, or its bytes when they are not whole characters."""
-    for name, sid in tokenizer.special.items():
-        if sid == token_id:
-            return name
-    raw = tokenizer.token_bytes(token_id)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return "".join(f"<0x{b:02X}>" for b in raw)
-
-
 def show_tokens(tokenizer: Tokenizer, ids: list[int], text: str) -> None:
     """The tokenizer-viewer display: coloured tokens, then their ids, then a count."""
     if not is_tty():
         # In a pipe, one token per line (id, then the token as a JSON string) reads and greps well.
-        write("".join(f"{i}\t{json.dumps(token_label(tokenizer, i), ensure_ascii=False)}\n" for i in ids))
+        write("".join(f"{i}\t{json.dumps(tokenizer.label(i), ensure_ascii=False)}\n" for i in ids))
         err().print(f"{len(ids)} tokens, {len(text)} characters")
         return
     console = out()
@@ -119,7 +123,7 @@ def show_tokens(tokenizer: Tokenizer, ids: list[int], text: str) -> None:
     palette = ("reverse", "") if console.no_color else TOKEN_COLOURS
     line = Text()
     for n, i in enumerate(ids):
-        label = token_label(tokenizer, i).replace("\n", "↵\n")
+        label = tokenizer.label(i).replace("\n", "↵\n")
         style = "bold magenta on #202020" if i in tokenizer.special_ids else palette[n % len(palette)]
         line.append(label, style=style)
     console.print(line)
