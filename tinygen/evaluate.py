@@ -1,8 +1,9 @@
-"""How well a model predicts text: mean loss, perplexity and bits per byte.
+"""How well a model predicts text: each token's loss, and their mean, perplexity and bits per byte.
 
 Text longer than the context is scored in sliding windows: each window overlaps the previous
 one, and only its new tokens are scored, so every token (after the first) is predicted from as
-much context as the model allows. Training computes its validation numbers with this same code.
+much context as the model allows. Training computes its validation numbers with this same code,
+and `tokenize --probs` shows the per-token losses it sums.
 """
 
 from __future__ import annotations

@@ -136,6 +136,9 @@ def shutdown_distributed(d: Dist) -> None:
     if d.world > 1:
         import torch.distributed as dist
 
+        # The other ranks finish the loop while rank 0 still evaluates and saves; tearing down the
+        # group under it can abort a rank inside gloo (seen in CI), so everyone leaves together.
+        dist.barrier()
         dist.destroy_process_group()
 
 
