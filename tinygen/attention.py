@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -102,11 +103,9 @@ def find_word(amap: AttentionMap, tokenizer: Tokenizer, word: str) -> Query:
     target = word.strip().encode()
     if not target:
         raise TinygenError("--token needs a word")
-    starts, pos = [], 0
-    for i in amap.ids:
-        starts.append(pos)
-        pos += len(tokenizer.token_bytes(i))
-    data = b"".join(tokenizer.token_bytes(i) for i in amap.ids)
+    pieces = [tokenizer.token_bytes(i) for i in amap.ids]
+    starts = [0, *accumulate(len(p) for p in pieces)][:-1]  # each token's first byte in the text
+    data = b"".join(pieces)
     esc = re.escape(target)
     for pattern, flags in ((rb"(?<![\w])" + esc + rb"(?![\w])", 0), (esc, 0), (esc, re.IGNORECASE)):
         found = list(re.finditer(pattern, data, flags))

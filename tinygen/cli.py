@@ -193,8 +193,6 @@ def sample(
 
 
 def _explain(gen, request, k: int, jsonl: bool) -> None:
-    from rich.text import Text
-
     from tinygen import views
     from tinygen.textgen import Completion
 
@@ -208,7 +206,10 @@ def _explain(gen, request, k: int, jsonl: bool) -> None:
     result = Completion()
     for step in gen.explain(request, k, result):
         views.next_token_step(console, step, label, width)
-    console.print(Text(request.prompt, style="dim") + Text(result.text, style="bold"))
+    sink = ui.TextSink()  # the text the steps made, as plain sampling shows it
+    sink.prompt(request.prompt)
+    sink.text(result.text)
+    sink.end()
 
 
 def _batch_requests(path: Optional[str], jsonl: bool, base):
@@ -304,6 +305,11 @@ def tokenize(
     if train:
         _train_tokenizer(train, vocab_size, out, separator)
         return
+    if probs and not decode:
+        if tokenizer:
+            raise TinygenError("--probs scores with the model's own tokenizer; drop --tokenizer")
+        _token_probs(model, _text_arg(text))
+        return
     tok = load_tokenizer_source(tokenizer) if tokenizer else load_tokenizer(model)
     text = _text_arg(text)
     if decode:
@@ -315,11 +321,6 @@ def tokenize(
         if bad:
             raise TinygenError(f"token id {bad[0]} is outside this vocabulary (0..{tok.n_vocab - 1})")
         ui.write(tok.decode(token_ids) + "\n")
-        return
-    if probs:
-        if tokenizer:
-            raise TinygenError("--probs scores with the model's own tokenizer; drop --tokenizer")
-        _token_probs(model, text)
         return
     token_ids = tok.encode(text)
     if count:

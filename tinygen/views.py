@@ -135,13 +135,14 @@ def attention_matrix(console: Console, labels: list[str], matrix: torch.Tensor, 
             header[at : at + len(str(j))] = str(j)
             free = at + len(str(j)) + 1
     console.print(Text("".join(header).rstrip(), style="dim"), no_wrap=True, overflow="crop")
+    weights = matrix.tolist()
     for i in range(first, T):
         line = Text.assemble((f"{i:>3} ", "dim"), column(labels[i]) + " ")
         for j in range(first, T):
             if j > i:
                 line.append("  ")
             else:
-                ch = _shade(float(matrix[i, j]))
+                ch = _shade(weights[i][j])
                 line.append(ch * 2, style=HEAT_STYLES[ch])
         console.print(line, no_wrap=True, overflow="crop")
     legend = "  ".join(f"{ch} ≥{at:.0%}" for at, ch in SHADES[:-1])
