@@ -8,8 +8,8 @@ test_explicit_attention_matches_sdpa; this file checks what the command builds o
 from __future__ import annotations
 
 import io
-import os
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,12 +17,12 @@ import torch
 from rich.cells import cell_len
 from rich.console import Console
 
-from tinygen import views
-from tinygen.attention import AttentionMap, attention_map, find_word, query_at
-from tinygen.checkpoint import load_model
+from tinygen.cli import views
+from tinygen.core.checkpoint import load_model
 from tinygen.errors import TinygenError
+from tinygen.inspect.attention import AttentionMap, attention_map, find_word, query_at
 
-from test_cli import assert_ok, assert_one_line_error, clean_env, cli  # noqa: F401  (cli is a fixture)
+from conftest import assert_ok, assert_one_line_error, clean_env
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 BUNDLED = Path(__file__).resolve().parents[1] / "weights" / "stories.safetensors"

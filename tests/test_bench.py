@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from tinygen.config import ModelConfig
-from tinygen.engine import generate_batch
-from tinygen.sampling import SamplingParams
+from tinygen.core.config import ModelConfig
+from tinygen.generate.engine import generate_batch
+from tinygen.generate.sampling import SamplingParams
 
 from conftest import make_model
 
@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 def test_reference_models_compute_the_same_function(arch):
     """The rope family equals Llama (rotate-half rotary, RMSNorm, SwiGLU) and gpt2 equals GPT-2,
     which checks our architecture against an independent implementation."""
-    from tinygen.reference import hf_greedy, to_transformers
+    from tinygen.bench.reference import hf_greedy, to_transformers
 
     model = make_model(ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=300, arch=arch), scale=3.0)
     hf = to_transformers(model)

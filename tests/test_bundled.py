@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tinygen.checkpoint import DEFAULT_CHAT_MODEL, default_model_path, load_tokenizer, read_info
+from tinygen.core.checkpoint import DEFAULT_CHAT_MODEL, default_model_path, load_tokenizer, read_info
 
 BUNDLED = default_model_path()
 pytestmark = pytest.mark.skipif(not BUNDLED.exists(), reason="no bundled model in weights/")

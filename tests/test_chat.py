@@ -12,20 +12,27 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import STORY_LINES, make_model
-from test_cli import assert_ok, clean_env, run_real
 
-from tinygen.chat import ChatSession
-from tinygen.chatdata import (dolly, encode_conversations, mixed, read_conversations, story_request, to_jsonl,
-                              topical_chat)
-from tinygen.checkpoint import load_model, save_checkpoint
-from tinygen.config import ModelConfig
+from tinygen.core.checkpoint import load_model, save_checkpoint
+from tinygen.core.config import ModelConfig
+from tinygen.core.evaluate import score_tokens
+from tinygen.core.template import PLAIN, SPECIAL, Renderer, template_for, with_chat_template
+from tinygen.core.tokenizer import EOT, Tokenizer
 from tinygen.errors import TinygenError
-from tinygen.evaluate import score_tokens
-from tinygen.sampling import SamplingParams
-from tinygen.template import PLAIN, SPECIAL, Renderer, template_for, with_chat_template
-from tinygen.tokenizer import EOT, Tokenizer
-from tinygen.train import get_batch
+from tinygen.generate.chat import ChatSession
+from tinygen.generate.sampling import SamplingParams
+from tinygen.training.chatdata import (
+    dolly,
+    encode_conversations,
+    mixed,
+    read_conversations,
+    story_request,
+    to_jsonl,
+    topical_chat,
+)
+from tinygen.training.loop import get_batch
+
+from conftest import STORY_LINES, assert_ok, clean_env, make_model, run_real
 
 CONV = [
     {"role": "system", "content": "You are kind."},
@@ -34,24 +41,6 @@ CONV = [
     {"role": "user", "content": "Tell me a story."},
     {"role": "assistant", "content": "Once upon a time, there was a dog."},
 ]
-
-
-@pytest.fixture(scope="module")
-def chat_tokenizer(tokenizer):
-    tok, added = with_chat_template(tokenizer)
-    assert added == 0  # tinygen tokenizers reserve the chat tokens from the start
-    return tok
-
-
-@pytest.fixture(scope="module")
-def chat_model_path(tmp_path_factory, chat_tokenizer):
-    config = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=chat_tokenizer.n_vocab)
-    path = tmp_path_factory.mktemp("chat") / "chat.safetensors"
-    model = make_model(config, seed=3, scale=3.0)
-    with torch.no_grad():  # zero rows give special tokens a logit of 0, far below the top: replies never end early
-        model.transformer.wte.weight[sorted(chat_tokenizer.special_ids)] = 0
-    save_checkpoint(path, model, chat_tokenizer, {"data": "random weights (test)"})
-    return path
 
 
 # -- the template ---------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import termios
 import time
 
 import pytest
-from test_chat import chat_model_path, chat_tokenizer  # noqa: F401  (fixtures)
 
 
 def _own_terminal() -> None:

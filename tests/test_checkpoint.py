@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from tinygen.checkpoint import load_model, load_tokenizer, read_info, save_checkpoint
-from tinygen.engine import generate_batch
+from tinygen.core.checkpoint import load_model, load_tokenizer, read_info, save_checkpoint
 from tinygen.errors import TinygenError
-from tinygen.sampling import SamplingParams
+from tinygen.generate.engine import generate_batch
+from tinygen.generate.sampling import SamplingParams
 
 from conftest import make_model
 

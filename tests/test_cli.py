@@ -3,13 +3,7 @@
 The checks run the CLI in real processes, so they see what a user sees: which bytes reach stdout
 and which reach stderr, the exit code, and whether a traceback escapes.
 
-Starting Python and importing torch costs about 2 s per process, so most `sample` cases go
-through a small fork server. One process imports torch and tinygen once. For each case it forks
-a fresh child and runs `tinygen.cli.main()` there, with the case's argv, environment and stdin,
-and with fds 0, 1 and 2 on the case's own files. Each child is a real process with real file
-descriptors and a real exit status; only interpreter start-up is shared.
-
-Checks that depend on interpreter start-up or shutdown run `python -m tinygen` itself: plain
+Most cases go through conftest's fork server (the `cli` fixture). Checks that depend on interpreter start-up or shutdown run `python -m tinygen` itself: plain
 sampling in a pipe, a broken pipe, `--version`/`--help`, TINYGEN_MODEL, and the import-time
 checks. `test_sampling_is_reproducible` also checks that the fork server gives the same bytes as
 `python -m tinygen`.
@@ -17,17 +11,13 @@ checks. `test_sampling_is_reproducible` also checks that the fork server gives t
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import random
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,179 +25,9 @@ import torch
 
 from tinygen import __version__
 
+from conftest import Run, assert_ok, assert_one_line_error, clean_env, run_real, stats_tokens
+
 PROMPT = "Once upon a time"
-
-# Environment variables that would change what the CLI does or how it looks.
-_DROP_ENV = ("TINYGEN_MODEL", "TINYGEN_STATS", "PYTHONUNBUFFERED", "FORCE_COLOR", "CLICOLOR_FORCE", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV}
-    env["NO_COLOR"] = "1"
-    env.update(extra)
-    return env
-
-
-@dataclass
-class Run:
-    rc: int
-    raw: bytes  # stdout as bytes
-    err: str
-
-    @property
-    def out(self) -> str:
-        return self.raw.decode("utf-8")  # strict: stdout must always be valid UTF-8
-
-    @property
-    def text(self) -> str:
-        """The one completion printed by `sample`, without the newline that ends it."""
-        assert self.rc == 0, f"exit {self.rc}, stderr: {self.err!r}"
-        assert self.out.endswith("\n"), self.out
-        return self.out[:-1]
-
-
-def run_real(*args, input: bytes | str | None = None, env: dict | None = None, timeout: float = 120) -> Run:
-    """`python -m tinygen ARGS` in a fresh process; stdin is /dev/null unless input is given."""
-    kw = {"stdin": subprocess.DEVNULL} if input is None else {"input": input.encode() if isinstance(input, str) else input}
-    p = subprocess.run([sys.executable, "-m", "tinygen", *map(str, args)], capture_output=True,
-                       env=env or clean_env(), timeout=timeout, **kw)
-    return Run(p.returncode, p.stdout, p.stderr.decode("utf-8", "replace"))
-
-
-_FORK_SERVER = r"""
-import base64, json, os, signal, sys, tempfile, traceback
-
-# Keep the protocol on fds of its own; fds 0 and 1 become /dev/null so that the server never
-# buffers anything in sys.stdin or sys.stdout that a child could inherit.
-proto_in = os.fdopen(os.dup(0), "rb")
-proto_out = os.fdopen(os.dup(1), "w")
-devnull = os.open(os.devnull, os.O_RDWR)
-os.dup2(devnull, 0)
-os.dup2(devnull, 1)
-
-import torch  # noqa: F401  (the expensive import, paid once; no torch op runs before a fork)
-import tinygen.checkpoint, tinygen.engine, tinygen.model, tinygen.sampling, tinygen.textgen  # noqa: F401
-from tinygen.cli import main
-
-work = tempfile.mkdtemp(prefix="tinygen-fork-")
-out_path, err_path, in_path = (os.path.join(work, n) for n in ("out", "err", "in"))
-for line in proto_in:
-    case = json.loads(line)
-    if case["stdin"] is not None:
-        with open(in_path, "wb") as f:
-            f.write(base64.b64decode(case["stdin"]))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            signal.alarm(case["timeout"])
-            fd_in = os.open(in_path if case["stdin"] is not None else os.devnull, os.O_RDONLY)
-            fd_out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            fd_err = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.dup2(fd_in, 0)
-            os.dup2(fd_out, 1)
-            os.dup2(fd_err, 2)
-            os.environ.clear()
-            os.environ.update(case["env"])
-            sys.argv = ["tinygen", *case["argv"]]
-            try:
-                main()
-                code = 0
-            except SystemExit as e:  # what the interpreter would do with it
-                if e.code is None or isinstance(e.code, int):
-                    code = e.code or 0
-                else:
-                    print(e.code, file=sys.stderr)
-                    code = 1
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-            try:
-                sys.stdout.flush()
-            except BaseException:
-                traceback.print_exc()
-                code = code or 120
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    with open(out_path, "rb") as f:
-        out = f.read()
-    with open(err_path, "rb") as f:
-        err = f.read()
-    result = {"rc": os.waitstatus_to_exitcode(status), "stdout": base64.b64encode(out).decode(),
-              "stderr": base64.b64encode(err).decode()}
-    proto_out.write(json.dumps(result) + "\n")
-    proto_out.flush()
-"""
-
-
-class ForkServer:
-    def __init__(self) -> None:
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, env=clean_env())
-
-    def __call__(self, *args, input: bytes | str | None = None, env: dict | None = None, timeout: int = 60) -> Run:
-        """Like run_real, in a child forked from the server."""
-        if isinstance(input, str):
-            input = input.encode()
-        case = {"argv": [str(a) for a in args], "env": env or clean_env(), "timeout": timeout,
-                "stdin": None if input is None else base64.b64encode(input).decode()}
-        self.proc.stdin.write((json.dumps(case) + "\n").encode())
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            self.log.seek(0)
-            raise RuntimeError(f"fork server died: {self.log.read().decode(errors='replace')}")
-        r = json.loads(line)
-        return Run(r["rc"], base64.b64decode(r["stdout"]), base64.b64decode(r["stderr"]).decode("utf-8", "replace"))
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
-@pytest.fixture(scope="module")
-def cli():
-    server = ForkServer()
-    yield server
-    server.close()
-
-
-def assert_ok(r: Run) -> None:
-    __tracebackhide__ = True
-    assert r.rc == 0, f"exit {r.rc}, stderr: {r.err!r}"
-    assert "Traceback" not in r.err, r.err
-    assert "\x1b" not in r.out and "\x1b" not in r.err, "ANSI escapes in a pipe"
-
-
-def assert_one_line_error(r: Run, *needles: str, rc: int = 1) -> None:
-    """Exit code rc, nothing on stdout, and exactly one `error: ...` line on stderr."""
-    __tracebackhide__ = True
-    assert r.rc == rc, f"exit {r.rc}, stderr: {r.err!r}"
-    assert r.raw == b"", f"stdout should be empty on error, got {r.raw!r}"
-    assert "Traceback" not in r.err, r.err
-    lines = r.err.splitlines()
-    assert len(lines) == 1, f"want one line on stderr, got {r.err!r}"
-    assert lines[0].startswith("error: "), lines[0]
-    for needle in needles:
-        assert needle.lower() in lines[0].lower(), f"{needle!r} not in {lines[0]!r}"
-
-
-def stats_tokens(r: Run) -> int:
-    """The token count of the TINYGEN_STATS line on stderr."""
-    m = re.search(r"^(\d+) tokens", r.err, re.M)
-    assert m, f"no stats line in {r.err!r}"
-    return int(m.group(1))
-
 
 # -- sample: plain output, determinism, stdin, stop, lengths --------------------------------------
 
@@ -576,7 +396,7 @@ def test_tokenize_and_info_do_not_import_torch(model_path, tokenizer, argv, show
     argv = [a.format(model=model_path) for a in argv]
     code = (
         "import sys\n"
-        "from tinygen.cli import main\n"
+        "from tinygen.cli.app import main\n"
         f"sys.argv = ['tinygen', *{argv!r}]\n"
         "try:\n"
         "    main()\n"
@@ -600,8 +420,8 @@ def test_tokenize_and_info_do_not_import_torch(model_path, tokenizer, argv, show
 
 
 def _param_count(config: dict) -> int:
-    from tinygen.config import ModelConfig
-    from tinygen.model import GPT
+    from tinygen.core.config import ModelConfig
+    from tinygen.core.model import GPT
 
     with torch.device("meta"):
         return sum(p.numel() for p in GPT(ModelConfig(**config)).parameters())

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tinygen.checkpoint import load_model, save_checkpoint
-from tinygen.embedding import analogy, nearest, word_vector
+from tinygen.core.checkpoint import load_model, save_checkpoint
 from tinygen.errors import TinygenError
+from tinygen.inspect.embedding import analogy, nearest, word_vector
 
-from test_cli import assert_ok, assert_one_line_error, cli  # noqa: F401  (cli is a fixture)
+from conftest import assert_ok, assert_one_line_error
 
 BUNDLED = Path(__file__).resolve().parents[1] / "weights" / "stories.safetensors"
 

@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from tinygen.config import ModelConfig
-from tinygen.engine import generate, generate_batch, naive_generate, stream, window_keep
-from tinygen.sampling import SamplingParams
+from tinygen.core.config import ModelConfig
+from tinygen.generate.engine import generate, generate_batch, naive_generate, stream, window_keep
+from tinygen.generate.sampling import SamplingParams
 
 from conftest import make_model
 
@@ -138,9 +138,9 @@ def test_continuous_batching_refills_slots_and_matches_unbatched(model):
 @pytest.fixture
 def split_everything(monkeypatch):
     """Send every decode matmul through decode_linear's split product, on two threads."""
-    import tinygen.model
+    import tinygen.core.model
 
-    monkeypatch.setattr(tinygen.model, "SPLIT_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(tinygen.core.model, "SPLIT_MIN_WEIGHTS", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
@@ -148,7 +148,7 @@ def split_everything(monkeypatch):
 
 
 def test_split_decode_matmul_equals_linear(split_everything):
-    from tinygen.model import decode_linear
+    from tinygen.core.model import decode_linear
 
     torch.manual_seed(4)
     for rows, n, bias in ((1, 97, True), (3, 64, False), (4, 33, True), (6, 10, True)):  # 6 rows: plain path
@@ -165,7 +165,7 @@ def test_split_decode_path_keeps_greedy_output(model, split_everything):
 
 
 def _static_greedy_matches(model, compile: bool):
-    from tinygen.compiled import StaticDecoder
+    from tinygen.generate.compiled import StaticDecoder
 
     decoder = StaticDecoder(model, compile=compile)
     torch.manual_seed(6)
@@ -198,7 +198,7 @@ def test_compiled_static_decoder_equals_the_dynamic_path(model, tmp_path, monkey
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decoder_matches_eager_bf16():
-    from tinygen.compiled import StaticDecoder
+    from tinygen.generate.compiled import StaticDecoder
 
     config = ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=97)
     model = make_model(config, scale=3.0).to("cuda", torch.bfloat16)

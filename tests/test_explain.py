@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from tinygen.checkpoint import load_model
-from tinygen.evaluate import score_tokens
-from tinygen.explain import surprisal
-from tinygen.sampling import SamplingParams
-from tinygen.textgen import Completion, Request, TextGenerator
+from tinygen.core.checkpoint import load_model
+from tinygen.core.evaluate import score_tokens
+from tinygen.generate.sampling import SamplingParams
+from tinygen.generate.textgen import Completion, Request, TextGenerator
+from tinygen.inspect.explain import explain, surprisal
 
-from test_cli import assert_ok, assert_one_line_error, cli  # noqa: F401  (cli is a fixture)
+from conftest import assert_ok, assert_one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_explained_distribution_is_the_one_sampled_from(loaded, params):
     gen = TextGenerator(model, tok)
     request = Request("Spot liked to", params, max_new_tokens=12, seed=7)
     result = Completion()
-    steps = list(gen.explain(request, k=tok.n_vocab, result=result))
+    steps = list(explain(gen, request, k=tok.n_vocab, result=result))
     assert len(steps) >= result.tokens >= 1
     replay = torch.Generator().manual_seed(7)
     ids = tok.encode("Spot liked to")
@@ -61,7 +61,7 @@ def test_explained_distribution_is_the_one_sampled_from(loaded, params):
 def test_candidates_are_the_likeliest_and_include_the_drawn_token(loaded):
     model, tok = loaded
     gen = TextGenerator(model, tok)
-    for step in gen.explain(Request("The sun", SamplingParams(temperature=2.0), max_new_tokens=6, seed=3), k=3):
+    for step in explain(gen, Request("The sun", SamplingParams(temperature=2.0), max_new_tokens=6, seed=3), k=3):
         assert len(step.candidates) in (3, 4) and step.chosen in [c.token for c in step.candidates]
         assert abs(step.entropy_bits) < math.log2(tok.n_vocab) + 1e-6
 

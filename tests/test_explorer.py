@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinygen.explorer import SCALE, render_html, write_html
+from tinygen.cli.explorer import SCALE, render_html, write_html
 
-from test_cli import run_real
+from conftest import run_real
 
 BUNDLED = Path(__file__).resolve().parents[1] / "weights" / "stories.safetensors"
 
@@ -72,7 +72,7 @@ def test_data_round_trips_within_rounding():
 
 def test_token_text_cannot_close_the_script():
     html = render_html(synthetic())
-    template = files("tinygen").joinpath("explorer.html").read_text(encoding="utf-8")
+    template = files("tinygen.cli").joinpath("explorer.html").read_text(encoding="utf-8")
     assert html.count("</script") == template.count("</script")
     assert html.count("<!--") == template.count("<!--")
     assert data_block(html)["tokens"] == TOKENS

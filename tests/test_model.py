@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from tinygen.config import ModelConfig
+from tinygen.core.config import ModelConfig
+from tinygen.core.model import GPT
 from tinygen.errors import TinygenError
-from tinygen.model import GPT
 
 from conftest import make_model
 

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from tinygen.config import ModelConfig
+from tinygen.core.config import ModelConfig
 from tinygen.errors import TinygenError
-from tinygen.quantize import Int8Linear, quantize
+from tinygen.generate.quantize import Int8Linear, quantize
 
 from conftest import STORY_LINES, make_model
 

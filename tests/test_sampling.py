@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinygen.errors import TinygenError
-from tinygen.sampling import SamplingParams, logits_to_probs, sample_next
+from tinygen.generate.sampling import SamplingParams, logits_to_probs, sample_next
 
 
 def test_greedy_is_argmax():

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tinygen.core.tokenizer import CHAT_TOKENS, EOT, StopMatcher, StreamDecoder, Tokenizer
 from tinygen.errors import TinygenError
-from tinygen.tokenizer import CHAT_TOKENS, EOT, StopMatcher, StreamDecoder, Tokenizer
 
 from conftest import GPT2_TOKENIZER, STORY_LINES
 

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from tinygen import data as data_lib
-from tinygen.checkpoint import load_model, save_checkpoint
-from tinygen.config import ModelConfig
+from tinygen.core.checkpoint import load_model, save_checkpoint
+from tinygen.core.config import ModelConfig
+from tinygen.core.evaluate import score_tokens
+from tinygen.core.model import GPT
 from tinygen.errors import TinygenError
-from tinygen.evaluate import score_tokens
-from tinygen.model import GPT
-from tinygen.train import Eval, Saved, Start, Step, TrainSettings, train
+from tinygen.training import data as data_lib
+from tinygen.training.loop import Eval, Saved, Start, Step, TrainSettings, train
 
 from conftest import STORY_LINES, make_model
 

@@ -12,7 +12,6 @@ import sys
 
 import pytest
 
-
 # An SGR escape that sets a foreground or background colour (30-49, 90-107, 38;... and 48;...).
 COLOUR = re.compile(r"\x1b\[(?:[0-9;]*;)?(?:3[0-9]|4[0-9]|9[0-7]|10[0-7])(?:;[0-9;]*)?m")
 

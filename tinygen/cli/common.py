@@ -1,0 +1,55 @@
+"""What several commands do the same way: read text from an argument or stdin, and load a model
+onto the device and dtype the flags name."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from tinygen.cli import ui
+from tinygen.errors import TinygenError
+
+
+def read_stdin() -> str:
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TinygenError(f"stdin is not valid UTF-8 (byte {e.start}); convert it first, e.g. with iconv") from e
+
+
+def text_arg(text: Optional[str]) -> str:
+    """TEXT from the argument, or from stdin when it is `-` or omitted and stdin is piped."""
+    if text is not None and text != "-":
+        return text
+    if text == "-" or not sys.stdin.isatty():
+        return read_stdin().rstrip("\r\n")
+    return ""
+
+
+def load_model(model: Optional[str], device: str, dtype: str = "auto", quantize: Optional[str] = None):
+    """(model, tokenizer, info) on the device and in the dtype the flags name, quantised if asked."""
+    from tinygen.core import checkpoint
+    from tinygen.core.device import inference_dtype, resolve_device
+
+    dev = resolve_device(device)
+    net, tokenizer, info = checkpoint.load_model(model, device=dev, dtype=inference_dtype(dev, dtype))
+    if quantize is not None:
+        from tinygen.generate.quantize import quantize as quantize_model
+
+        quantize_model(net, quantize)
+    return net, tokenizer, info
+
+
+def compiled_decoder(net, compile: bool):
+    """The compiled batch-1 decode step, compiled now so that its cost shows up front, or None."""
+    if not compile:
+        return None
+    from tinygen.generate.compiled import StaticDecoder, cache_dir
+
+    if net.device.type == "cpu":
+        ui.warn("--compile pays off on a GPU; on a CPU the plain decode step is as fast")
+    decoder = StaticDecoder(net)
+    ui.note(f"compiling the decode step (cached in {cache_dir()})…")
+    ui.note(f"ready in {decoder.warm_up():.1f} s")
+    return decoder

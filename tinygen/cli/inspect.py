@@ -1,0 +1,125 @@
+"""`tinygen attention` and `tinygen embed`: what a model attends to, and where it puts words."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tinygen.cli import ui
+from tinygen.cli.common import load_model, text_arg
+from tinygen.cli.options import DeviceOpt, ModelOpt
+from tinygen.errors import TinygenError
+
+
+def attention(
+    text: Annotated[Optional[str], typer.Argument(help="Text to look at; `-` or piped stdin reads stdin.",
+                                                  show_default=False)] = None,
+    model: ModelOpt = None,
+    token: Annotated[Optional[str], typer.Option("--token", "-w", help="The query: a word of the text (its last "
+                                                 "token, if it has several). Default: the last token.",
+                                                 show_default=False)] = None,
+    position: Annotated[Optional[int], typer.Option(help="The query by token index (negative counts from the end).",
+                                                    show_default=False)] = None,
+    layer: Annotated[Optional[int], typer.Option("--layer", "-l", help="Layer, from 0 (negative counts from the "
+                                                 "end). Default: the last.", show_default=False)] = None,
+    head: Annotated[Optional[int], typer.Option("--head", help="One head, from 0. Default: the mean of the layer's "
+                                                "heads.", show_default=False)] = None,
+    all_heads: Annotated[bool, typer.Option("--all", help="Every layer x head at once, as a grid of small bars.")] = False,
+    matrix: Annotated[bool, typer.Option("--matrix", help="The whole token x token map of one layer/head as a "
+                                         "heatmap.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Every weight (layers x heads x tokens x tokens) and the "
+                                          "tokens, as JSON.")] = False,
+    html: Annotated[Optional[Path], typer.Option("--html", help="Write a standalone explorer page (one file, works "
+                                                 "offline) to open in a browser.", show_default=False)] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Show which earlier tokens a token attends to, in each layer and head."""
+    from tinygen.cli import views
+    from tinygen.inspect.attention import attention_map, find_word, query_at
+
+    if token is not None and position is not None:
+        raise TinygenError("give --token or --position, not both")
+    if sum((all_heads, matrix, as_json, html is not None)) > 1:
+        raise TinygenError("pick one of --all, --matrix, --json and --html")
+    if all_heads and (layer is not None or head is not None):
+        raise TinygenError("--all shows every layer and head; drop --layer/--head")
+    text = text_arg(text)
+    net, tok, meta = load_model(model, device)
+    amap = attention_map(net, tok, tok.encode(text))
+    if amap.dropped:
+        ui.warn(f"the text has {len(amap.ids) + amap.dropped} tokens, more than the model's context; "
+                f"looking at the last {len(amap.ids)}")
+    query = find_word(amap, tok, token) if token is not None else query_at(amap, position)
+    if query.note:
+        ui.note(query.note)
+    layer_i = amap.layer_index(layer)
+    head_i = None if head is None else amap.head_index(head)
+    if as_json:
+        ui.write(json.dumps(amap.to_dict(meta.path.name, text, query.position), ensure_ascii=False) + "\n")
+        return
+    if html is not None:
+        from tinygen.cli.explorer import write_html
+
+        # The page opens on the view the flags name; every layer and head is in it either way.
+        page = {**amap.to_dict(meta.path.name, text, query.position, decimals=None), "layer": layer_i, "head": head_i}
+        write_html(html, page)
+        ui.note(f"wrote {html}: open it in a browser")
+        return
+    q = query.position
+    where = f"layer {layer_i} of 0–{amap.n_layer - 1}, " + (f"head {head_i}" if head_i is not None
+                                                        else f"mean of its {amap.n_head} heads")
+    console = ui.out()
+    if all_heads:
+        views.attention_grid(console, amap.labels, amap.weights, q,
+                             f"attention from {views.visible(amap.labels[q])!r} (token {q}), every layer and head")
+    elif matrix:
+        views.attention_matrix(console, amap.labels, amap.matrix(layer_i, head_i), f"attention map, {where}")
+    else:
+        views.attention_bars(console, amap.labels, amap.matrix(layer_i, head_i)[q], q,
+                             f"attention from {views.visible(amap.labels[q])!r} (token {q}), {where}")
+
+
+def embed(
+    words: Annotated[list[str], typer.Argument(help="Words to look up; with --analogy, three: A B C for A - B + C.",
+                                               show_default=False)],
+    model: ModelOpt = None,
+    analogy: Annotated[bool, typer.Option("--analogy", help="Nearest tokens to A - B + C (king man woman: "
+                                          "king - man + woman).")] = False,
+    top: Annotated[int, typer.Option("--top", "-k", help="How many neighbours to list.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Nearest tokens to a word in the model's token embedding space, by cosine similarity."""
+    from tinygen.cli import views
+    from tinygen.inspect import embedding
+
+    if top < 1:
+        raise TinygenError(f"--top must be at least 1, got {top}")
+    if analogy and len(words) != 3:
+        raise TinygenError(f"--analogy takes three words, A B C for A - B + C; got {len(words)}")
+    net, tok, _ = load_model(model, "cpu")
+    if analogy:
+        vector, parts = embedding.analogy(net, tok, *words)
+        queries = [(f"{words[0]} - {words[1]} + {words[2]}", vector, parts)]
+    else:
+        parts = [embedding.word_vector(net, tok, w) for w in words]
+        queries = [(w.word, w.vector, [w]) for w in parts]
+    results = []
+    for name, vector, used in queries:
+        for w in used:
+            if w.note:
+                ui.note(w.note)
+        found = embedding.nearest(net, tok, vector, top, exclude=[i for w in used for i in w.ids])
+        results.append({"query": name, "tokens": {w.word: [tok.label(i) for i in w.ids] for w in used},
+                        "nearest": [{"token": i, "text": tok.label(i), "cosine": round(c, 6)} for i, c in found]})
+    if as_json:
+        ui.write(json.dumps(results if len(results) > 1 else results[0], indent=2, ensure_ascii=False) + "\n")
+        return
+    console = ui.out()
+    for n, r in enumerate(results):
+        if n:
+            console.print()
+        views.neighbours(console, f"nearest to {r['query']} (cosine similarity of token embeddings)",
+                         [(x["text"], x["cosine"]) for x in r["nearest"]])

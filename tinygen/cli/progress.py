@@ -1,0 +1,145 @@
+"""What `tinygen train` shows on stderr while it works, and the metrics it leaves behind.
+
+On a terminal: a live bar (step, loss, val loss, tokens/s, MFU on GPU, ETA), an eval line with a
+short sample at each evaluation, and a loss chart at the end. In a pipe or log file: one plain
+line per step interval instead of the live bar. Metrics also go to `<out>.metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from tinygen.core.tokenizer import Tokenizer
+from tinygen.training.loop import Eval, Saved, Start, Step
+
+
+class TrainDisplay:
+    def __init__(self, console: Console, tokenizer: Tokenizer, out: Path, log_every: int = 10):
+        self.console = console
+        self.tokenizer = tokenizer
+        self.metrics_path = out.with_name(out.name + ".metrics.jsonl")
+        self.log_every = log_every
+        self.val_loss: float | None = None
+        self.losses: list[tuple[int, float]] = []
+        self.val_losses: list[tuple[int, float]] = []
+        self.progress: Progress | None = None
+        self.task = None
+
+    def __enter__(self):
+        if self.console.is_terminal:
+            self.progress = Progress(
+                TextColumn("[bold]step {task.fields[step]}"), BarColumn(),
+                TextColumn("{task.percentage:>3.0f}%"),
+                TextColumn("loss [cyan]{task.fields[loss]}[/] val [magenta]{task.fields[val]}[/] "
+                           "{task.fields[tps]} tok/s{task.fields[mfu]}"),
+                TimeRemainingColumn(), console=self.console, transient=False,
+            )
+            self.progress.__enter__()
+            self.task = self.progress.add_task("train", total=1.0, step=0, loss="-", val="-", tps="-", mfu="")
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+        return False
+
+    def _start(self, ev: Start) -> None:
+        if ev.resumed_step == 0:
+            self.metrics_path.unlink(missing_ok=True)
+        elif self.metrics_path.exists():
+            # Resuming from an earlier save: forget metrics logged after it.
+            rows = [r for r in _read_jsonl(self.metrics_path) if r.get("step", 0) <= ev.resumed_step]
+            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            self.losses = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+            self.val_losses = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+        self.console.print(
+            f"[dim]{ev.params / 1e6:.2f}M parameters · {ev.tokens_per_step:,} tokens/step "
+            f"({ev.accum_steps} accumulation step{'s' if ev.accum_steps > 1 else ''}, {ev.world_size} process"
+            f"{'es' if ev.world_size > 1 else ''}) · {ev.train_tokens:,} train / {ev.val_tokens:,} val tokens · "
+            f"{ev.device}{f' · resuming at step {ev.resumed_step}' if ev.resumed_step else ''}[/dim]"
+        )
+
+    def handle(self, ev) -> None:
+        if isinstance(ev, Start):
+            self._start(ev)
+        elif isinstance(ev, Step):
+            self._step(ev)
+        elif isinstance(ev, Eval):
+            self._eval(ev)
+        elif isinstance(ev, Saved):
+            if ev.reason != "eval":
+                self.console.print(f"[green]saved[/green] {ev.path} at step {ev.step} ({ev.reason})")
+
+    def _step(self, ev: Step) -> None:
+        self.losses.append((ev.step, ev.loss))
+        self._log({"step": ev.step, "train_loss": ev.loss, "lr": ev.lr, "tokens": ev.tokens_seen,
+                   "tokens_per_s": round(ev.tokens_per_s, 1), "mfu": ev.mfu, "time": round(ev.elapsed, 2)})
+        val = f"{self.val_loss:.3f}" if self.val_loss is not None else "-"
+        mfu = f" · MFU {ev.mfu:.0%}" if ev.mfu is not None else ""
+        if self.progress is not None:
+            self.progress.update(self.task, completed=ev.progress, step=ev.step, loss=f"{ev.loss:.3f}", val=val,
+                                 tps=f"{ev.tokens_per_s:,.0f}", mfu=mfu)
+        elif ev.step % self.log_every == 0:
+            self.console.print(f"step {ev.step} · loss {ev.loss:.4f} · val {val} · lr {ev.lr:.2e} · "
+                               f"{ev.tokens_per_s:,.0f} tok/s{mfu} · {ev.progress:.0%}", highlight=False)
+
+    def _eval(self, ev: Eval) -> None:
+        self.val_loss = ev.val_loss
+        if ev.val_loss is not None:
+            self.val_losses.append((ev.step, ev.val_loss))
+            self._log({"step": ev.step, "val_loss": ev.val_loss, "val_bpb": ev.val_bpb})
+        line = Text(f"eval @ {ev.step}: ", style="bold magenta")
+        if ev.val_loss is not None:
+            line.append(f"val loss {ev.val_loss:.4f}" + (f", {ev.val_bpb:.3f} bits/byte" if ev.val_bpb else ""))
+        if ev.sample:
+            text = self.tokenizer.decode(ev.sample).strip().replace("\n", " ")
+            line.append("\n  ")
+            line.append(text[:200] + ("…" if len(text) > 200 else ""), style="italic")
+        self.console.print(line)
+
+    def _log(self, row: dict) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def finish(self) -> None:
+        if len(self.losses) >= 2:
+            self.console.print(loss_chart(self.losses, self.val_losses))
+        self.console.print(f"[dim]metrics: {self.metrics_path}[/dim]")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def loss_chart(train: list[tuple[int, float]], val: list[tuple[int, float]], width: int = 60, height: int = 12) -> Text:
+    """A terminal plot of loss against step: train as dots, validation as diamonds."""
+    points = train + val
+    lo, hi = min(v for _, v in points), max(v for _, v in points)
+    last_step = max(s for s, _ in points)
+    span = (hi - lo) or 1.0
+    grid = [[" "] * width for _ in range(height)]
+
+    def place(step: int, value: float, mark: str) -> None:
+        col = min(width - 1, int((step / max(last_step, 1)) * (width - 1)))
+        row = min(height - 1, int((hi - value) / span * (height - 1)))
+        grid[row][col] = mark
+
+    for s, v in train:
+        place(s, v, "·")
+    for s, v in val:
+        place(s, v, "◆")
+    out = Text("loss (· train, ◆ val)\n", style="bold")
+    for i, row in enumerate(grid):
+        label = hi - span * i / (height - 1)
+        out.append(f"{label:7.3f} │", style="dim")
+        for ch in row:
+            out.append(ch, style="magenta" if ch == "◆" else "cyan")
+        out.append("\n")
+    out.append(" " * 8 + "└" + "─" * width + "\n", style="dim")
+    out.append(" " * 9 + "step 0" + f"step {last_step}".rjust(width - 6), style="dim")
+    return out

@@ -1,0 +1,243 @@
+"""The `tinygen chat` front end: an interactive REPL on a terminal, a line protocol in pipes.
+
+Line editing is GNU readline, through Python's standard `readline` module: arrow keys, history
+(saved across sessions), Ctrl-R search, the user's own ~/.inputrc, and bracketed paste (a pasted
+block arrives as one message), with no extra dependency and no start-up cost. prompt_toolkit
+would add a full-screen-capable editor we do not need.
+
+Replies go to stdout; banners, notices, stats and command output go to stderr, so that
+`tinygen chat < questions.txt > answers.txt` captures only the model's words.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from rich.text import Text
+
+from tinygen.cli import ui
+from tinygen.errors import TinygenError
+from tinygen.generate.chat import SETTINGS, ChatSession
+
+HELP = [
+    ("/help", "this list"),
+    ("/reset", "forget the conversation (the system prompt stays)"),
+    ("/system [TEXT]", "set the system prompt; bare shows it, `/system off` clears it"),
+    ("/set [NAME VALUE]", f"change a setting ({', '.join(SETTINGS)}); bare shows them"),
+    ("/undo", "take back your last message and its reply"),
+    ("/save FILE", "write the conversation as JSON (messages format)"),
+    ("/load FILE", "continue a saved conversation"),
+    ("/exit", "leave (so do Ctrl-D and Ctrl-C at the prompt)"),
+]
+MULTILINE = '"""'
+
+
+class Exit(Exception):
+    """Leave the REPL."""
+
+
+def history_path() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "tinygen" / "chat_history"
+
+
+class Repl:
+    def __init__(self, session: ChatSession, *, jsonl: bool = False):
+        self.session = session
+        self.jsonl = jsonl
+        self.out = ui.out()
+        self.err = ui.err()
+        self.styled = ui.is_tty() and not self.out.no_color
+
+    # -- output ----------------------------------------------------------------------------------
+
+    def note(self, text: str, style: str = "dim") -> None:
+        self.err.print(Text(text, style=style))
+
+    def _show(self, piece: str) -> None:
+        if ui.is_tty():
+            try:
+                self.out.print(Text(piece, style="green"), end="")
+                self.out.file.flush()
+            except BrokenPipeError:
+                raise ui.OutputClosed from None
+        else:
+            ui.write(piece)
+
+    def turn(self, text: str, show_stats: bool) -> None:
+        """One exchange. Ctrl-C stops the reply; what was said so far stays in the history."""
+        replies = self.session.reply(text)
+        # Shown as the history stores it, stripped: whitespace is held back until text follows it.
+        started, held = False, ""
+        try:
+            for piece in replies:
+                text = held + piece
+                if not started:
+                    text = text.lstrip()
+                    started = bool(text)
+                body = text.rstrip()
+                held = text[len(body):]
+                if body and not self.jsonl:
+                    self._show(body)
+        except KeyboardInterrupt:
+            replies.close()  # the partial reply joins the history
+            if not self.jsonl:
+                self._show("\n")
+            self.note("(reply interrupted)")
+            return
+        last = self.session.last
+        if self.jsonl:
+            ui.write(json.dumps({"role": "assistant", "content": self.session.messages[-1].content},
+                                ensure_ascii=False) + "\n")
+        else:
+            self._show("\n")
+        if last.trimmed:
+            self.note(f"(the context was full: the oldest {last.trimmed} message(s) were dropped)")
+        if show_stats:
+            c = last.completion
+            rate = c.tokens / c.seconds if c.seconds else 0.0
+            self.note(f"{c.tokens} tokens · {rate:.0f} tok/s · context {last.context}/{self.session.block_size}")
+
+    # -- commands --------------------------------------------------------------------------------
+
+    def command(self, line: str) -> None:
+        name, _, arg = line[1:].strip().partition(" ")
+        arg = arg.strip()
+        s = self.session
+        if name in ("exit", "quit", "bye"):
+            raise Exit
+        if name in ("help", "?"):
+            for cmd, what in HELP:
+                self.err.print(Text(f"  {cmd:<20}", style="bold cyan") + Text(what))
+        elif name == "reset":
+            s.reset()
+            self.note("(conversation cleared)")
+        elif name == "system":
+            if not arg:
+                self.note(f"system prompt: {s.system.content!r}" if s.system else "no system prompt")
+            else:
+                s.set_system(None if arg == "off" else arg)
+                self.note("(system prompt cleared)" if arg == "off" else "(system prompt set)")
+        elif name == "set":
+            if not arg:
+                for key, value in s.settings().items():
+                    self.err.print(Text(f"  {key:<20}", style="bold cyan") + Text(str(value)))
+                return
+            key, _, value = arg.partition(" ")
+            key = {"temp": "temperature", "max_new_tokens": "max_tokens"}.get(key.replace("-", "_"), key.replace("-", "_"))
+            if not value.strip():
+                raise TinygenError(f"usage: /set {key} VALUE")
+            s.set(key, value.strip())
+            self.note(f"({key} = {s.settings()[key]})")
+        elif name == "undo":
+            n = s.undo()
+            self.note(f"(took back {n} message(s))" if n else "(nothing to undo)")
+        elif name == "save":
+            if not arg:
+                raise TinygenError("usage: /save FILE")
+            s.save(arg)
+            self.note(f"(saved {len(s.transcript())} messages to {arg})")
+        elif name == "load":
+            if not arg:
+                raise TinygenError("usage: /load FILE")
+            self.note(f"(loaded {s.load(arg)} messages from {arg})")
+        else:
+            raise TinygenError(f"unknown command /{name}; /help lists the commands")
+
+    def handle(self, line: str, show_stats: bool) -> None:
+        """A command or a message; mistakes are one line, and the session goes on."""
+        try:
+            if line.startswith("/") and not line.startswith("//"):
+                self.command(line)
+            else:
+                self.turn(line[1:] if line.startswith("//") else line, show_stats)
+        except TinygenError as e:
+            ui.error(str(e))
+
+    # -- the two loops ---------------------------------------------------------------------------
+
+    def interactive(self, banner: str) -> None:
+        import readline
+
+        hist = history_path()
+        try:
+            readline.read_history_file(hist)
+        except OSError:
+            pass
+        readline.set_history_length(1000)
+        self.err.print(Text(banner, style="bold"))
+        self.note('/help for commands · end a line with \\ or wrap it in """ for several lines · Ctrl-D quits')
+        try:
+            while True:
+                try:
+                    line = self.read_message()
+                except (EOFError, KeyboardInterrupt):
+                    self.err.print()
+                    return
+                try:
+                    if line.strip():
+                        self.handle(line.strip(), show_stats=True)
+                except KeyboardInterrupt:  # during a command, or between a reply and the prompt
+                    self.note("(interrupted)")
+        except Exit:
+            return
+        finally:
+            try:
+                hist.parent.mkdir(parents=True, exist_ok=True)
+                readline.write_history_file(hist)
+            except OSError:
+                pass
+
+    def _prompt(self, text: str) -> str:
+        # \001 and \002 tell readline the escape codes take no room, or line editing misplaces the cursor.
+        return f"\001\033[1;36m\002{text}\001\033[0m\002" if self.styled else text
+
+    def read_message(self) -> str:
+        """One message: a line; lines ending in \\ continue; a \"\"\" line opens a block until the next one."""
+        line = input(self._prompt(">>> "))
+        if line.strip() == MULTILINE:
+            block = []
+            while (more := input(self._prompt("... "))).strip() != MULTILINE:
+                block.append(more)
+            return "\n".join(block)
+        while line.endswith("\\"):
+            line = line[:-1] + "\n" + input(self._prompt("... "))
+        return line
+
+    def scripted(self, lines: Iterable[str]) -> None:
+        """Each input line is one user turn (or a command); each reply is written as it comes."""
+        try:
+            for raw in lines:
+                line = raw.rstrip("\r\n")
+                if self.jsonl and line.lstrip().startswith("{"):
+                    line = self._json_line(line)
+                    if line is None:
+                        continue
+                if line.strip():
+                    self.handle(line.strip(), show_stats=bool(os.environ.get("TINYGEN_STATS")))
+        except Exit:
+            return
+
+    def _json_line(self, line: str) -> str | None:
+        """--jsonl input: {"role": "user"|"system", "content": ...}; a system message sets the system prompt."""
+        try:
+            msg = json.loads(line)
+            role, content = msg.get("role", "user"), msg["content"]
+        except (ValueError, KeyError, AttributeError):
+            ui.error(f'not a message: {line[:60]!r}; expected {{"role": "user", "content": ...}}')
+            return None
+        if role == "system":
+            self.session.set_system(content or None)
+            return None
+        if role != "user" or not isinstance(content, str):
+            ui.error(f"only user and system messages can be sent, got role {role!r}")
+            return None
+        return "//" + content if content.startswith("/") else content
+
+
+def banner(name: str, n_params: int, tuned: bool) -> str:
+    kind = "chat-tuned" if tuned else "not chat-tuned: plain User:/Assistant: transcript"
+    return f"tinygen chat · {name} ({ui.human_count(n_params)} params, {kind})"

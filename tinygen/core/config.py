@@ -1,0 +1,84 @@
+"""The model config: the single source of model shape.
+
+Kept free of torch so that `tinygen info` and `tinygen tokenize` can read a checkpoint's
+config from the safetensors header without paying for a torch import.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+from tinygen.errors import TinygenError
+
+ARCHES = ("rope", "gpt2")
+
+# Named model shapes (`train --preset`, `bench --shape`), smallest first. n_head always divides
+# n_embd into 64- or 32-wide heads.
+PRESETS = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),  # ~1M: minutes on a laptop CPU
+    "mini": dict(n_layer=6, n_head=6, n_embd=192, block_size=256),
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=512),  # ~15M
+    "medium": dict(n_layer=8, n_head=8, n_embd=512, block_size=1024),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),  # GPT-2 124M
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads per block; head size is n_embd // n_head
+    n_embd: int = 384  # residual stream width
+    block_size: int = 512  # context length: positions the model was trained to see
+    vocab_size: int = 8192  # rows of the (tied) token embedding; equals the tokenizer's n_vocab
+    # "rope": the default for new models. Rotary positions, RMSNorm, SwiGLU MLP, no biases. At small
+    # scale rotary positions generalise better than learned ones (no position table to learn from few
+    # tokens) and SwiGLU gives lower loss per parameter than GELU; RMSNorm and no biases are as good
+    # and cheaper. "gpt2": learned positions, LayerNorm, GELU (tanh), biases: loads GPT-2 weights as is.
+    arch: str = "rope"
+    norm_eps: float = 1e-5  # GPT-2 uses 1e-5 in LayerNorm; same value is fine for RMSNorm
+    rope_theta: float = 10000.0  # rotary base; only used when arch == "rope"
+    dropout: float = 0.0  # for training on small data; inference never uses it
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHES:
+            raise TinygenError(f"unknown arch {self.arch!r}; expected one of {', '.join(ARCHES)}")
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise TinygenError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise TinygenError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.arch == "rope" and self.head_dim % 2:
+            raise TinygenError(f"rotary positions need an even head size, got {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        if self.arch == "gpt2":
+            return 4 * self.n_embd
+        # SwiGLU has three matrices, so 8/3 * n_embd keeps the parameter count of a 4x GELU MLP;
+        # rounding to 32 keeps matmuls aligned.
+        return 32 * -(-(8 * self.n_embd // 3) // 32)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise TinygenError(f"model config has unknown fields: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def num_params(self) -> int:
+        """Parameter count from shape alone (tied head counted once), matching the module's count."""
+        C, L, V = self.n_embd, self.n_layer, self.vocab_size
+        if self.arch == "gpt2":
+            block = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)
+            return V * C + self.block_size * C + L * block + 2 * C
+        block = 2 * C + 4 * C * C + 3 * C * self.mlp_hidden
+        return V * C + L * block + C

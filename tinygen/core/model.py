@@ -1,0 +1,289 @@
+"""The transformer: a decoder-only GPT in two families, "rope" (the default) and "gpt2".
+
+Token ids go in and logits come out. Attention runs through scaled_dot_product_attention (flash
+kernels on GPU), or through an explicit path that also returns the attention probabilities for
+visualisation. Module names follow GPT-2's so that Hugging Face GPT-2 weights map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tinygen.core.config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated to the full context so decoding never allocates.
+
+    k, v: (n_layer, B, n_head, max_len, head_dim). Each row writes at its own positions, so rows of
+    different lengths share one batch without left padding; `mask` hides the unwritten slots.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, device, dtype, max_len: int | None = None):
+        shape = (config.n_layer, batch_size, config.n_head, max_len or config.block_size, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.kv_len = 0  # slots [0, kv_len) may be read: the longest row's length
+        # (B, 1, T, kv_len) bool, True = may attend. None: every readable slot is visible, under a
+        # causal mask when several queries arrive at once (prefill from position 0).
+        self.mask: torch.Tensor | None = None
+
+    def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, H, T, D) at per-row positions pos (B, T); return the readable keys/values."""
+        if self.mask is None:
+            # Every row is at the same positions (prefill, and any decode step with the rows in
+            # step): one in-place copy per tensor, with no index tensors built.
+            self.k[layer].index_copy_(2, pos[0], k)
+            self.v[layer].index_copy_(2, pos[0], v)
+        else:
+            rows = torch.arange(k.size(0), device=k.device)[:, None]
+            # Advanced indexing on dims 0 and 2 puts the index dims first: (B, T, H, D).
+            self.k[layer][rows, :, pos] = k.transpose(1, 2)
+            self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        return self.k[layer, :, :, : self.kv_len], self.v[layer, :, :, : self.kv_len]
+
+
+# Below this many weights, one matmul call is as fast as any split (the matrix sits in cache).
+SPLIT_MIN_WEIGHTS = 1 << 20
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x Wᵀ + b, fast for the few rows of a decode step on a multi-core CPU.
+
+    A decode step multiplies one row by each weight matrix: a matrix-vector product whose speed
+    is the speed of reading the matrix. The BLAS call for it reads a large matrix at about half
+    the memory bandwidth that the machine has, because it does not share one vector product
+    between cores. Viewing the rows of W as one block per thread (a free view: the blocks are
+    contiguous) and multiplying them in one batched call does: on a 2-core CPU it reads GPT-2's
+    weights 1.6x faster. Prefill and training have many rows and keep the plain matmul.
+    """
+    if x.device.type != "cpu" or torch.compiler.is_compiling():  # compiled code picks its own kernels
+        return F.linear(x, weight, bias)
+    threads = torch.get_num_threads()
+    rows = x.numel() // x.size(-1)
+    if (threads < 2 or rows > 4 or weight.numel() < SPLIT_MIN_WEIGHTS
+            or x.requires_grad or weight.requires_grad and torch.is_grad_enabled()):
+        return F.linear(x, weight, bias)
+    N, K = weight.shape
+    n = N - N % threads  # rows that divide evenly; a vocabulary of 50257 leaves a few for a plain matmul
+    flat = x.reshape(rows, K)
+    y = torch.bmm(flat.expand(threads, rows, K), weight[:n].view(threads, n // threads, K).transpose(1, 2))
+    y = y.transpose(0, 1).reshape(rows, n)
+    if n < N:
+        y = torch.cat((y, flat @ weight[n:].t()), dim=-1)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], N)
+
+
+class Linear(nn.Linear):
+    """nn.Linear, with decode_linear's faster few-row product on a CPU; same weights, same names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_linear(x, self.weight, self.bias)
+
+
+def rotary_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (block_size, head_dim) for rotary position embeddings: each angle
+    appears twice, once for each half of a head that it rotates together."""
+    half = config.head_dim // 2
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float32, device=device) / half))
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x1, x2) = (x[..., i], x[..., i + D/2]) of each head by position-dependent
+    angles: (x1 cos - x2 sin, x2 cos + x1 sin). x (B, H, T, D); cos, sin (B, 1, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        bias = config.arch == "gpt2"
+        self.layer = layer
+        self.n_head = config.n_head
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=bias)  # q, k, v in one matmul
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=bias)
+        self.dropout = config.dropout
+
+    def forward(self, x, rope=None, pos=None, cache: KVCache | None = None, need_weights: bool = False):
+        B, T, C = x.shape
+        H = self.n_head
+        qkv = self.c_attn(x).view(B, T, 3 * H, C // H).transpose(1, 2)  # (B, 3H, T, D): q, k, v heads
+        if rope is not None:
+            # q and k heads rotate by the same angles, so one call covers both.
+            qk = apply_rotary(qkv[:, : 2 * H], *rope)
+            q, k = qk[:, :H], qk[:, H:]
+        else:
+            q, k = qkv[:, :H], qkv[:, H : 2 * H]
+        v = qkv[:, 2 * H :]
+        mask = None
+        if cache is not None:
+            k, v = cache.write(self.layer, pos, k, v)  # (B, H, S, D), S = cache.kv_len
+            mask = cache.mask
+        att = None
+        if need_weights:
+            # The explicit path: the same math as SDPA, keeping the probabilities.
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, S)
+            if mask is None:
+                S = k.size(2)
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # no peeking ahead
+            att = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            y = att @ v  # (B, H, T, D)
+        else:
+            # No dropout on the attention probabilities: it forces SDPA off its fused kernels onto
+            # a path that materialises (B, H, T, T), several times slower; residual dropout below
+            # regularises small-data training well enough.
+            # is_causal aligns its mask top-left, so a single query must not use it: it would see key 0 only.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        if self.training and self.dropout:
+            y = F.dropout(y, self.dropout)
+        return y, att
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gated = config.arch == "rope"
+        bias = config.arch == "gpt2"
+        hidden = config.mlp_hidden
+        # SwiGLU packs gate and up projections into one matmul.
+        self.c_fc = Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=bias)
+        self.c_proj = Linear(hidden, config.n_embd, bias=bias)
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        h = self.c_proj(h)
+        return F.dropout(h, self.dropout) if self.training and self.dropout else h
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.arch == "gpt2":
+        return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+    return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, pos=None, cache=None, need_weights=False):
+        a, att = self.attn(self.ln_1(x), rope, pos, cache, need_weights)
+        x = x + a
+        x = x + self.mlp(self.ln_2(x))
+        return x, att
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig, init: bool = True):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+                ln_f=make_norm(config),
+            )
+        )
+        if config.arch == "gpt2":
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
+        self.drop = nn.Dropout(config.dropout)
+        if config.arch == "rope":
+            cos, sin = rotary_tables(config)
+            # Not persistent: derived from the config, so never stored in checkpoints.
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        if init:  # loading a checkpoint overwrites every weight, so it skips this
+            init_weights(self)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype; the embedding stays float even when the linear layers are quantised."""
+        return self.transformer.wte.weight.dtype
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
+
+    def hidden(self, idx, pos=None, cache: KVCache | None = None, need_weights: bool = False):
+        """Final-norm hidden states (B, T, C) for token ids idx (B, T) at positions pos (B, T).
+
+        Without a cache, positions are 0..T-1 and attention is plainly causal. With one, k/v are
+        written into it at pos and attention reads cache.kv_len slots under cache.mask.
+        Returns (hidden, attention probabilities per layer, or None).
+        """
+        B, T = idx.shape
+        if pos is None:
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.arch == "gpt2":
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))  # (B, 1, T, D)
+        x = self.drop(x)
+        atts = [] if need_weights else None
+        for block in self.transformer.h:
+            x, att = block(x, rope, pos, cache, need_weights)
+            if need_weights:
+                atts.append(att)
+        return self.transformer.ln_f(x), atts
+
+    def forward(self, idx, targets=None):
+        """Logits (B, T, V); with targets (B, T), the mean next-token cross-entropy instead.
+
+        Targets of -1 are ignored, which is how padding and masked tokens stay out of the loss.
+        """
+        h, _ = self.hidden(idx)
+        logits = self.lm_head(h)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+    def attention(self, idx):
+        """Logits and per-layer attention probabilities [(B, H, T, T)] through the explicit path."""
+        h, atts = self.hidden(idx, need_weights=True)
+        return self.lm_head(h), atts
+
+
+@torch.no_grad()
+def init_weights(model: GPT) -> None:
+    """GPT-2's initialisation: N(0, 0.02), with residual projections scaled down by depth so the
+    residual stream's variance does not grow with the number of blocks."""
+    std = 0.02
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            if name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)  # norm gains
+        elif name.endswith("c_proj.weight"):
+            p.normal_(0.0, std / math.sqrt(2 * model.config.n_layer))
+        else:
+            p.normal_(0.0, std)

@@ -1,0 +1,157 @@
+"""Chat templates: how a conversation becomes one token sequence, and which of its tokens train.
+
+A chat-tuned tinygen model carries its template in its tokenizer metadata (`chat_template`), so it
+always renders conversations the way it was fine-tuned on them. The template is built from the
+special tokens every tinygen tokenizer reserves:
+
+    <|system|>You are kind.<|end|><|user|>Hi!<|end|><|assistant|>Hello! How are you?<|end|>
+
+Role markers are special tokens, so no user text can forge them: message contents are always
+encoded as ordinary text. A model without a template (a base model) gets PLAIN, a "User:" /
+"Assistant:" transcript that any text model can continue.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from tinygen.core.tokenizer import CHAT_TOKENS, Tokenizer
+from tinygen.errors import TinygenError
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    roles: dict[str, tuple[str, str]]  # role -> (prefix, suffix) around the message text
+    generation_prompt: str  # opens the assistant turn the model is asked to write
+    stop: tuple[str, ...]  # ends a reply: special tokens stop on their id, other strings as text
+    tuned: bool = True  # False for PLAIN: the model was never taught this format
+
+    def to_dict(self) -> dict:
+        return {"roles": {r: list(ps) for r, ps in self.roles.items()}, "generation_prompt": self.generation_prompt,
+                "stop": list(self.stop)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ChatTemplate":
+        try:
+            roles = {r: (str(p), str(s)) for r, (p, s) in d["roles"].items()}
+            if set(roles) != set(ROLES):
+                raise ValueError(f"roles must be {', '.join(ROLES)}")
+            return cls(roles, str(d["generation_prompt"]), tuple(str(s) for s in d["stop"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise TinygenError(f"checkpoint chat template is malformed ({e})") from e
+
+
+# What `tinygen train --chat` teaches. <|end|> closes every turn, so the model learns to stop.
+SPECIAL = ChatTemplate(
+    roles={"system": ("<|system|>", "<|end|>"), "user": ("<|user|>", "<|end|>"),
+           "assistant": ("<|assistant|>", "<|end|>")},
+    generation_prompt="<|assistant|>",
+    stop=("<|end|>",),
+)
+
+# For base models: a transcript they can continue, one line per turn. A newline or "User:" ends
+# the reply: the model has finished its line, or started to write the user's.
+PLAIN = ChatTemplate(
+    roles={"system": ("", "\n\n"), "user": ("User: ", "\n"), "assistant": ("Assistant: ", "\n")},
+    generation_prompt="Assistant:",
+    stop=("\n", "User:"),
+    tuned=False,
+)
+
+
+def template_for(tokenizer: Tokenizer) -> ChatTemplate:
+    """The model's own template, or PLAIN when it was never chat-tuned."""
+    if tokenizer.chat_template is None:
+        return PLAIN
+    template = ChatTemplate.from_dict(tokenizer.chat_template)
+    missing = [t for t in _special_parts(template) if t not in tokenizer.special]
+    if missing:
+        raise TinygenError(f"the chat template uses {', '.join(missing)}, which the tokenizer lacks")
+    return template
+
+
+def with_chat_template(tokenizer: Tokenizer, template: ChatTemplate = SPECIAL) -> tuple[Tokenizer, int]:
+    """The tokenizer with the template's special tokens added (after the existing ids) and the
+    template recorded. Returns it and the number of tokens added, so the caller can grow the
+    embeddings to match."""
+    special = dict(tokenizer.special)
+    added = 0
+    for token in CHAT_TOKENS:
+        if token not in special:
+            special[token] = tokenizer.n_vocab + added
+            added += 1
+    out = Tokenizer(tokenizer.ranks, tokenizer.pattern, special, tokenizer.name, chat_template=template.to_dict())
+    return out, added
+
+
+def _special_parts(template: ChatTemplate) -> set[str]:
+    """Tokens written like specials (`<|...|>`) in the template's fixed text."""
+    fixed = [*(p for ps in template.roles.values() for p in ps), template.generation_prompt, *template.stop]
+    return {m for text in fixed for m in re.findall(r"<\|[^|<>]+\|>", text)}
+
+
+class Renderer:
+    """Encodes messages under a template. The template's own text may hold special tokens;
+    message contents never do (`<|end|>` typed by a user stays plain text)."""
+
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate):
+        self.tokenizer = tokenizer
+        self.template = template
+        specials = sorted(_special_parts(template), key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+        # Stop markers that are single special tokens stop generation by id; the rest by text.
+        self.stop_ids = tuple(tokenizer.special[s] for s in template.stop if s in tokenizer.special)
+        self.stop_strings = tuple(s for s in template.stop if s not in tokenizer.special)
+
+    def _pieces(self, fixed: str) -> list[str | int]:
+        if self._split is None:
+            return [fixed] if fixed else []
+        return [self.tokenizer.special[p] if p in self.tokenizer.special else p
+                for p in self._split.split(fixed) if p]
+
+    def message(self, role: str, content: str, train: bool = False) -> tuple[list[int], list[int]]:
+        """(ids, mask) of one message. With train=True the mask marks the assistant's text and
+        its closing marker: the tokens a fine-tune should learn to produce."""
+        if role not in self.template.roles:
+            raise TinygenError(f"unknown chat role {role!r}; use one of {', '.join(ROLES)}")
+        prefix, suffix = self.template.roles[role]
+        learn = train and role == "assistant"
+        # (piece, trained) runs: neighbouring plain text is encoded together so BPE sees whole words.
+        runs: list[tuple[str | int, bool]] = [(p, False) for p in self._pieces(prefix)]
+        runs += [(content, learn)] + [(p, learn) for p in self._pieces(suffix)]
+        ids: list[int] = []
+        mask: list[int] = []
+        text, text_learn = "", False
+        for piece, trained in runs + [(-1, False)]:
+            if isinstance(piece, str) and (not text or trained == text_learn or not train):
+                text, text_learn = text + piece, trained
+                continue
+            if text:
+                encoded = self.tokenizer.encode(text, special=False)
+                ids += encoded
+                mask += [int(text_learn)] * len(encoded)
+                text = ""
+            if isinstance(piece, str):
+                text, text_learn = piece, trained
+            elif piece >= 0:
+                ids.append(piece)
+                mask.append(int(trained))
+        return ids, mask
+
+    def generation_prompt(self) -> list[int]:
+        out: list[int] = []
+        for piece in self._pieces(self.template.generation_prompt):
+            out += [piece] if isinstance(piece, int) else self.tokenizer.encode(piece, special=False)
+        return out
+
+    def conversation(self, messages: list[dict], train: bool = False) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        mask: list[int] = []
+        for m in messages:
+            i, k = self.message(m["role"], m["content"], train)
+            ids += i
+            mask += k
+        return ids, mask

@@ -1,0 +1,179 @@
+"""A multi-turn conversation with a model: history as token ids, trimmed to fit the context.
+
+The session renders each message once, under the model's own chat template (template.py), and
+keeps the ids; a turn's prompt is those ids joined. When a prompt would leave too little room for
+the reply, the oldest exchanges go first; the system prompt always stays. No printing here:
+`reply` yields text and leaves its figures in `last`, and the REPL shows them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from tinygen.core.template import ROLES, Renderer, template_for
+from tinygen.errors import TinygenError
+from tinygen.generate import engine
+from tinygen.generate.sampling import SamplingParams
+from tinygen.generate.textgen import Completion, Request, TextGenerator
+
+# What `/set` may change, and the type each value parses as.
+SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "min_p": float,
+            "repetition_penalty": float, "max_tokens": int, "seed": int}
+
+
+@dataclass
+class Message:
+    role: str
+    content: str
+    ids: list[int] = field(repr=False)
+
+
+@dataclass
+class Turn:
+    """Figures of the last reply."""
+
+    completion: Completion
+    trimmed: int = 0  # messages dropped from the front of the history to make room
+    context: int = 0  # tokens in the prompt plus the reply
+    interrupted: bool = False
+
+
+class ChatSession:
+    def __init__(self, model, tokenizer, params: SamplingParams = SamplingParams(), *, max_tokens: int = 256,
+                 seed: int | None = None, system: str | None = None, compiled=None):
+        self.generator = TextGenerator(model, tokenizer, compiled=compiled)
+        self.tokenizer = tokenizer
+        self.template = template_for(tokenizer)
+        self.renderer = Renderer(tokenizer, self.template)
+        self.params = params
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self._rng = engine.make_generator(seed, self.generator.device)
+        self.system: Message | None = None
+        self.messages: list[Message] = []  # user and assistant turns, oldest first
+        self.last: Turn | None = None
+        # A chat-tuned model may skip <|end|> and open the next turn itself; that ends the reply too.
+        self._stop_ids = self.renderer.stop_ids + tuple(
+            tokenizer.special[p] for p, _ in self.template.roles.values() if p in tokenizer.special)
+        self.set_system(system)
+
+    @property
+    def block_size(self) -> int:
+        return self.generator.block_size
+
+    # -- history -------------------------------------------------------------------------------
+
+    def _message(self, role: str, content: str) -> Message:
+        return Message(role, content, self.renderer.message(role, content)[0])
+
+    def set_system(self, text: str | None) -> None:
+        self.system = self._message("system", text) if text else None
+
+    def reset(self) -> None:
+        self.messages.clear()
+
+    def undo(self) -> int:
+        """Drop the last exchange (the last user message and whatever followed it); returns how many messages went."""
+        for i in range(len(self.messages) - 1, -1, -1):
+            if self.messages[i].role == "user":
+                n = len(self.messages) - i
+                del self.messages[i:]
+                return n
+        return 0
+
+    def transcript(self) -> list[dict]:
+        msgs = ([self.system] if self.system else []) + self.messages
+        return [{"role": m.role, "content": m.content} for m in msgs]
+
+    def save(self, path: str | Path) -> None:
+        from tinygen import atomic
+
+        atomic.write_bytes(Path(path), (json.dumps({"messages": self.transcript()}, indent=2, ensure_ascii=False)
+                                        + "\n").encode())
+
+    def load(self, path: str | Path) -> int:
+        """Replace the conversation with a saved one ({"messages": [...]} or a bare list); returns its length."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise TinygenError(f"cannot read {path}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise TinygenError(f"{path} is not JSON: {e}") from None
+        raw = data.get("messages") if isinstance(data, dict) else data
+        if not isinstance(raw, list) or not all(isinstance(m, dict) and m.get("role") in ROLES
+                                                and isinstance(m.get("content"), str) for m in raw):
+            raise TinygenError(f'{path}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}}')
+        systems = [m["content"] for m in raw if m["role"] == "system"]
+        self.set_system(systems[-1] if systems else None)
+        self.messages = [self._message(m["role"], m["content"]) for m in raw if m["role"] != "system"]
+        return len(raw)
+
+    def prompt_ids(self) -> list[int]:
+        eot = [self.tokenizer.eot_id] if self.tokenizer.eot_id is not None else []
+        ids = eot + (self.system.ids if self.system else [])
+        for m in self.messages:
+            ids += m.ids
+        return ids + self.renderer.generation_prompt()
+
+    def _trim(self) -> int:
+        """Drop the oldest exchanges until the prompt leaves room for a reply; returns messages dropped."""
+        room = min(self.max_tokens, self.block_size // 2)
+        dropped = 0
+        while len(self.prompt_ids()) + room > self.block_size and len(self.messages) > 1:
+            del self.messages[0]
+            dropped += 1
+            while self.messages and self.messages[0].role != "user":  # never open on an orphan reply
+                del self.messages[0]
+                dropped += 1
+        return dropped
+
+    # -- settings ------------------------------------------------------------------------------
+
+    def settings(self) -> dict:
+        return {"temperature": self.params.temperature, "top_k": self.params.top_k, "top_p": self.params.top_p,
+                "min_p": self.params.min_p, "repetition_penalty": self.params.repetition_penalty,
+                "max_tokens": self.max_tokens, "seed": self.seed}
+
+    def set(self, name: str, value: str) -> None:
+        if name not in SETTINGS:
+            raise TinygenError(f"unknown setting {name!r}; one of {', '.join(SETTINGS)}")
+        try:
+            parsed = SETTINGS[name](value)
+        except ValueError:
+            raise TinygenError(f"{name} takes {'an integer' if SETTINGS[name] is int else 'a number'}, "
+                               f"got {value!r}") from None
+        if name == "max_tokens":
+            if parsed < 1:
+                raise TinygenError("max_tokens must be at least 1")
+            self.max_tokens = parsed
+        elif name == "seed":
+            self.seed = parsed
+            self._rng = engine.make_generator(parsed, self.generator.device)
+        else:
+            self.params = replace(self.params, **{name: parsed})  # SamplingParams validates
+
+    # -- a turn --------------------------------------------------------------------------------
+
+    def reply(self, text: str):
+        """Add the user's message and stream the model's reply. The reply joins the history even
+        when interrupted (Ctrl-C, or the caller closing this generator), as far as it got."""
+        self.messages.append(self._message("user", text))
+        trimmed = self._trim()
+        prompt = self.prompt_ids()
+        if len(prompt) >= self.block_size:
+            self.messages.pop()
+            raise TinygenError(f"that message is too long: the prompt needs {len(prompt)} tokens and the model's "
+                               f"context holds {self.block_size}")
+        result = Completion()
+        self.last = Turn(result, trimmed, len(prompt), interrupted=True)
+        request = Request("", self.params, self.max_tokens, self.renderer.stop_strings)
+        try:
+            yield from self.generator.stream_ids(prompt, request, result, generator=self._rng,
+                                                 stop_ids=self._stop_ids)
+            self.last.interrupted = False
+        finally:
+            content = (result.text if not self.last.interrupted else "".join(result.pieces)).strip()
+            self.messages.append(self._message("assistant", content))
+            self.last.context = len(prompt) + result.tokens

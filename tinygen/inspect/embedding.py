@@ -1,0 +1,61 @@
+"""The token embedding space: which tokens the model places near a word, and analogies by vector
+arithmetic (king - man + woman).
+
+Similarity is the cosine of the angle between rows of the token embedding matrix, the first
+thing the model does with a token. A word that is several tokens is the mean of their vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tinygen.core.tokenizer import Tokenizer
+from tinygen.errors import TinygenError
+
+
+@dataclass
+class WordVector:
+    word: str
+    ids: list[int]
+    vector: torch.Tensor  # (n_embd,)
+    note: str | None = None  # said to the user when the word is several tokens
+
+
+def _table(model) -> torch.Tensor:
+    return model.transformer.wte.weight.detach().float()
+
+
+def word_vector(model, tokenizer: Tokenizer, word: str) -> WordVector:
+    """A word's vector. Inside a sentence a word follows a space, and BPE vocabularies learn that
+    form as a single token far more often than the bare word, so " word" is tried first."""
+    if not word.strip():
+        raise TinygenError("an empty word has no embedding")
+    table = _table(model)
+    for form in (" " + word.strip(), word.strip()):
+        ids = tokenizer.encode(form, special=False)
+        if len(ids) == 1:
+            return WordVector(word, ids, table[ids[0]])
+    ids = tokenizer.encode(" " + word.strip(), special=False)
+    parts = ", ".join(repr(tokenizer.label(i)) for i in ids)
+    return WordVector(word, ids, table[ids].mean(0), f"{word!r} is {len(ids)} tokens ({parts}); using their mean")
+
+
+@torch.no_grad()
+def nearest(model, tokenizer: Tokenizer, vector: torch.Tensor, k: int, exclude=()) -> list[tuple[int, float]]:
+    """The k tokens whose embeddings point most nearly the same way as vector: (id, cosine)."""
+    sims = F.cosine_similarity(_table(model), vector[None].float(), dim=-1)
+    drop = list(set(exclude) | set(tokenizer.special_ids))
+    if drop:
+        sims[drop] = float("-inf")
+    top = sims.topk(min(k, int((sims > float("-inf")).sum())))
+    return list(zip(top.indices.tolist(), top.values.tolist()))
+
+
+def analogy(model, tokenizer: Tokenizer, a: str, b: str, c: str) -> tuple[torch.Tensor, list[WordVector]]:
+    """a - b + c, with the three word vectors (whose tokens a search should leave out: the nearest
+    token to king - man + woman is usually king itself)."""
+    words = [word_vector(model, tokenizer, w) for w in (a, b, c)]
+    return words[0].vector - words[1].vector + words[2].vector, words

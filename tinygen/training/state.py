@@ -1,0 +1,60 @@
+"""A run's resumable state beside its checkpoint: `<out>.state.safetensors` (optimizer moments and
+RNG states, as tensors) and `<out>.state.json` (counters, settings). Never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tinygen import atomic
+from tinygen.atomic import atomic_path
+from tinygen.errors import TinygenError
+
+
+def state_paths(out: Path) -> tuple[Path, Path]:
+    return out.with_name(out.name + ".state.safetensors"), out.with_name(out.name + ".state.json")
+
+
+def save_state(out: Path, optimizer, batch_rng: torch.Generator, meta: dict) -> None:
+    """Optimizer moments and RNG states as tensors, counters as JSON; both written atomically."""
+    from safetensors.torch import save_file
+
+    tensors_path, json_path = state_paths(out)
+    sd = optimizer.state_dict()
+    tensors = {f"opt.{pid}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+               for pid, st in sd["state"].items() for k, v in st.items()}
+    tensors["rng.batch"] = batch_rng.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = {**meta, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]}
+    with atomic_path(tensors_path) as tmp:
+        save_file(tensors, str(tmp))
+    atomic.write_bytes(json_path, json.dumps(meta, indent=1).encode())
+
+
+def load_state(out: Path, optimizer, batch_rng: torch.Generator) -> dict:
+    from safetensors.torch import load_file
+
+    tensors_path, json_path = state_paths(out)
+    if not (tensors_path.exists() and json_path.exists()):
+        raise TinygenError(f"nothing to resume: {tensors_path.name} and {json_path.name} are not next to {out}")
+    meta = json.loads(json_path.read_text())
+    tensors = load_file(str(tensors_path))
+    sd = optimizer.state_dict()
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for group, saved in zip(sd["param_groups"], meta["param_groups"]):
+        group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()})
+    optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    batch_rng.set_state(tensors["rng.batch"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return meta
