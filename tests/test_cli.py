@@ -105,7 +105,7 @@ def test_max_new_tokens(cli, model_path, tokenizer):
     assert_ok(one)
     assert stats_tokens(one) <= 1
     assert one.text in {tokenizer.decode([t]) for t in range(tokenizer.n_vocab)}, f"{one.text!r} is not one token"
-    assert_one_line_error(cli("sample", "-m", model_path, "x", "-n", "0"), "max-new-tokens")
+    assert_one_line_error(cli("sample", "-m", model_path, "x", "-n", "0"), "max-new-tokens", "greater than or equal to 1", rc=2)
 
 
 def test_long_prompt_warns_and_still_generates(cli, model_path, tokenizer):
@@ -187,10 +187,10 @@ _ERRORS = [
     ("truncated-model", ["sample", "-m", "{truncated}", "x", "-n", "1"], None, 1, ["not a valid safetensors"]),
     ("random-bytes-model", ["sample", "-m", "{random}", "x", "-n", "1"], None, 1, ["not a valid safetensors"]),
     ("foreign-safetensors", ["sample", "-m", "{foreign}", "x", "-n", "1"], None, 1, ["not a tinygen checkpoint"]),
-    ("negative-temperature", ["sample", "-m", "{model}", "x", "-t", "-1"], None, 1, ["temperature"]),
+    ("negative-temperature", ["sample", "-m", "{model}", "x", "-t", "-1"], None, 2, ["temperature", "greater than or equal to 0"]),
     ("top-p-zero", ["sample", "-m", "{model}", "x", "--top-p", "0"], None, 1, ["top-p"]),
-    ("top-p-above-one", ["sample", "-m", "{model}", "x", "--top-p", "1.5"], None, 1, ["top-p"]),
-    ("negative-top-k", ["sample", "-m", "{model}", "x", "--top-k", "-1"], None, 1, ["top-k"]),
+    ("top-p-above-one", ["sample", "-m", "{model}", "x", "--top-p", "1.5"], None, 2, ["top-p", "less than or equal to 1"]),
+    ("negative-top-k", ["sample", "-m", "{model}", "x", "--top-k", "-1"], None, 2, ["top-k", "greater than or equal to 0"]),
     ("min-p-one", ["sample", "-m", "{model}", "x", "--min-p", "1"], None, 1, ["min-p"]),
     ("repetition-penalty-zero", ["sample", "-m", "{model}", "x", "--repetition-penalty", "0"], None, 1,
      ["repetition penalty"]),

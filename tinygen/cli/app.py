@@ -12,14 +12,37 @@ import sys
 from typing import Annotated
 
 import typer
+import typer.core
 
 from tinygen import __version__
 from tinygen.cli import bench, chat, evaluate, info, inspect, sample, tokens, train, ui
 from tinygen.errors import TinygenError
 
 RICH_HELP = ui.is_tty() and not os.environ.get("NO_COLOR")
+
+
+class _Help:
+    """Typer's Rich help shows `<bool>` after its own --help flag, which takes no value; blank it,
+    as options.py does for every flag of ours."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_Help, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_Help, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
     name="tinygen",
+    cls=_Group,
     help="Train, run and look inside compact GPT-style language models.",
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -30,16 +53,16 @@ app = typer.Typer(
 )
 
 # The commands, in the order `tinygen --help` lists them.
-app.command()(sample.sample)
-app.command()(chat.chat)
-app.command()(tokens.tokenize)
-app.command()(info.info)
-app.command()(inspect.attention)
-app.command()(inspect.embed)
-app.command()(train.train)
-app.command("chat-data")(train.chat_data)
-app.command("eval")(evaluate.eval_cmd)
-app.command()(bench.bench)
+app.command(cls=_Command)(sample.sample)
+app.command(cls=_Command)(chat.chat)
+app.command(cls=_Command)(tokens.tokenize)
+app.command(cls=_Command)(info.info)
+app.command(cls=_Command)(inspect.attention)
+app.command(cls=_Command)(inspect.embed)
+app.command(cls=_Command)(train.train)
+app.command("chat-data", cls=_Command)(train.chat_data)
+app.command("eval", cls=_Command)(evaluate.eval_cmd)
+app.command(cls=_Command)(bench.bench)
 
 
 def _version(value: bool) -> None:
@@ -51,7 +74,7 @@ def _version(value: bool) -> None:
 @app.callback(invoke_without_command=True)
 def _root(
     ctx: typer.Context,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, metavar="", help="Show the version and exit.")] = False,
 ) -> None:
     """Train, run and look inside compact GPT-style language models."""
     if ctx.invoked_subcommand is None:  # bare `tinygen`: the help, and success
@@ -63,7 +86,7 @@ def _root(
 
 def main() -> None:
     try:
-        rc = app(standalone_mode=False)
+        rc = app(standalone_mode=False, prog_name="tinygen")
     except TinygenError as e:
         ui.error(str(e))
         rc = 1

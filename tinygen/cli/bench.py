@@ -47,7 +47,7 @@ def bench(
     result = bench_lib.run(model=model, shape=shape, sections=sections, prompt_tokens=prompt_tokens,
                            new_tokens=new_tokens, repeats=repeats, batch_sizes=sizes, batch_new_tokens=batch_new_tokens,
                            steps=steps, train_batch=train_batch, compare=compare, threads=threads, device=device,
-                           dtype=dtype, quantize=quantize, compile=compile, progress=None if as_json else ui.err())
+                           dtype=dtype.value, quantize=quantize and quantize.value, compile=compile, progress=None if as_json else ui.err())
     if as_json:
         ui.write(json.dumps(result, indent=2) + "\n")
     else:

@@ -26,7 +26,8 @@ from tinygen.errors import TinygenError
 
 
 def chat(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to chat with. Default: $TINYGEN_MODEL, "
+    model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="MODEL", envvar="TINYGEN_MODEL",
+                                                 show_envvar=False, help="Model to chat with. Default: $TINYGEN_MODEL, "
                                                  "else the bundled chat model. A model that was never chat-tuned "
                                                  "gets a plain User:/Assistant: transcript.", show_default=False)] = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt.", show_default=False)] = None,

@@ -7,6 +7,7 @@ import sys
 from typing import Optional
 
 from tinygen.cli import ui
+from tinygen.cli.options import Dtype, Quantize
 from tinygen.errors import TinygenError
 
 
@@ -27,17 +28,17 @@ def text_arg(text: Optional[str]) -> str:
     return ""
 
 
-def load_model(model: Optional[str], device: str, dtype: str = "auto", quantize: Optional[str] = None):
+def load_model(model: Optional[str], device: str, dtype: Dtype | str = "auto", quantize: Quantize | str | None = None):
     """(model, tokenizer, info) on the device and in the dtype the flags name, quantised if asked."""
     from tinygen.core import checkpoint
     from tinygen.core.device import inference_dtype, resolve_device
 
     dev = resolve_device(device)
-    net, tokenizer, info = checkpoint.load_model(model, device=dev, dtype=inference_dtype(dev, dtype))
+    net, tokenizer, info = checkpoint.load_model(model, device=dev, dtype=inference_dtype(dev, Dtype(dtype).value))
     if quantize is not None:
         from tinygen.generate.quantize import quantize as quantize_model
 
-        quantize_model(net, quantize)
+        quantize_model(net, Quantize(quantize).value)
     return net, tokenizer, info
 
 

@@ -30,6 +30,8 @@ def eval_cmd(
 ) -> None:
     """Score a model on text: mean loss, perplexity and bits per byte."""
     from tinygen.core.evaluate import score_tokens
+
+    quantize = quantize and quantize.value
     from tinygen.training import data as data_lib
 
     docs = data_lib.read_documents(data_lib.expand_sources(files), separator)

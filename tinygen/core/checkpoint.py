@@ -57,12 +57,9 @@ def default_model_path(name: str = DEFAULT_MODEL) -> Path:
 
 
 def resolve_model_path(model: str | os.PathLike | None, default: str = DEFAULT_MODEL) -> Path:
-    """--model, else $TINYGEN_MODEL, else the bundled model (`default` names which)."""
-    if model:
-        return Path(model)
-    if os.environ.get("TINYGEN_MODEL"):
-        return Path(os.environ["TINYGEN_MODEL"])
-    return default_model_path(default)
+    """The model named, else the bundled one (`default` names which). The CLI fills an unnamed
+    model from $TINYGEN_MODEL before it gets here."""
+    return Path(model) if model else default_model_path(default)
 
 
 def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
