@@ -73,12 +73,3 @@ class ModelConfig:
         if unknown:
             raise TinygenError(f"model config has unknown fields: {', '.join(sorted(unknown))}")
         return cls(**d)
-
-    def num_params(self) -> int:
-        """Parameter count from shape alone (tied head counted once), matching the module's count."""
-        C, L, V = self.n_embd, self.n_layer, self.vocab_size
-        if self.arch == "gpt2":
-            block = 2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)
-            return V * C + self.block_size * C + L * block + 2 * C
-        block = 2 * C + 4 * C * C + 3 * C * self.mlp_hidden
-        return V * C + L * block + C
