@@ -24,6 +24,9 @@ import pytest
 import torch
 
 from tinygen import __version__
+from tinygen.core.checkpoint import load_model
+from tinygen.generate.engine import naive_generate, stream
+from tinygen.generate.sampling import SamplingParams
 
 from conftest import Run, assert_ok, assert_one_line_error, clean_env, run_real, stats_tokens
 
@@ -108,6 +111,16 @@ def test_max_new_tokens(cli, model_path, tokenizer):
     assert_one_line_error(cli("sample", "-m", model_path, "x", "-n", "0"), "max-new-tokens", "greater than or equal to 1", rc=2)
 
 
+def greedy_ids(path, ids: list[int], n: int) -> list[int]:
+    """What the library itself generates greedily from these ids: the CLI must print exactly this."""
+    model, tok, _ = load_model(path)
+    return list(stream(model, ids, SamplingParams(temperature=0), n, stop_ids=[tok.eot_id]))
+
+
+def decoded(path, ids: list[int]) -> str:
+    return load_model(path)[1].decode(ids)
+
+
 def test_long_prompt_warns_and_still_generates(cli, model_path, tokenizer):
     prompt = " ".join(["Spot liked to run in the park with his friend Tom.",
                        "One day, Tom found a big red ball under a tree."] * 12)
@@ -115,7 +128,7 @@ def test_long_prompt_warns_and_still_generates(cli, model_path, tokenizer):
     assert n_prompt > 200  # block_size of model_path is 64
     r = cli("sample", "-m", model_path, prompt, "-n", "5", "-t", "0")
     assert_ok(r)
-    assert r.text, "no text generated"
+    assert r.text == decoded(model_path, greedy_ids(model_path, tokenizer.encode(prompt)[-64:], 5))  # the tail
     lines = r.err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: "), r.err
     assert "context" in lines[0] and str(n_prompt) in lines[0]
@@ -125,8 +138,12 @@ def test_generation_runs_past_the_context(cli, model_path):
     # 100 tokens after a 2-token prompt cross the 64-token context and slide the window three times.
     r = cli("sample", "-m", model_path, "Spot liked", "-n", "100", "-t", "0", env=clean_env(TINYGEN_STATS="1"))
     assert_ok(r)
-    assert r.text
-    assert stats_tokens(r) > 64, "generation should slide the window, not stop at block_size"
+    prompt = load_model(model_path)[1].encode("Spot liked")
+    ids = greedy_ids(model_path, prompt, 100)
+    assert r.text == decoded(model_path, ids)
+    assert stats_tokens(r) == len(ids) > 64, "generation should slide the window, not stop at block_size"
+    model = load_model(model_path)[0]
+    assert ids[: 64 - len(prompt)] == naive_generate(model, prompt, 64 - len(prompt))  # until it slides
 
 
 def test_num_samples(cli, model_path):
@@ -144,14 +161,21 @@ def test_gpt2_arch_checkpoint_samples(cli, gpt2_arch_path):
     # block_size is 48: 70 tokens also exercise the sliding window with learned positions.
     r = cli("sample", "-m", gpt2_arch_path, "Spot", "-n", "70", "-t", "0", env=clean_env(TINYGEN_STATS="1"))
     assert_ok(r)
-    assert r.text
-    assert stats_tokens(r) > 48
+    ids = greedy_ids(gpt2_arch_path, load_model(gpt2_arch_path)[1].encode("Spot"), 70)
+    assert r.text == decoded(gpt2_arch_path, ids)
+    assert stats_tokens(r) == len(ids) > 48
 
 
 def test_hf_gpt2_folder_samples(cli, hf_gpt2_dir):
     r = cli("sample", "-m", hf_gpt2_dir, "Hello world", "-n", "8", "-t", "0")
     assert_ok(r)
-    assert r.text
+    import transformers
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()
+    ids = [15496, 995]  # "Hello world" in GPT-2's vocabulary
+    reference = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 2:].tolist()
+    reference = reference[: reference.index(50256)] if 50256 in reference else reference  # both stop at end-of-text
+    assert r.text == decoded(hf_gpt2_dir, reference)
 
 
 def test_tinygen_model_env_var(cli, model_path, tmp_path):
@@ -196,7 +220,8 @@ _ERRORS = [
      ["repetition penalty"]),
     ("temperature-not-a-number", ["sample", "-m", "{model}", "x", "-t", "abc"], None, 2, ["temperature"]),
     ("unknown-option", ["sample", "-m", "{model}", "x", "--bogus"], None, 2, ["--bogus"]),
-    ("zero-num-samples", ["sample", "-m", "{model}", "x", "--num-samples", "0"], None, 1, ["num-samples"]),
+    ("zero-num-samples", ["sample", "-m", "{model}", "x", "--num-samples", "0"], None, 2, ["num-samples"]),
+    ("prompt-and-input", ["sample", "-m", "{model}", "x", "-i", "{missing_txt}"], None, 1, ["PROMPT", "--input"]),
     ("non-utf8-stdin", ["sample", "-m", "{model}", "-n", "1"], b"\xff\xfe", 1, ["UTF-8"]),
     ("non-utf8-stdin-dash", ["sample", "-m", "{model}", "-n", "1", "-"], b"ok \xff\xfe", 1, ["UTF-8"]),
     ("unknown-device", ["sample", "-m", "{model}", "x", "-n", "1", "--device", "tpu"], None, 1, ["device"]),
@@ -414,47 +439,6 @@ def test_tokenize_and_info_do_not_import_torch(model_path, tokenizer, argv, show
         assert shows in p.stdout
     else:
         assert p.stdout.split("\n")[0].split() == [str(t) for t in tokenizer.encode("hi")]
-
-
-# -- info -----------------------------------------------------------------------------------------
-
-
-def _param_count(config: dict) -> int:
-    from tinygen.core.config import ModelConfig
-    from tinygen.core.model import GPT
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in GPT(ModelConfig(**config)).parameters())
-
-
-def test_info_json(model_path, tokenizer):
-    r = run_real("info", model_path, "--json")
-    assert_ok(r)
-    meta = json.loads(r.out)
-    assert meta["kind"] == "tinygen"
-    assert meta["config"]["n_layer"] == 2
-    assert meta["config"]["block_size"] == 64
-    assert meta["parameters"] == _param_count(meta["config"])
-    assert meta["tokenizer"]["n_vocab"] == tokenizer.n_vocab
-    assert meta["provenance"]["data"] == "random weights (test)"
-    assert meta["file_size"] == model_path.stat().st_size
-
-
-def test_info_plain(model_path):
-    r = run_real("info", model_path)
-    assert_ok(r)
-    assert "n_layer=2" in r.out
-    assert "random weights (test)" in r.out
-
-
-def test_info_hf_folder(hf_gpt2_dir):
-    r = run_real("info", hf_gpt2_dir, "--json")
-    assert_ok(r)
-    meta = json.loads(r.out)
-    assert meta["kind"] == "gpt2"
-    assert meta["config"]["arch"] == "gpt2"
-    assert meta["tokenizer"]["n_vocab"] == 50257
-    assert meta["parameters"] == _param_count(meta["config"])
 
 
 # -- version and help -----------------------------------------------------------------------------

@@ -86,13 +86,94 @@ def test_seeded_sampling_is_reproducible(model):
     assert other != runs[0]
 
 
-def test_repetition_penalty_changes_greedy_output(model):
+def seeded(*seeds: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+SAMPLED = SamplingParams(temperature=1.2, top_k=40)
+
+
+def test_a_sampled_row_depends_only_on_its_own_prompt_settings_and_seed(model):
+    """The same request gives the same completion alone, beside others, in any slot, at any batch
+    size, and whether its neighbours finish early or late."""
+    prompts = [[1, 2, 3], [7], [4, 5, 6, 8, 9], [1, 2, 3], [11, 12]]
+    seeds = [3, 9, 4, 3, 5]  # rows 0 and 3 are the same request
+    alone = [generate_batch(model, [p], SAMPLED, 20, generator=seeded(s))[0] for p, s in zip(prompts, seeds)]
+    assert alone[0] == alone[3]
+    assert len({tuple(a) for a in alone}) == 4  # different seeds or prompts do differ
+    for batch_size in (None, 1, 2, 3):
+        got = generate_batch(model, prompts, SAMPLED, 20, generator=seeded(*seeds), batch_size=batch_size)
+        assert got == alone, batch_size
+    order = [4, 2, 0, 3, 1]  # other slots and neighbours
+    got = generate_batch(model, [prompts[i] for i in order], SAMPLED, 20, generator=seeded(*(seeds[i] for i in order)),
+                         batch_size=2)
+    assert got == [alone[i] for i in order]
+    # Neighbours that stop early (short limits) free their slots for others mid-run.
+    limits = [20, 2, 20, 20, 3]
+    got = generate_batch(model, prompts, SAMPLED, limits, generator=seeded(*seeds), batch_size=2)
+    assert got == [a[:n] for a, n in zip(alone, limits)]
+
+
+def test_rows_with_different_settings_share_one_batch(model):
+    settings = [GREEDY, SamplingParams(temperature=0.7, top_p=0.8), SamplingParams(temperature=1.5, min_p=0.05),
+                SamplingParams(temperature=1.0, top_k=5, repetition_penalty=1.3),
+                SamplingParams(temperature=0, repetition_penalty=2.0)]
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [3, 2, 1]]
+    alone = [generate_batch(model, [p], s, 15, generator=seeded(i))[0] for i, (p, s) in enumerate(zip(prompts, settings))]
+    widths = []
+    together: list[list[int]] = [[] for _ in prompts]
+    for step in generate(model, prompts, settings, 15, generator=seeded(*range(5))):
+        widths.append(len(step))
+        for row, token in step:
+            together[row].append(token)
+    assert together == alone
+    assert max(widths) == len(prompts)  # one generation, not group after group
+
+
+def naive_penalised_greedy(model, prompt: list[int], n: int, penalty: float) -> list[int]:
+    """Greedy with the CTRL penalty applied by hand to every token seen so far: the reference."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[0, -1]
+            seen = torch.zeros_like(logits, dtype=torch.bool)
+            seen[ids] = True
+            logits = torch.where(seen & (logits > 0), logits / penalty, torch.where(seen, logits * penalty, logits))
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def test_repetition_penalty_is_applied_to_every_token_seen(model):
     prompt = [1, 2, 3]
     plain = list(stream(model, prompt, GREEDY, 30))
     penalised = list(stream(model, prompt, SamplingParams(temperature=0, repetition_penalty=5.0), 30))
+    assert penalised == naive_penalised_greedy(model, prompt, 30, 5.0)
     assert penalised != plain
-    # A harsh penalty makes repeats rarer.
-    assert len(set(penalised)) >= len(set(plain))
+
+
+def test_identical_prompts_are_prefilled_once(model, monkeypatch):
+    calls = []
+    hidden = model.hidden
+
+    def counting(idx, *args, **kw):
+        calls.append(tuple(idx.shape))
+        return hidden(idx, *args, **kw)
+
+    monkeypatch.setattr(model, "hidden", counting)
+    prompt = [5, 6, 7, 8, 9, 10]
+    got = generate_batch(model, [prompt] * 4, SAMPLED, 6, generator=seeded(1, 2, 3, 4))
+    assert calls[0] == (1, len(prompt)) and all(shape == (4, 1) for shape in calls[1:])  # then decode steps of 4
+    monkeypatch.setattr(model, "hidden", hidden)
+    assert got == [generate_batch(model, [prompt], SAMPLED, 6, generator=seeded(s))[0] for s in (1, 2, 3, 4)]
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 4])
+def test_tiny_contexts_slide_like_full_recompute(block):
+    """With a context of a few tokens the window keeps block - 1 of them: exactly what recomputing
+    over the last block tokens sees (a context of 1 crashed here before)."""
+    model = make_model(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=block, vocab_size=31), scale=3.0)
+    for prompt in ([3], [1, 2, 3, 4, 5]):
+        assert list(stream(model, prompt, GREEDY, 12)) == naive_generate(model, prompt, 12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -137,31 +218,35 @@ def test_continuous_batching_refills_slots_and_matches_unbatched(model):
 
 @pytest.fixture
 def split_everything(monkeypatch):
-    """Send every decode matmul through decode_linear's split product, on two threads."""
-    import tinygen.core.model
+    """Send every decode matmul through the split product, on two threads."""
+    from tinygen.generate import fastlinear
 
-    monkeypatch.setattr(tinygen.core.model, "SPLIT_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(fastlinear, "SPLIT_MIN_WEIGHTS", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    yield
+    yield fastlinear
     torch.set_num_threads(threads)
 
 
 def test_split_decode_matmul_equals_linear(split_everything):
-    from tinygen.core.model import decode_linear
-
     torch.manual_seed(4)
     for rows, n, bias in ((1, 97, True), (3, 64, False), (4, 33, True), (6, 10, True)):  # 6 rows: plain path
-        x, w = torch.randn(rows, 1, 24), torch.randn(n, 24)
-        b = torch.randn(n) if bias else None
-        torch.testing.assert_close(decode_linear(x, w, b), torch.nn.functional.linear(x, w, b))
+        linear = torch.nn.Linear(24, n, bias=bias)
+        x = torch.randn(rows, 1, 24)
+        torch.testing.assert_close(split_everything.SplitLinear(linear)(x), linear(x))
 
 
-def test_split_decode_path_keeps_greedy_output(model, split_everything):
+def test_split_layers_are_swapped_in_for_inference_only(model, split_everything):
     torch.manual_seed(5)
-    for prompts in ([[3, 1, 4, 1, 5]], [[2, 7], [1, 8, 2, 8], [9]]):  # batch 1, and batches of up to 3 rows
-        expected = [naive_generate(model, p, 25) for p in prompts]  # prefill-sized matmuls: the plain path
-        assert generate_batch(model, prompts, GREEDY, 25) == expected
+    prompts = [[3, 1, 4, 1, 5]], [[2, 7], [1, 8, 2, 8], [9]]  # batch 1, and batches of up to 3 rows
+    expected = [[naive_generate(model, p, 25) for p in ps] for ps in prompts]
+    fast = split_everything.split_linears(make_model(model.config, scale=3.0))
+    assert isinstance(fast.lm_head, split_everything.SplitLinear)
+    assert fast.lm_head.weight is fast.transformer.wte.weight  # still tied
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    assert not any(isinstance(m, split_everything.SplitLinear) for m in model.modules())  # training's model is plain
+    for ps, want in zip(prompts, expected):
+        assert generate_batch(fast, ps, GREEDY, 25) == want
 
 
 def _static_greedy_matches(model, compile: bool):
@@ -211,3 +296,13 @@ def test_cuda_graph_decoder_matches_eager_bf16():
     assert fast[:10] == eager[:10]
     agree = next((i for i, (a, b) in enumerate(zip(fast, eager)) if a != b), len(fast))
     assert agree >= 10
+
+
+def test_a_model_whose_output_is_not_finite_is_a_user_error(model):
+    from tinygen.errors import TinygenError
+
+    broken = make_model(model.config, scale=3.0)
+    with torch.no_grad():
+        broken.transformer.ln_f.weight.fill_(float("inf"))  # finite weights can overflow to this too
+    with pytest.raises(TinygenError, match="not finite"):
+        list(stream(broken, [1, 2, 3], SAMPLED, 5))

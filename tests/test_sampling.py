@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinygen.errors import TinygenError
-from tinygen.generate.sampling import SamplingParams, logits_to_probs, sample_next
+from tinygen.generate.sampling import RowSettings, SamplingParams, logits_to_probs, sample_next
 
 
 def test_greedy_is_argmax():
@@ -95,3 +95,51 @@ def test_probs_are_a_distribution_over_allowed_tokens(vocab, temperature, top_k,
         assert ((probs > 0).sum(-1) <= top_k).all()
     ids = sample_next(logits, params, torch.Generator().manual_seed(seed))
     assert (probs.gather(-1, ids[:, None]) > 0).all()
+
+
+# Any float32 logits, with ties, huge magnitudes and long flat tails; any valid flags.
+finite_logits = st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False)
+                         | st.sampled_from([0.0, 1.0, -1.0, 1e30, -1e30]), min_size=1, max_size=40)
+flags = st.builds(SamplingParams,
+                  temperature=st.one_of(st.just(0.0), st.floats(1e-30, 1e30)),
+                  top_k=st.integers(0, 50),
+                  top_p=st.floats(1e-6, 1.0, exclude_min=False),
+                  min_p=st.floats(0.0, 0.999),
+                  repetition_penalty=st.floats(0.01, 100.0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(finite_logits, flags, st.integers(0, 2**32 - 1)), min_size=1, max_size=4), st.data())
+def test_any_logits_and_flags_give_a_distribution(rows, data):
+    """Per row: probabilities finite, zero outside the kept set, summing to 1 over it; greedy rows
+    are one-hot at the argmax of the (penalised) logits; a drawn token always has probability > 0.
+    Rows with different flags share one call, and each row's result is what it gets alone."""
+    V = max(len(r[0]) for r in rows)
+    logits = torch.tensor([r[0] + [min(r[0])] * (V - len(r[0])) for r in rows], dtype=torch.float32)
+    seen = torch.tensor(data.draw(st.lists(st.lists(st.booleans(), min_size=V, max_size=V),
+                                           min_size=len(rows), max_size=len(rows))))
+    params = [r[1] for r in rows]
+    settings_ = RowSettings.of(params)
+    probs = logits_to_probs(logits, settings_, seen)
+    assert torch.isfinite(probs).all() and (probs >= 0).all()
+    kept = probs > 0
+    assert kept.any(-1).all()
+    assert torch.allclose(probs.sum(-1), torch.ones(len(rows)), atol=1e-5)
+    penalised = torch.stack([torch.where(seen[i] & (logits[i] > 0), logits[i] / p.repetition_penalty,
+                                         torch.where(seen[i], logits[i] * p.repetition_penalty, logits[i]))
+                             for i, p in enumerate(params)])
+    for i, p in enumerate(params):
+        alone = logits_to_probs(logits[i : i + 1], p, seen[i : i + 1])[0]
+        assert torch.equal(alone, probs[i])  # a row's distribution does not depend on its neighbours
+        # The filters never remove every favourite (ties count: a high temperature can make them).
+        tempered = logits_to_probs(logits[i : i + 1], SamplingParams(p.temperature, repetition_penalty=p.repetition_penalty),
+                                   seen[i : i + 1])[0]
+        assert (kept[i] & (tempered == tempered.max())).any()
+        if p.greedy:
+            assert kept[i].sum() == 1 and penalised[i][probs[i].argmax()] == penalised[i].max()
+    generators = [torch.Generator().manual_seed(r[2]) for r in rows]
+    ids = sample_next(logits, settings_, generators, seen)
+    assert (probs.gather(-1, ids[:, None]) > 0).all()
+    greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+    for i in greedy_rows:
+        assert penalised[i][ids[i]] == penalised[i].max()

@@ -9,56 +9,38 @@ import typer
 
 from tinygen.cli import ui
 from tinygen.cli.common import compiled_decoder, load_model
-from tinygen.cli.options import (
-    CompileOpt,
-    DeviceOpt,
-    DtypeOpt,
-    MaxNewOpt,
-    MinPOpt,
-    QuantOpt,
-    RepPenOpt,
-    SeedOpt,
-    TempOpt,
-    TopKOpt,
-    TopPOpt,
-)
+from tinygen.cli.options import CompileOpt, DeviceOpt, DtypeOpt, QuantOpt, Sampling, sampling_flags
 from tinygen.errors import TinygenError
 
 
+@sampling_flags(max_new_tokens=256, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
 def chat(
     model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="MODEL", envvar="TINYGEN_MODEL",
                                                  show_envvar=False, help="Model to chat with. Default: $TINYGEN_MODEL, "
                                                  "else the bundled chat model. A model that was never chat-tuned "
                                                  "gets a plain User:/Assistant: transcript.", show_default=False)] = None,
-    system: Annotated[Optional[str], typer.Option(help="System prompt.", show_default=False)] = None,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Answer this one message and exit.",
+    system: Annotated[Optional[str], typer.Option(metavar="TEXT", help="System prompt.", show_default=False)] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", metavar="TEXT", help="Answer this one message and exit.",
                                                   show_default=False)] = None,
-    jsonl: Annotated[bool, typer.Option("--jsonl", help='Replies as {"role", "content"} JSON lines; input lines may '
-                                        "be JSON messages too (so they can hold newlines).")] = False,
-    max_new_tokens: MaxNewOpt = 256,
-    temperature: TempOpt = 0.7,
-    top_k: TopKOpt = 0,
-    top_p: TopPOpt = 0.9,
-    min_p: MinPOpt = 0.0,
-    repetition_penalty: RepPenOpt = 1.1,
-    seed: SeedOpt = None,
+    jsonl: Annotated[bool, typer.Option("--jsonl", metavar="", help='Replies as {"role", "content"} JSON lines; '
+                                        "input lines may be JSON messages too (so they can hold newlines).")] = False,
+    sampling: Sampling = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantOpt = None,
     compile: CompileOpt = False,
 ) -> None:
     """Chat with a model: a REPL on a terminal; in a pipe, each input line is one message."""
-    from tinygen.cli.repl import Repl, banner
+    from tinygen.cli.repl import Repl, banner, stdin_lines
     from tinygen.core.checkpoint import DEFAULT_CHAT_MODEL, resolve_model_path
     from tinygen.generate.chat import ChatSession
-    from tinygen.generate.sampling import SamplingParams
 
-    if max_new_tokens < 1:
-        raise TinygenError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty)
+    if prompt is not None and not prompt.strip():
+        raise TinygenError("--prompt is empty: give it the message to answer, or leave it out to chat")
+    params = sampling.params()
     path = resolve_model_path(model, DEFAULT_CHAT_MODEL)
     net, tokenizer, _ = load_model(str(path), device, dtype, quantize)
-    session = ChatSession(net, tokenizer, params, max_tokens=max_new_tokens, seed=seed, system=system,
+    session = ChatSession(net, tokenizer, params, max_tokens=sampling.max_new_tokens, seed=sampling.seed, system=system,
                           compiled=compiled_decoder(net, compile))
     repl = Repl(session, jsonl=jsonl)
     interactive = prompt is None and sys.stdin.isatty()
@@ -69,4 +51,4 @@ def chat(
     elif interactive:
         repl.interactive(banner(path.name, net.num_params(), session.template.tuned))
     else:
-        repl.scripted(sys.stdin)
+        repl.scripted(stdin_lines(sys.stdin.buffer))

@@ -35,11 +35,9 @@ def load_model(model: Optional[str], device: str, dtype: Dtype | str = "auto", q
 
     dev = resolve_device(device)
     net, tokenizer, info = checkpoint.load_model(model, device=dev, dtype=inference_dtype(dev, Dtype(dtype).value))
-    if quantize is not None:
-        from tinygen.generate.quantize import quantize as quantize_model
+    from tinygen.generate.fastlinear import decoding_layers
 
-        quantize_model(net, Quantize(quantize).value)
-    return net, tokenizer, info
+    return decoding_layers(net, quantize and Quantize(quantize).value), tokenizer, info
 
 
 def compiled_decoder(net, compile: bool):

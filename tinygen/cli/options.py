@@ -8,6 +8,9 @@ bounds Typer cannot state (open ones) are checked where the values are used.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from dataclasses import dataclass
 from enum import Enum
 from typing import Annotated, Optional
 
@@ -58,3 +61,50 @@ SeedOpt = Annotated[Optional[int], typer.Option(metavar="N", help="Random seed: 
                                                 "output on the same device.")]
 StopOpt = Annotated[Optional[list[str]], typer.Option("--stop", metavar="TEXT",
                                                       help="Stop when this text appears (repeatable).")]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling flags, as a command decorated with sampling_flags receives them."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    seed: Optional[int]
+
+    def params(self):
+        from tinygen.generate.sampling import SamplingParams  # torch: only once a command runs
+
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+
+
+_SAMPLING_FLAGS = {"max_new_tokens": (MaxNewOpt, 200), "temperature": (TempOpt, 0.8), "top_k": (TopKOpt, 0),
+                   "top_p": (TopPOpt, 1.0), "min_p": (MinPOpt, 0.0), "repetition_penalty": (RepPenOpt, 1.0),
+                   "seed": (SeedOpt, None)}
+
+
+def sampling_flags(**defaults):
+    """Give a command the sampling flags, with these defaults, in place of its `sampling` parameter;
+    it receives their values as one Sampling. Each flag is written once, here, for every command."""
+
+    def add(command):
+        signature = inspect.signature(command, eval_str=True)  # Typer reads the annotations as objects
+        flags = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=option,
+                                   default=defaults.get(name, default))
+                 for name, (option, default) in _SAMPLING_FLAGS.items()]
+        parameters = []
+        for parameter in signature.parameters.values():
+            parameters += flags if parameter.name == "sampling" else [parameter]
+
+        @functools.wraps(command)
+        def with_flags(**values):
+            sampling = Sampling(**{name: values.pop(name) for name in _SAMPLING_FLAGS})
+            return command(sampling=sampling, **values)
+
+        with_flags.__signature__ = signature.replace(parameters=parameters)
+        return with_flags
+
+    return add

@@ -8,6 +8,7 @@ visualisation. Module names follow GPT-2's so that Hugging Face GPT-2 weights ma
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -19,72 +20,45 @@ from tinygen.core.config import ModelConfig
 class KVCache:
     """Keys and values of every layer, preallocated to the full context so decoding never allocates.
 
-    k, v: (n_layer, B, n_head, max_len, head_dim). Each row writes at its own positions, so rows of
-    different lengths share one batch without left padding; `mask` hides the unwritten slots.
+    k, v: (n_layer, B, n_head, max_len, head_dim). Slot s of a row holds the keys and values of
+    that row's token at position s, so rows of different lengths share one batch without left
+    padding. The cache holds tensors only: which slots a pass writes and reads, and what each
+    query may see, come with the pass (CacheSlots), as in gpt-fast's KVCache.update(input_pos, k, v).
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, device, dtype, max_len: int | None = None):
         shape = (config.n_layer, batch_size, config.n_head, max_len or config.block_size, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.kv_len = 0  # slots [0, kv_len) may be read: the longest row's length
-        # (B, 1, T, kv_len) bool, True = may attend. None: every readable slot is visible, under a
-        # causal mask when several queries arrive at once (prefill from position 0).
-        self.mask: torch.Tensor | None = None
 
-    def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, H, T, D) at per-row positions pos (B, T); return the readable keys/values."""
-        if self.mask is None:
-            # Every row is at the same positions (prefill, and any decode step with the rows in
-            # step): one in-place copy per tensor, with no index tensors built.
-            self.k[layer].index_copy_(2, pos[0], k)
-            self.v[layer].index_copy_(2, pos[0], v)
+    def update(self, layer: int, pos: torch.Tensor, kv_len: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, H, T, D) at positions pos, (T,) shared by every row or (B, T) per row,
+        and return every row's first kv_len slots of this layer."""
+        if pos.dim() == 1:  # rows in step (prefill, and batch 1): one in-place copy, no index tensors
+            self.k[layer].index_copy_(2, pos, k)
+            self.v[layer].index_copy_(2, pos, v)
         else:
             rows = torch.arange(k.size(0), device=k.device)[:, None]
             # Advanced indexing on dims 0 and 2 puts the index dims first: (B, T, H, D).
             self.k[layer][rows, :, pos] = k.transpose(1, 2)
             self.v[layer][rows, :, pos] = v.transpose(1, 2)
-        return self.k[layer, :, :, : self.kv_len], self.v[layer, :, :, : self.kv_len]
+        return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (B,), in this order: finished rows cost nothing from then on."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
 
 
-# Below this many weights, one matmul call is as fast as any split (the matrix sits in cache).
-SPLIT_MIN_WEIGHTS = 1 << 20
+@dataclass(frozen=True)
+class CacheSlots:
+    """How one forward pass meets the KV cache."""
 
-
-def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x Wᵀ + b, fast for the few rows of a decode step on a multi-core CPU.
-
-    A decode step multiplies one row by each weight matrix: a matrix-vector product whose speed
-    is the speed of reading the matrix. The BLAS call for it reads a large matrix at about half
-    the memory bandwidth that the machine has, because it does not share one vector product
-    between cores. Viewing the rows of W as one block per thread (a free view: the blocks are
-    contiguous) and multiplying them in one batched call does: on a 2-core CPU it reads GPT-2's
-    weights 1.6x faster. Prefill and training have many rows and keep the plain matmul.
-    """
-    if x.device.type != "cpu" or torch.compiler.is_compiling():  # compiled code picks its own kernels
-        return F.linear(x, weight, bias)
-    threads = torch.get_num_threads()
-    rows = x.numel() // x.size(-1)
-    if (threads < 2 or rows > 4 or weight.numel() < SPLIT_MIN_WEIGHTS
-            or x.requires_grad or weight.requires_grad and torch.is_grad_enabled()):
-        return F.linear(x, weight, bias)
-    N, K = weight.shape
-    n = N - N % threads  # rows that divide evenly; a vocabulary of 50257 leaves a few for a plain matmul
-    flat = x.reshape(rows, K)
-    y = torch.bmm(flat.expand(threads, rows, K), weight[:n].view(threads, n // threads, K).transpose(1, 2))
-    y = y.transpose(0, 1).reshape(rows, n)
-    if n < N:
-        y = torch.cat((y, flat @ weight[n:].t()), dim=-1)
-    if bias is not None:
-        y = y + bias
-    return y.view(*x.shape[:-1], N)
-
-
-class Linear(nn.Linear):
-    """nn.Linear, with decode_linear's faster few-row product on a CPU; same weights, same names."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return decode_linear(x, self.weight, self.bias)
+    cache: KVCache
+    pos: torch.Tensor  # the new tokens' positions, which are also the slots they write: (T,) or (B, T)
+    kv_len: int  # slots [0, kv_len) are read
+    # (B, 1, T, kv_len) bool, True = may attend. None: plain causal attention, which is right for a
+    # prefill from position 0 (kv_len == T) and for one query that may see every slot it reads.
+    mask: torch.Tensor | None = None
 
 
 def rotary_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +73,7 @@ def rotary_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x1, x2) = (x[..., i], x[..., i + D/2]) of each head by position-dependent
-    angles: (x1 cos - x2 sin, x2 cos + x1 sin). x (B, H, T, D); cos, sin (B, 1, T, D)."""
+    angles: (x1 cos - x2 sin, x2 cos + x1 sin). x (B, H, T, D); cos, sin (T, D) or (B, 1, T, D)."""
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
 
@@ -110,11 +84,11 @@ class CausalSelfAttention(nn.Module):
         bias = config.arch == "gpt2"
         self.layer = layer
         self.n_head = config.n_head
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=bias)  # q, k, v in one matmul
-        self.c_proj = Linear(config.n_embd, config.n_embd, bias=bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
         self.dropout = config.dropout
 
-    def forward(self, x, rope=None, pos=None, cache: KVCache | None = None, need_weights: bool = False):
+    def forward(self, x, rope=None, slots: CacheSlots | None = None, need_weights: bool = False):
         B, T, C = x.shape
         H = self.n_head
         qkv = self.c_attn(x).view(B, T, 3 * H, C // H).transpose(1, 2)  # (B, 3H, T, D): q, k, v heads
@@ -126,9 +100,9 @@ class CausalSelfAttention(nn.Module):
             q, k = qkv[:, :H], qkv[:, H : 2 * H]
         v = qkv[:, 2 * H :]
         mask = None
-        if cache is not None:
-            k, v = cache.write(self.layer, pos, k, v)  # (B, H, S, D), S = cache.kv_len
-            mask = cache.mask
+        if slots is not None:
+            k, v = slots.cache.update(self.layer, slots.pos, slots.kv_len, k, v)  # (B, H, S, D), S = kv_len
+            mask = slots.mask
         att = None
         if need_weights:
             # The explicit path: the same math as SDPA, keeping the probabilities.
@@ -157,8 +131,8 @@ class MLP(nn.Module):
         bias = config.arch == "gpt2"
         hidden = config.mlp_hidden
         # SwiGLU packs gate and up projections into one matmul.
-        self.c_fc = Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=bias)
-        self.c_proj = Linear(hidden, config.n_embd, bias=bias)
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.gated else hidden, bias=bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=bias)
         self.dropout = config.dropout
 
     def forward(self, x):
@@ -188,8 +162,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, pos=None, cache=None, need_weights=False):
-        a, att = self.attn(self.ln_1(x), rope, pos, cache, need_weights)
+    def forward(self, x, rope=None, slots=None, need_weights=False):
+        a, att = self.attn(self.ln_1(x), rope, slots, need_weights)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, att
@@ -208,7 +182,7 @@ class GPT(nn.Module):
         )
         if config.arch == "gpt2":
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
         self.drop = nn.Dropout(config.dropout)
         if config.arch == "rope":
@@ -231,26 +205,27 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
 
-    def hidden(self, idx, pos=None, cache: KVCache | None = None, need_weights: bool = False):
-        """Final-norm hidden states (B, T, C) for token ids idx (B, T) at positions pos (B, T).
+    def hidden(self, idx, slots: CacheSlots | None = None, need_weights: bool = False):
+        """Final-norm hidden states (B, T, C) for token ids idx (B, T).
 
-        Without a cache, positions are 0..T-1 and attention is plainly causal. With one, k/v are
-        written into it at pos and attention reads cache.kv_len slots under cache.mask.
+        Without slots, positions are 0..T-1 and attention is plainly causal. With them, the
+        tokens sit at slots.pos, their keys and values go into slots.cache there, and attention
+        reads the cache's first slots.kv_len slots under slots.mask.
         Returns (hidden, attention probabilities per layer, or None).
         """
         B, T = idx.shape
-        if pos is None:
-            pos = torch.arange(T, device=idx.device).expand(B, T)
+        pos = slots.pos if slots is not None else torch.arange(T, device=idx.device)  # (T,) or (B, T)
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.config.arch == "gpt2":
             x = x + self.transformer.wpe(pos)
         else:
-            rope = (self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1))  # (B, 1, T, D)
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D) or (B, T, D)
+            rope = (cos, sin) if pos.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
         x = self.drop(x)
         atts = [] if need_weights else None
         for block in self.transformer.h:
-            x, att = block(x, rope, pos, cache, need_weights)
+            x, att = block(x, rope, slots, need_weights)
             if need_weights:
                 atts.append(att)
         return self.transformer.ln_f(x), atts

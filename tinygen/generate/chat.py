@@ -43,14 +43,14 @@ class Turn:
 class ChatSession:
     def __init__(self, model, tokenizer, params: SamplingParams = SamplingParams(), *, max_tokens: int = 256,
                  seed: int | None = None, system: str | None = None, compiled=None):
-        self.generator = TextGenerator(model, tokenizer, compiled=compiled)
+        self.textgen = TextGenerator(model, tokenizer, compiled=compiled)
         self.tokenizer = tokenizer
         self.template = template_for(tokenizer)
         self.renderer = Renderer(tokenizer, self.template)
         self.params = params
         self.max_tokens = max_tokens
         self.seed = seed
-        self._rng = engine.make_generator(seed, self.generator.device)
+        self.rng = engine.make_generator(seed, self.textgen.device)
         self.system: Message | None = None
         self.messages: list[Message] = []  # user and assistant turns, oldest first
         self.last: Turn | None = None
@@ -61,7 +61,7 @@ class ChatSession:
 
     @property
     def block_size(self) -> int:
-        return self.generator.block_size
+        return self.textgen.block_size
 
     # -- history -------------------------------------------------------------------------------
 
@@ -88,6 +88,8 @@ class ChatSession:
         return [{"role": m.role, "content": m.content} for m in msgs]
 
     def save(self, path: str | Path) -> None:
+        """Write the transcript as {"messages": [...]}. A folder that does not exist is a TinygenError
+        (atomic's rule), so a mistyped path makes no folders."""
         from tinygen import atomic
 
         atomic.write_bytes(Path(path), (json.dumps({"messages": self.transcript()}, indent=2, ensure_ascii=False)
@@ -150,7 +152,7 @@ class ChatSession:
             self.max_tokens = parsed
         elif name == "seed":
             self.seed = parsed
-            self._rng = engine.make_generator(parsed, self.generator.device)
+            self.rng = engine.make_generator(parsed, self.textgen.device)
         else:
             self.params = replace(self.params, **{name: parsed})  # SamplingParams validates
 
@@ -170,10 +172,10 @@ class ChatSession:
         self.last = Turn(result, trimmed, len(prompt), interrupted=True)
         request = Request("", self.params, self.max_tokens, self.renderer.stop_strings)
         try:
-            yield from self.generator.stream_ids(prompt, request, result, generator=self._rng,
+            yield from self.textgen.stream_ids(prompt, request, result, generator=self.rng,
                                                  stop_ids=self._stop_ids)
             self.last.interrupted = False
         finally:
             content = (result.text if not self.last.interrupted else "".join(result.pieces)).strip()
             self.messages.append(self._message("assistant", content))
-            self.last.context = len(prompt) + result.tokens
+            self.last.context = len(prompt) + result.n_tokens

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tinygen.core.model import GPT, KVCache
+from tinygen.core.model import GPT, CacheSlots, KVCache
 
 
 def cache_dir() -> Path:
@@ -27,14 +27,13 @@ def cache_dir() -> Path:
 
 
 class StaticDecoder:
-    """Decode steps for one row: tokens (1,) at positions ctx_len -> logits (1, V)."""
+    """Decode steps for one row, from a cache of its own at a fixed address."""
 
     def __init__(self, model: GPT, compile: bool = True):
         self.model = model
         self.max_len = model.config.block_size
         self.cache = KVCache(model.config, 1, model.device, model.dtype)
         self.slots = torch.arange(self.max_len, device=model.device)
-        self.compiled = compile
         self.compile_seconds: float | None = None
         self._step = self._eager
         if compile:
@@ -46,16 +45,15 @@ class StaticDecoder:
             self._step = torch.compile(self._eager, mode=mode, fullgraph=True, dynamic=False)
 
     def _eager(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        self.cache.mask = (self.slots <= pos[:, None])[:, None, None, :]  # (1, 1, 1, max_len): slots up to pos
-        h, _ = self.model.hidden(tokens[:, None], pos[:, None], self.cache)
+        mask = (self.slots <= pos[:, None])[:, None, None, :]  # (1, 1, 1, max_len): slots up to pos
+        h, _ = self.model.hidden(tokens[:, None], CacheSlots(self.cache, pos, self.max_len, mask))
         return self.model.lm_head(h[:, -1])
 
-    def __call__(self, cache: KVCache, tokens: torch.Tensor, ctx_len: list[int]) -> torch.Tensor:
+    def __call__(self, cache: KVCache, tokens: torch.Tensor, cached: list[int]) -> torch.Tensor:
+        """The engine's decode step: tokens (1,) at position cached[0] -> logits (1, V)."""
         if cache is not self.cache:
             raise ValueError("a StaticDecoder decodes only from its own cache")
-        # Fixed for every call, so the compiled step never sees a different shape or attribute.
-        cache.kv_len, cache.mask = self.max_len, None
-        pos = torch.tensor(ctx_len, device=tokens.device)
+        pos = torch.tensor(cached, device=tokens.device)
         # A CUDA graph's output lives in memory that its next replay overwrites.
         return self._step(tokens, pos).clone()
 

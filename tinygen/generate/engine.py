@@ -3,75 +3,146 @@
 The engine knows nothing of text. `generate` is the one streaming primitive: a generator over a
 batch of prompts that yields the tokens of each step as they come. Single-prompt streaming and
 collect-everything batch generation are thin wrappers around it.
+
+Each prompt becomes a Row, which holds everything about it: its tokens, its sampling settings, its
+own random generator, its limit and where it stands. A Batch holds the rows decoding together and
+the tensors that follow them (the KV cache, the repetition masks, the sampling settings), and
+changes them in one place when rows join or leave. What a row generates depends only on its own
+prompt, settings and seed: never on its neighbours, its slot, the batch size or who finished first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from tinygen.core.model import GPT, KVCache
+from tinygen.core.model import GPT, CacheSlots, KVCache
+from tinygen.errors import TinygenError
 from tinygen.generate.compiled import StaticDecoder
-from tinygen.generate.sampling import SamplingParams, sample_next
+from tinygen.generate.sampling import RowSettings, SamplingParams, sample_next
 
 
 def window_keep(block_size: int) -> int:
-    """Tokens kept when generation fills the context: dropping a quarter at a time means one
-    re-prefill per block_size/4 tokens instead of one per token."""
-    return max(1, block_size - block_size // 4)
+    """Tokens kept before the newest one when a row's context is full. Dropping a quarter at a
+    time means one re-prefill per block_size/4 tokens instead of one per token; at least one
+    token goes, so the newest always has a position to sit at."""
+    return block_size - max(1, block_size // 4)
 
 
-def _prefill(model: GPT, windows: list[list[int]], device, cache: KVCache | None = None) -> tuple[KVCache, torch.Tensor]:
-    """Run the prompts (right-padded to one length) through the model in one pass.
+@dataclass
+class Row:
+    """One prompt's generation."""
 
-    Returns the filled cache (a new one, or the one given) and the logits (B, V) at each row's
-    last real token. Padding sits after each row's tokens, so causal attention keeps it out of
-    every real position; decoding later overwrites it slot by slot.
-    """
-    B, T = len(windows), max(len(w) for w in windows)
-    idx = torch.zeros(B, T, dtype=torch.long)
-    for i, w in enumerate(windows):
-        idx[i, : len(w)] = torch.tensor(w, dtype=torch.long)
-    idx = idx.to(device)
-    cache = cache if cache is not None else KVCache(model.config, B, device, model.dtype)
-    cache.kv_len, cache.mask = T, None
-    pos = torch.arange(T, device=device).expand(B, T)
-    h, _ = model.hidden(idx, pos, cache)
-    last = torch.tensor([len(w) - 1 for w in windows], device=device)
-    return cache, model.lm_head(h[torch.arange(B, device=device), last])
+    index: int  # the prompt's place in the caller's list: what is yielded and reported
+    tokens: list[int]  # prompt, then what was generated: the text a sliding window is cut from
+    params: SamplingParams
+    max_new_tokens: int
+    generator: torch.Generator | None  # its own random stream (None: the batch's, or torch's global one)
+    seed: int | None = None  # seeds its own stream when it is admitted, if it has no generator
+    seeded: bool = False  # it gets a stream of its own (from seed, or afresh when seed is None)
+    made: int = 0  # tokens generated so far
+    cached: int = 0  # tokens of this row in the cache, which is also the position of its next token
 
 
-def _rewindow(model: GPT, cache: KVCache, row: int, tokens: list[int]) -> None:
-    """Refill one row's cache from a shorter window of its own tokens; other rows are untouched."""
-    fresh, _ = _prefill(model, [tokens], cache.k.device)
-    n = len(tokens)
-    cache.k[:, row, :, :n] = fresh.k[:, 0, :, :n]
-    cache.v[:, row, :, :n] = fresh.v[:, 0, :, :n]
+class Batch:
+    """The rows decoding together, slot by slot, and the tensors that follow them."""
 
+    def __init__(self, model: GPT, rows: list[Row], track_seen: bool, shared_generator: torch.Generator | None,
+                 cache: KVCache | None = None):
+        self.model = model
+        self.device = model.device
+        self.rows = rows
+        self.shared_generator = shared_generator  # one stream for every row, when the caller gave one
+        windows = [self.window(r) for r in rows]
+        self.cache, self.logits = prefill(model, windows, cache)
+        for row, w in zip(rows, windows):
+            row.cached = len(w)
+        self.seen = None  # (B, V) tokens each row has seen, kept when some row has a repetition penalty
+        if track_seen:
+            self.seen = torch.zeros(len(rows), model.config.vocab_size, dtype=torch.bool, device=self.device)
+            for i, w in enumerate(windows):
+                self.seen[i, torch.tensor(w, device=self.device)] = True
+        self.settings = RowSettings.of([r.params for r in rows], self.device)
+        for row in rows:
+            self.start(row)
 
-def _decode(model: GPT, cache: KVCache, tokens: torch.Tensor, ctx_len: list[int]) -> torch.Tensor:
-    """Feed one token per row (B,) at each row's own position; returns next logits (B, V)."""
-    device = tokens.device
-    pos = torch.tensor(ctx_len, device=device)[:, None]  # (B, 1)
-    cache.kv_len = max(ctx_len) + 1
-    if min(ctx_len) == max(ctx_len):
-        cache.mask = None  # rows in step (always so at batch 1): every written slot is visible, no mask needed
-    else:
-        cache.mask = torch.arange(cache.kv_len, device=device)[None, None, None, :] <= pos[:, None, :, None]  # (B,1,1,S)
-    h, _ = model.hidden(tokens[:, None], pos, cache)
-    return model.lm_head(h[:, -1])
+    def start(self, row: Row) -> None:
+        """A row's own random stream exists only while it generates: 10,000 queued requests hold
+        10,000 seeds, not 10,000 generator states."""
+        if row.seeded and row.generator is None:
+            row.generator = make_generator(row.seed, self.device)
+
+    def window(self, row: Row) -> list[int]:
+        return row.tokens[-self.model.config.block_size :]
+
+    def sample(self) -> torch.Tensor:
+        generators = [r.generator for r in self.rows]
+        if self.shared_generator is not None or all(g is None for g in generators):
+            generators = self.shared_generator  # one stream (or torch's global one) for the whole batch
+        try:
+            return sample_next(self.logits, self.settings, generators, self.seen)
+        except RuntimeError:  # torch.multinomial refuses a distribution with NaN in it
+            _check_finite(self.logits)
+            raise
+
+    def mark_seen(self, chosen: torch.Tensor) -> None:
+        if self.seen is not None:
+            self.seen[torch.arange(len(self.rows), device=self.device), chosen] = True
+
+    def admit(self, slot: int, row: Row) -> int:
+        """Put a new row in a finished row's slot. All but its last prompt token go into the cache
+        now; that token is returned, to be decoded with everyone else's, which gives the row its
+        first logits."""
+        window = self.window(row)
+        self.rows[slot] = row
+        self.start(row)
+        self.refill(slot, window[:-1])
+        if self.seen is not None:
+            self.seen[slot] = False
+            self.seen[slot, torch.tensor(window, device=self.device)] = True
+        return window[-1]
+
+    def refill(self, slot: int, tokens: list[int]) -> None:
+        """Fill one slot's cache from these tokens (from position 0); other slots are untouched."""
+        if tokens:
+            fresh, _ = prefill(self.model, [tokens])
+            n = len(tokens)
+            self.cache.k[:, slot, :, :n] = fresh.k[:, 0, :, :n]
+            self.cache.v[:, slot, :, :n] = fresh.v[:, 0, :, :n]
+        self.rows[slot].cached = len(tokens)
+
+    def slide(self, slot: int) -> None:
+        """The row's context is full: rebuild its cache from the newest tokens before the one about to
+        be decoded. That token is then decoded with everyone else's, so a row's output never depends
+        on the other rows in the batch."""
+        row = self.rows[slot]
+        self.refill(slot, row.tokens[-window_keep(self.model.config.block_size) - 1 : -1])
+
+    def keep(self, slots: list[int]) -> None:
+        """Drop every slot not listed; the rest close up in the order given."""
+        self.rows = [self.rows[i] for i in slots]
+        index = torch.tensor(slots, device=self.device)
+        self.cache.select(index)
+        if self.seen is not None:
+            self.seen = self.seen[index]
+
+    def settings_changed(self) -> None:
+        self.settings = RowSettings.of([r.params for r in self.rows], self.device)
 
 
 @torch.inference_mode()
 def generate(
     model: GPT,
     prompts: list[list[int]],
-    params: SamplingParams,
-    max_new_tokens: int,
+    params: SamplingParams | Sequence[SamplingParams],
+    max_new_tokens: int | Sequence[int],
     *,
     stop_ids: Iterable[int] = (),
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+    seeds: Sequence[int | None] | None = None,
     done: Callable[[int], bool] | None = None,
     batch_size: int | None = None,
     finished: Callable[[int], None] | None = None,
@@ -80,96 +151,138 @@ def generate(
 ) -> Iterator[list[tuple[int, int]]]:
     """Yield, per step, the (row, token) pairs of the rows still generating.
 
-    A row ends when it samples a stop id (which is not yielded), after max_new_tokens tokens,
+    params, max_new_tokens and generator may be one for all prompts or one per prompt. With one
+    generator per prompt, or seeds (one per prompt; None seeds afresh), each row draws from its
+    own stream; one shared generator is one stream for the whole batch (then a row's draws depend
+    on the others).
+
+    A row ends when it samples a stop id (which is not yielded), after its max_new_tokens tokens,
     or when done(row) turns true after a yield (how callers apply stop strings, which are text);
     finished(row) is then called. Prompts longer than the context keep their last block_size
     tokens. With batch_size, at most that many rows run at once, and a row that ends hands its
     slot to the next waiting prompt at once (continuous batching), so a long completion never
-    holds a batch of short ones hostage. A decoder (compiled.StaticDecoder) takes over the
-    decode steps of a single row. observe(logits, seen, chosen) sees every step's logits (B, V),
-    the repetition-penalty mask (B, V) or None, and the ids sampled from them (B,), stop ids
+    holds a batch of short ones hostage. A decoder (compiled.StaticDecoder) takes over the decode
+    steps of a single row. observe(logits, seen, chosen) sees every step's logits (B, V), the
+    repetition-penalty mask (B, V) or None, and the ids sampled from them (B,), stop ids
     included: what `sample --explain` shows.
     """
-    if max_new_tokens <= 0 or not prompts:
+    shared = generator if isinstance(generator, torch.Generator) else None
+    waiting = deque(_rows(prompts, params, max_new_tokens, None if shared else generator, seeds))
+    for row in [r for r in waiting if r.max_new_tokens <= 0]:
+        waiting.remove(row)
+        if finished:
+            finished(row.index)
+    if not waiting:
         return
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    device = model.device
-    max_len = model.config.block_size
-    stop_ids = frozenset(stop_ids)
-    history = [list(p) for p in prompts]
-    width = min(batch_size or len(prompts), len(prompts))
-    waiting = iter(range(width, len(prompts)))
-    rows = list(range(width))  # batch slot -> original row
-    windows = [history[r][-max_len:] for r in rows]
-    ctx_len = [len(w) for w in windows]
-    made = [0] * width  # tokens generated by each slot's row
+    width = min(batch_size or len(waiting), len(waiting))
     if decoder is not None and width != 1:
         raise ValueError("a StaticDecoder decodes one row at a time")
-    step = decoder or (lambda cache, tokens, ctx_len: _decode(model, cache, tokens, ctx_len))
-    cache, logits = _prefill(model, windows, device, decoder.cache if decoder else None)
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(width, model.config.vocab_size, dtype=torch.bool, device=device)
-        for i, w in enumerate(windows):
-            seen[i, torch.tensor(w, device=device)] = True
+    track_seen = any(r.params.repetition_penalty != 1.0 for r in waiting)
+    # Rows leave `waiting` as they start; a finished row is dropped from memory with its tokens.
+    batch = Batch(model, [waiting.popleft() for _ in range(width)], track_seen, shared,
+                  decoder.cache if decoder is not None else None)
+    step = decoder or (lambda cache, tokens, cached: decode(model, cache, tokens, cached))
+    stop_ids = frozenset(stop_ids)
 
     while True:
-        next_ids = sample_next(logits, params, generator, seen)
+        chosen = batch.sample()
         if observe is not None:
-            observe(logits, seen, next_ids)
-        if seen is not None:
-            seen[torch.arange(len(rows), device=device), next_ids] = True
-        next_list = next_ids.tolist()
-        out = [(rows[i], t) for i, t in enumerate(next_list) if t not in stop_ids]
+            observe(batch.logits, batch.seen, chosen)
+        batch.mark_seen(chosen)
+        chosen_list = chosen.tolist()
+        out = [(row.index, t) for row, t in zip(batch.rows, chosen_list) if t not in stop_ids]
         if out:
             yield out
-        keep, fresh = [], []  # slots going on; slots refilled with a new prompt
-        for i, t in enumerate(next_list):
-            made[i] += 1
-            if t in stop_ids or made[i] >= max_new_tokens or (done and done(rows[i])):
+        # Each slot goes on with its row, is handed to a waiting prompt, or closes.
+        feed, going_on, joined_or_left = [], [], False
+        for slot, (row, t) in enumerate(zip(batch.rows, chosen_list)):
+            row.made += 1
+            if t in stop_ids or row.made >= row.max_new_tokens or (done and done(row.index)):
                 if finished:
-                    finished(rows[i])
-                row = next(waiting, None)
-                if row is None:
+                    finished(row.index)
+                joined_or_left = True
+                if not waiting:
                     continue
-                rows[i], made[i] = row, 0
-                fresh.append(i)
-            keep.append(i)
-        if not keep:
+                t = batch.admit(slot, waiting.popleft())
+            else:
+                row.tokens.append(t)
+                if row.cached >= model.config.block_size:
+                    batch.slide(slot)
+            feed.append(t)
+            going_on.append(slot)
+        if not going_on:
             return
-        for i in fresh:
-            # Prefill all but the prompt's last token into the slot; that token is decoded with
-            # everyone else's below, which gives the new row its first logits.
-            window = history[rows[i]][-max_len:]
-            if len(window) > 1:
-                _rewindow(model, cache, i, window[:-1])
-            ctx_len[i] = len(window) - 1
-            next_list[i] = window[-1]
-            if seen is not None:
-                seen[i] = False
-                seen[i, torch.tensor(window, device=device)] = True
-        if fresh:
-            next_ids = torch.tensor(next_list, device=device)
-        if len(keep) < len(rows):  # drop finished rows so they cost nothing from here on
-            sel = torch.tensor(keep, device=device)
-            cache.k, cache.v = cache.k[:, sel], cache.v[:, sel]
-            next_ids = next_ids[sel]
-            seen = seen[sel] if seen is not None else None
-            rows, ctx_len, made, next_list = ([x[i] for i in keep] for x in (rows, ctx_len, made, next_list))
-        for i, r in enumerate(rows):
-            if made[i] == 0:
-                continue  # a new row: its last prompt token is fed below
-            history[r].append(next_list[i])
-            if ctx_len[i] >= max_len:
-                # This row's context is full: slide its window. The cache is rebuilt from the kept
-                # tokens before the newest one, which is then decoded with everyone else's, so a
-                # row's output never depends on the other rows in the batch.
-                window = history[r][-window_keep(max_len) - 1 : -1]
-                _rewindow(model, cache, i, window)
-                ctx_len[i] = len(window)
-        logits = step(cache, next_ids, ctx_len)
-        ctx_len = [n + 1 for n in ctx_len]
+        if len(going_on) < len(batch.rows):
+            batch.keep(going_on)
+        if joined_or_left:
+            batch.settings_changed()
+        cached = [r.cached for r in batch.rows]
+        batch.logits = step(batch.cache, torch.tensor(feed, device=batch.device), cached)
+        for row in batch.rows:
+            row.cached += 1
+
+
+def _rows(prompts: list[list[int]], params, max_new_tokens, generators, seeds) -> list[Row]:
+    """A Row per prompt, from settings given once for all or once per prompt."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    n = len(prompts)
+    per_params = [params] * n if isinstance(params, SamplingParams) else list(params)
+    per_limit = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    per_gen = [None] * n if generators is None else list(generators)
+    return [Row(i, list(p), per_params[i], per_limit[i], per_gen[i], seed=None if seeds is None else seeds[i],
+                seeded=seeds is not None) for i, p in enumerate(prompts)]
+
+
+def prefill(model: GPT, windows: list[list[int]], into: KVCache | None = None) -> tuple[KVCache, torch.Tensor]:
+    """Run the prompts (right-padded to one length) through the model in one pass, into a new cache
+    or the one given (a StaticDecoder's, which must keep its address).
+
+    Returns the cache and the logits (B, V) at each row's last real token. Padding sits after each
+    row's tokens, so causal attention keeps it out of every real position; decoding later
+    overwrites it slot by slot. Identical prompts (--num-samples) are run once and their cache
+    rows copied.
+    """
+    device = model.device
+    unique = list(dict.fromkeys(map(tuple, windows)))
+    where = {w: i for i, w in enumerate(unique)}
+    T = max(len(w) for w in unique)
+    idx = torch.zeros(len(unique), T, dtype=torch.long)
+    for i, w in enumerate(unique):
+        idx[i, : len(w)] = torch.tensor(w, dtype=torch.long)
+    if into is not None and into.k.size(1) != len(unique):
+        raise ValueError("a cache to prefill into needs one row per distinct prompt")
+    cache = into if into is not None else KVCache(model.config, len(unique), device, model.dtype)
+    h, _ = model.hidden(idx.to(device), CacheSlots(cache, torch.arange(T, device=device), T))
+    last = torch.tensor([len(w) - 1 for w in unique], device=device)
+    logits = model.lm_head(h[torch.arange(len(unique), device=device), last])
+    _check_finite(logits)
+    if len(unique) < len(windows):
+        rows = torch.tensor([where[tuple(w)] for w in windows], device=device)
+        cache.select(rows)
+        logits = logits[rows]
+    return cache, logits
+
+
+def _check_finite(logits: torch.Tensor) -> None:
+    if not bool(torch.isfinite(logits).all()):
+        raise TinygenError("the model's output is not finite (NaN or infinity): its weights are broken, or too large "
+                           "for this dtype")
+
+
+def decode(model: GPT, cache: KVCache, tokens: torch.Tensor, cached: list[int]) -> torch.Tensor:
+    """Feed one token per row (B,), each at its own position (its row's cached count); returns the
+    next logits (B, V)."""
+    device = tokens.device
+    kv_len = max(cached) + 1
+    if min(cached) == max(cached):  # rows in step (always so at batch 1): every slot read is visible
+        slots = CacheSlots(cache, torch.tensor(cached[:1], device=device), kv_len)
+    else:
+        pos = torch.tensor(cached, device=device)[:, None]  # (B, 1)
+        mask = torch.arange(kv_len, device=device)[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, 1, S)
+        slots = CacheSlots(cache, pos, kv_len, mask)
+    h, _ = model.hidden(tokens[:, None], slots)
+    return model.lm_head(h[:, -1])
 
 
 def stream(model: GPT, prompt: list[int], params: SamplingParams, max_new_tokens: int, **kw) -> Iterator[int]:
@@ -178,7 +291,7 @@ def stream(model: GPT, prompt: list[int], params: SamplingParams, max_new_tokens
         yield step[0][1]
 
 
-def generate_batch(model: GPT, prompts: list[list[int]], params: SamplingParams, max_new_tokens: int, **kw) -> list[list[int]]:
+def generate_batch(model: GPT, prompts: list[list[int]], params, max_new_tokens, **kw) -> list[list[int]]:
     """All completions at once: the generated ids of each prompt, in prompt order."""
     out: list[list[int]] = [[] for _ in prompts]
     for step in generate(model, prompts, params, max_new_tokens, **kw):
@@ -198,10 +311,12 @@ def naive_generate(model: GPT, prompt: list[int], max_new_tokens: int) -> list[i
     return ids[len(prompt) :]
 
 
-def make_generator(seed: int | None, device) -> torch.Generator | None:
-    """A seeded generator on the sampling device, so a seed reproduces output exactly there."""
+def make_generator(seed: int | None, device) -> torch.Generator:
+    """A generator on the sampling device: seeded, so a seed reproduces output exactly there, or
+    seeded afresh from the OS when there is no seed."""
+    g = torch.Generator(device=device)
     if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(seed)
-
-
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g

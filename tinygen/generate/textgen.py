@@ -1,14 +1,14 @@
 """Text in, text out: the engine plus a tokenizer.
 
 Encodes prompts, decodes streamed ids incrementally (whole UTF-8 characters only), applies stop
-strings, and runs many requests through continuously batched generation. Yields text and
-returns results; printing is the CLI's job.
+strings, and runs many requests, each with its own settings and seed, through one continuously
+batched generation. Yields text and returns results; printing is the CLI's job.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from tinygen.core.tokenizer import StopMatcher, StreamDecoder, Tokenizer
@@ -29,9 +29,8 @@ class Request:
 @dataclass
 class Completion:
     text: str = ""
-    tokens: int = 0  # generated tokens, stop token excluded
+    n_tokens: int = 0  # generated tokens, stop token excluded
     finish_reason: str = "length"  # "stop": end-of-text or a stop string; "length": max tokens
-    prompt_tokens: int = 0
     seconds: float = 0.0
     first_token_seconds: float | None = None
     pieces: list[str] = field(default_factory=list, repr=False)
@@ -69,19 +68,18 @@ class TextGenerator:
         """Like stream, from prompt ids (a chat turn renders its own); a caller's generator
         carries one random stream across calls, and stop_ids add to the end-of-text stops."""
         result = result if result is not None else Completion()
-        result.prompt_tokens = len(ids)
         decoder, stops = StreamDecoder(self.tokenizer), StopMatcher(request.stop)
-        gen = generator if generator is not None else engine.make_generator(request.seed, self.device)
         start = time.perf_counter()
         tokens = engine.stream(
             self.model, ids, request.params, request.max_new_tokens,
-            stop_ids=tuple(dict.fromkeys(self.stop_ids + stop_ids)), generator=gen, done=lambda _row: stops.stopped,
+            stop_ids=tuple(dict.fromkeys(self.stop_ids + stop_ids)), generator=generator,
+            seeds=None if generator is not None else [request.seed], done=lambda _row: stops.stopped,
             decoder=self.compiled, observe=observe,
         )
         for token in tokens:
             if result.first_token_seconds is None:
                 result.first_token_seconds = time.perf_counter() - start
-            result.tokens += 1
+            result.n_tokens += 1
             piece = stops.feed(decoder.push(token))
             if piece:
                 result.pieces.append(piece)
@@ -90,62 +88,99 @@ class TextGenerator:
         if tail:
             yield tail
 
-    def complete(self, request: Request) -> Completion:
-        result = Completion()
-        for _ in self.stream(request, result):
-            pass
-        return result
-
-    def batch(self, requests: list[Request], batch_size: int) -> Iterator[tuple[int, Completion]]:
-        """Completions of many requests as (index, completion), in input order, each yielded as
-        soon as it and every request before it are done.
-
-        Requests that share sampling settings run as one continuously batched generation: at most
-        batch_size rows decode at once, and a finished row hands its slot to the next request.
-        """
-        encoded = [self.encode_prompt(r.prompt) for r in requests]
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault((r.params, r.max_new_tokens, r.stop, r.seed), []).append(i)
-        done: dict[int, Completion] = {}
-        next_out = 0
-        for members in groups.values():
-            for index, result in self._run_group(members, requests, encoded, batch_size):
-                done[index] = result
-                while next_out in done:
-                    yield next_out, done.pop(next_out)
-                    next_out += 1
-
-    def _run_group(self, members: list[int], requests: list[Request], encoded: list[list[int]],
-                   batch_size: int) -> Iterator[tuple[int, Completion]]:
-        first = requests[members[0]]
-        decoders = [StreamDecoder(self.tokenizer) for _ in members]
-        stops = [StopMatcher(first.stop) for _ in members]
-        results = [Completion(prompt_tokens=len(encoded[i])) for i in members]
+    def run(self, requests: list[Request], batch_size: int) -> Iterator[Piece | Done]:
+        """Many requests as one continuously batched generation: at most batch_size rows decode at
+        once, whatever their settings, and a finished row hands its slot to the next request.
+        Yields each completion's text pieces, then its Done, as they happen (rows interleave);
+        in_order() sorts them for output."""
+        prompts = [self.encode_prompt(r.prompt) for r in requests]
+        # Per-row text state, made when a row first produces and dropped when it is done, so a
+        # long run holds only the rows in flight.
+        live: dict[int, tuple[StreamDecoder, StopMatcher, Completion]] = {}
         finished: list[int] = []  # rows the engine has ended, in the order they ended
         start = time.perf_counter()
 
-        def close() -> Iterator[tuple[int, Completion]]:
+        def state(row: int) -> tuple[StreamDecoder, StopMatcher, Completion]:
+            if row not in live:
+                live[row] = StreamDecoder(self.tokenizer), StopMatcher(requests[row].stop), Completion()
+            return live[row]
+
+        def close() -> Iterator[Piece | Done]:
             while finished:
                 row = finished.pop(0)
-                _settle(results[row], decoders[row], stops[row], first.max_new_tokens, start)
-                yield members[row], results[row]
+                decoder, stops, result = state(row)
+                del live[row]
+                tail = _settle(result, decoder, stops, requests[row].max_new_tokens, start)
+                if tail:
+                    yield Piece(row, tail)
+                yield Done(row, result)
 
         steps = engine.generate(
-            self.model, [encoded[i] for i in members], first.params, first.max_new_tokens,
-            stop_ids=self.stop_ids, generator=engine.make_generator(first.seed, self.device),
-            done=lambda row: stops[row].stopped, batch_size=batch_size, finished=finished.append,
+            self.model, prompts, [r.params for r in requests], [r.max_new_tokens for r in requests],
+            stop_ids=self.stop_ids, seeds=[r.seed for r in requests], done=lambda row: state(row)[1].stopped,
+            batch_size=batch_size, finished=finished.append,
         )
         for step in steps:
             now = time.perf_counter() - start
             for row, token in step:
-                r = results[row]
-                if r.first_token_seconds is None:
-                    r.first_token_seconds = now
-                r.tokens += 1
-                r.pieces.append(stops[row].feed(decoders[row].push(token)))
+                decoder, stops, result = state(row)
+                if result.first_token_seconds is None:
+                    result.first_token_seconds = now
+                result.n_tokens += 1
+                piece = stops.feed(decoder.push(token))
+                if piece:
+                    result.pieces.append(piece)
+                    yield Piece(row, piece)
             yield from close()
         yield from close()
+
+    def samples(self, requests: list[Request], batch_size: int) -> Iterator[Piece | Done]:
+        """Several samples of one prompt (one request per sample, each with its own seed), streamed
+        one after another in order. The prompt is prefilled once and the samples decode as one
+        batch; a single sample streams alone, through the compiled decoder if there is one."""
+        if len(requests) > 1:
+            yield from in_order(self.run(requests, batch_size))
+            return
+        result = Completion()
+        for piece in self.stream(requests[0], result):
+            yield Piece(0, piece)
+        yield Done(0, result)
+
+    def batch(self, requests: list[Request], batch_size: int) -> Iterator[tuple[int, Completion]]:
+        """Completions of many requests as (index, completion), in input order, each as soon as it
+        and every request before it are done."""
+        for event in in_order(self.run(requests, batch_size)):
+            if isinstance(event, Done):
+                yield event.index, event.completion
+
+
+@dataclass(frozen=True)
+class Piece:
+    index: int  # which request
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    index: int
+    completion: Completion
+
+
+def in_order(events: Iterable[Piece | Done]) -> Iterator[Piece | Done]:
+    """The events of run() in input order: request 0's pieces as they come, then its Done, then
+    request 1's (those already made come at once), and so on. Output that streams several
+    completions one after another (--num-samples) reads like one completion at a time."""
+    current, held = 0, {}
+    for event in events:
+        if event.index != current:
+            held.setdefault(event.index, []).append(event)
+            continue
+        yield event
+        while isinstance(event, Done):  # the next request's held events, and on if it is done too
+            current += 1
+            event = None
+            for event in held.pop(current, []):
+                yield event
 
 
 def _settle(result: Completion, decoder: StreamDecoder, stops: StopMatcher, max_new_tokens: int, start: float) -> str:
@@ -156,5 +191,5 @@ def _settle(result: Completion, decoder: StreamDecoder, stops: StopMatcher, max_
         result.pieces.append(tail)
     result.text = "".join(result.pieces)
     result.seconds = time.perf_counter() - start
-    result.finish_reason = "length" if result.tokens >= max_new_tokens and not stops.stopped else "stop"
+    result.finish_reason = "length" if result.n_tokens >= max_new_tokens and not stops.stopped else "stop"
     return tail

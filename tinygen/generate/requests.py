@@ -1,0 +1,91 @@
+"""Batch-mode input: lines of prompts, or JSON requests, into Requests with a seed for every row.
+
+Plain lines are prompts, one per line; an empty line is an empty prompt (a fresh document), so
+there is one completion per input line. JSON lines are {"prompt": ..., and any of the sampling
+fields, "max_new_tokens", "stop" and "seed"}; blank JSON lines are skipped.
+
+Seeds: each of a request's num_samples rows gets its own. A request's own "seed" gives seed + j
+for its j-th sample; otherwise the command's --seed gives seed + i * num_samples + j for the j-th
+sample of the i-th request, so no two rows share a stream and none depends on its neighbours.
+Without either, rows are seeded afresh.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import fields, replace
+
+from tinygen.errors import TinygenError
+from tinygen.generate.sampling import SamplingParams
+from tinygen.generate.textgen import Request
+
+SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+REQUEST_FIELDS = SAMPLING_FIELDS | {"prompt", "max_new_tokens", "stop", "seed"}
+
+
+def parse_requests(lines: Iterable[str], base: Request, *, jsonl: bool, num_samples: int = 1) -> list[Request]:
+    """Requests in input order, num_samples rows for each; base gives the command's settings."""
+    parsed = []
+    for n, line in enumerate(lines, 1):
+        if not jsonl:
+            parsed.append(replace(base, prompt=line, seed=None))
+        elif line.strip():
+            parsed.append(_json_request(line, n, base))
+    if not parsed:
+        raise TinygenError("batch mode got no prompts")
+    return expand(parsed, base.seed, num_samples)
+
+
+def expand(requests: list[Request], seed: int | None, num_samples: int) -> list[Request]:
+    """num_samples rows per request, each with a seed of its own (see the module docstring)."""
+    rows = []
+    for i, r in enumerate(requests):
+        for j in range(num_samples):
+            if r.seed is not None:
+                row_seed = r.seed + j
+            else:
+                row_seed = None if seed is None else seed + i * num_samples + j
+            rows.append(replace(r, seed=row_seed))
+    return rows
+
+
+def _json_request(line: str, n: int, base: Request) -> Request:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        obj = None
+    if not isinstance(obj, dict) or "prompt" not in obj:
+        raise TinygenError(f'line {n} of the input is not a JSON object with a "prompt"')
+    if not isinstance(obj["prompt"], str):
+        raise TinygenError(f'line {n}: "prompt" must be a string')
+    unknown = set(obj) - REQUEST_FIELDS
+    if unknown:
+        raise TinygenError(f"line {n}: unknown fields {', '.join(sorted(unknown))}")
+    try:
+        params = replace(base.params, **{k: _number(v, k) for k, v in obj.items() if k in SAMPLING_FIELDS})
+    except TinygenError as e:
+        raise TinygenError(f"line {n}: {e}") from None
+    stop = obj.get("stop", base.stop)
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
+        raise TinygenError(f'line {n}: "stop" must be a string or a list of strings')
+    max_new = obj.get("max_new_tokens", base.max_new_tokens)
+    if not _is_int(max_new) or max_new < 1:
+        raise TinygenError(f'line {n}: "max_new_tokens" must be a positive integer')
+    seed = obj.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise TinygenError(f'line {n}: "seed" must be an integer')
+    return Request(obj["prompt"], params, max_new, tuple(stop), seed)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value, name: str):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TinygenError(f'"{name}" must be a number, got {json.dumps(value)}')
+    if name == "top_k" and not float(value).is_integer():
+        raise TinygenError(f'"top_k" must be an integer, got {json.dumps(value)}')
+    return int(value) if name == "top_k" else float(value)
