@@ -47,6 +47,11 @@ STORY_LINES = [
 ]
 
 
+# `tinygen train` flags for a model that trains in seconds on a CPU.
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--vocab-size", "300",
+        "--batch-size", "4", "--eval-every", "5", "--warmup-steps", "2"]
+
+
 def make_model(config: ModelConfig, seed: int = 0, scale: float = 1.0) -> GPT:
     """A random model; scale > 1 sharpens its logits so greedy argmax is far from ties."""
     torch.manual_seed(seed)

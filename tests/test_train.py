@@ -4,10 +4,11 @@ process, the token cache is reused, eval numbers are right, and mistakes are one
 import json
 import math
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from tinygen.errors import TinygenError
 from tinygen.training import data as data_lib
 from tinygen.training.loop import Eval, Saved, Start, Step, TrainSettings, train
 
-from conftest import STORY_LINES, make_model
+from conftest import STORY_LINES, TINY, clean_env, make_model
 
 CPU = torch.device("cpu")
 
@@ -186,10 +187,6 @@ def _cli(*args, cwd, timeout=180, env_extra=None):
                           timeout=timeout, env=env)
 
 
-TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--vocab-size", "300",
-        "--batch-size", "4", "--eval-every", "5", "--warmup-steps", "2"]
-
-
 @pytest.fixture()
 def corpus(tmp_path):
     path = tmp_path / "stories.txt"
@@ -197,58 +194,83 @@ def corpus(tmp_path):
     return path
 
 
-def test_cli_train_sample_eval_and_errors(tmp_path, corpus):
-    r = _cli("train", str(corpus), "--out", "m.safetensors", *TINY, "--max-steps", "10", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout == ""  # progress is stderr's business
-    assert "saved" in r.stderr and "eval @ 10" in r.stderr
+def test_cli_train_sample_eval_and_errors(cli, tmp_path, corpus):
+    out = tmp_path / "m.safetensors"
+    r = cli("train", corpus, "--out", out, *TINY, "--max-steps", "10", "--device", "cpu", timeout=120)
+    assert r.rc == 0, r.err
+    assert r.out == ""  # progress is stderr's business
+    assert "saved" in r.err and "eval @ 10" in r.err
     metrics = [json.loads(line) for line in (tmp_path / "m.safetensors.metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "train_loss" in m] == list(range(1, 11))
-    r = _cli("sample", "-m", "m.safetensors", "-n", "5", "--seed", "1", "Once", cwd=tmp_path)
-    assert r.returncode == 0 and r.stdout.strip(), r.stderr
-    r = _cli("eval", "-m", "m.safetensors", str(corpus), "--json", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    score = json.loads(r.stdout)
+    r = cli("sample", "-m", out, "-n", "5", "--seed", "1", "Once")
+    assert r.rc == 0 and r.out.strip(), r.err
+    r = cli("eval", "-m", out, corpus, "--json", "--device", "cpu")
+    assert r.rc == 0 and r.err == "", r.err  # no progress bar in a pipe
+    score = json.loads(r.out)
     assert math.isclose(score["perplexity"], math.exp(score["loss"]), rel_tol=1e-6) and score["bits_per_byte"] > 0
     # Mistakes: one line on stderr, non-zero exit, no traceback.
     (tmp_path / "empty.txt").write_text("")
+    x = tmp_path / "x.safetensors"
     cases = [
-        ("train", "nope.txt", "--out", "x.safetensors"),
-        ("train", "empty.txt", "--out", "x.safetensors"),
-        ("train", str(corpus), "--out", "x.safetensors", "--vocab-size", "100"),
-        ("train", str(corpus), "--out", "x.safetensors", *TINY, "--block-size", "100000", "--max-steps", "1"),
-        ("train", str(corpus), "--out", "x.safetensors", "--init", "m.safetensors", "--n-layer", "3", "--max-steps", "1"),
-        ("train", str(corpus), "--out", "x.safetensors", "--time", "soon"),
-        ("train", str(corpus), "--out", "fresh.safetensors", "--resume"),
-        ("eval", "-m", "m.safetensors", "nope.txt"),
+        ("train", tmp_path / "nope.txt", "--out", x),
+        ("train", tmp_path / "empty.txt", "--out", x),
+        ("train", corpus, "--out", x, "--vocab-size", "100"),
+        ("train", corpus, "--out", x, *TINY, "--block-size", "100000", "--max-steps", "1"),
+        ("train", corpus, "--out", x, "--init", out, "--n-layer", "3", "--max-steps", "1"),
+        ("train", corpus, "--out", x, "--time", "soon"),
+        ("train", corpus, "--out", x, "--preset", "huge"),
+        ("train", corpus, "--out", x, "--batch-size", "0"),
+        ("train", corpus, "--out", tmp_path / "fresh.safetensors", "--resume"),
+        ("eval", "-m", out, tmp_path / "nope.txt"),
+        ("eval", "-m", out, corpus, "--val-split", "1"),
+        ("chat-data", "bogus", corpus),
     ]
     for args in cases:
-        r = _cli(*args, cwd=tmp_path)
-        assert r.returncode != 0, args
-        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+        r = cli(*args, "--device", "cpu") if args[0] != "chat-data" else cli(*args)
+        assert r.rc != 0, args
+        assert "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1, (args, r.err)
 
 
-def test_cli_ctrl_c_saves_and_resume_finishes(tmp_path, corpus):
-    env = {k: v for k, v in os.environ.items() if k != "TINYGEN_MODEL"}
-    proc = subprocess.Popen([sys.executable, "-m", "tinygen", "train", str(corpus), "--out", "m.safetensors", *TINY,
-                             "--max-steps", "100000"], cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    seen = ""
-    while time.time() < deadline:
-        line = proc.stderr.readline()
-        seen += line
-        if line.startswith("step 20"):
-            break
+def test_train_eval_and_chat_data_options_follow_the_conventions(cli):
+    from tinygen.cli.train import ChatKind
+    from tinygen.training.chatdata import CONVERTERS
+
+    train_help = cli("train", "--help").out
+    for shown in ("--out FILE", "--preset <tiny|mini|small|medium|gpt2>", "--arch <rope|gpt2>", "--time DURATION",
+                  "--init FILE", "--lr X", "--max-steps N", "0.0<=x<=1.0"):
+        assert shown in train_help, shown
+    for flag in ("--resume", "--force", "--chat", "--compile"):  # flags take no value, so show none
+        assert re.search(rf"^  {flag}  +\S", train_help, re.M), flag
+    assert "--dtype <auto|float32|bfloat16>" in cli("eval", "--help").out
+    assert "KIND <topical-chat|dolly|stories|mix>" in cli("chat-data", "--help").out
+    assert {kind.value for kind in ChatKind} == set(CONVERTERS)
+
+
+def test_ctrl_c_saves_exits_130_and_prints_a_resume_command_that_finishes(cli, tmp_path, corpus):
+    args = ["train", str(corpus), "--out", str(tmp_path / "m.safetensors"), *TINY, "--max-steps", "100000",
+            "--device", "cpu"]
+    # TTY_COMPATIBLE makes Rich draw its live bar as on a terminal, cursor moves and all.
+    proc = subprocess.Popen([sys.executable, "-m", "tinygen", *args], stderr=subprocess.PIPE,
+                            env=clean_env(TTY_COMPATIBLE="1", COLUMNS="100"))
+    screen = b""
+    while not re.search(rb"step \d\d", screen):  # the live bar is up and running
+        chunk = proc.stderr.read1(65536)
+        assert chunk, screen.decode(errors="replace")
+        screen += chunk
     proc.send_signal(signal.SIGINT)
-    _, rest = proc.communicate(timeout=60)
-    assert proc.returncode == 0, seen + rest
-    assert "interrupted" in rest and "Traceback" not in rest
-    state = json.loads((tmp_path / "m.safetensors.state.json").read_text())
-    stopped_at = state["step"]
-    assert stopped_at >= 20
-    r = _cli("train", str(corpus), "--out", "m.safetensors", "--resume", "--max-steps", str(stopped_at + 5), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert f"resuming at step {stopped_at}" in r.stderr
+    screen += proc.communicate(timeout=60)[1]
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode("utf-8", "replace"))
+    assert proc.returncode == 130, text[-2000:]  # so that `train && eval` does not go on
+    assert "interrupted" in text and "Traceback" not in text
+    stopped_at = json.loads((tmp_path / "m.safetensors.state.json").read_text())["step"]
+    assert stopped_at >= 10
+    lines = [line.strip() for line in re.split(r"[\r\n]+", text)]
+    command = "tinygen " + shlex.join(args) + " --resume"
+    assert command in lines, text[-2000:]  # a line of its own, not glued to the bar
+    assert lines[lines.index(command) - 1] == "to continue:"
+    r = cli(*shlex.split(command)[1:], "--max-steps", str(stopped_at + 5), timeout=120)  # a later flag wins
+    assert r.rc == 0, r.err
+    assert f"resuming at step {stopped_at}" in r.err
     assert json.loads((tmp_path / "m.safetensors.state.json").read_text())["step"] == stopped_at + 5
 
 
@@ -274,21 +296,27 @@ def test_ddp_on_gloo_matches_one_process(tmp_path, corpus):
         assert torch.allclose(x, y, atol=1e-5), name
 
 
-def test_eval_val_split_reproduces_the_final_validation_numbers(tmp_path, corpus):
-    r = _cli("train", str(corpus), "--out", "m.safetensors", *TINY, "--max-steps", "4", "--val-fraction", "0.2",
-             "--seed", "5", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    prov = load_model(tmp_path / "m.safetensors")[2].provenance
-    r = _cli("eval", "-m", "m.safetensors", str(corpus), "--val-split", "0.2", "--seed", "5", "--json", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    score = json.loads(r.stdout)
+@pytest.mark.parametrize("split", ["documents", "tail"])
+def test_eval_val_split_reproduces_the_final_validation_numbers(cli, tmp_path, corpus, split):
+    if split == "tail":  # one long text: too few documents to hold out whole ones
+        corpus.write_text("\n".join(STORY_LINES * 12))
+    out = tmp_path / "m.safetensors"
+    r = cli("train", corpus, "--out", out, *TINY, "--max-steps", "4", "--val-fraction", "0.2", "--seed", "5",
+            "--device", "cpu", timeout=120)
+    assert r.rc == 0, r.err
+    prov = load_model(out)[2].provenance
+    assert prov["val_tokens"] > 0
+    assert ("the last 20% of the text (too few documents" in r.err) == (split == "tail")
+    r = cli("eval", "-m", out, corpus, "--val-split", "0.2", "--seed", "5", "--json", "--device", "cpu")
+    assert r.rc == 0, r.err
+    score = json.loads(r.out)
     assert math.isclose(score["loss"], prov["val_loss"], rel_tol=1e-5)
     assert math.isclose(score["bits_per_byte"], prov["val_bpb"], rel_tol=1e-5)
-    assert score["documents"] == prov["val_docs"]
-    before = load_model(tmp_path / "m.safetensors")[0].state_dict()
-    r = _cli("eval", "-m", "m.safetensors", str(corpus), "--val-split", "0.2", "--seed", "5", "--record", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    model, _, info = load_model(tmp_path / "m.safetensors")
+    assert score["documents"] == prov["val_docs"] and score["tokens"] == prov["val_tokens"] - 1
+    before = load_model(out)[0].state_dict()
+    r = cli("eval", "-m", out, corpus, "--val-split", "0.2", "--seed", "5", "--record", "--device", "cpu")
+    assert r.rc == 0, r.err
+    model, _, info = load_model(out)
     assert math.isclose(info.provenance["val_loss"], score["loss"], rel_tol=1e-9)
     assert "val split 0.2" in info.provenance["val_data"] and info.provenance["steps"] == 4
     for k, v in model.state_dict().items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Annotated, Optional
 
@@ -9,51 +10,57 @@ import typer
 
 from tinygen.cli import ui
 from tinygen.cli.common import load_model
-from tinygen.cli.options import DeviceOpt, ModelOpt, QuantOpt
+from tinygen.cli.options import DeviceOpt, Dtype, ModelOpt, QuantOpt
 from tinygen.errors import TinygenError
 
 
 def eval_cmd(
-    files: Annotated[list[str], typer.Argument(help="Text files to score (documents split on --separator).",
-                                               show_default=False)],
+    files: Annotated[list[str], typer.Argument(metavar="FILE", help="Text files, folders or globs to score (documents split on "
+                                               "--separator).", show_default=False)],
     model: ModelOpt = None,
-    separator: Annotated[str, typer.Option(help="Text that separates documents.")] = "<|endoftext|>",
-    stride: Annotated[Optional[int], typer.Option(help="Sliding-window stride in tokens (default: half the context).")] = None,
-    val_split: Annotated[Optional[float], typer.Option(help="Score only the documents that `tinygen train` with this "
-                                                       "--val-fraction (and --seed) held out of the same FILES.")] = None,
-    seed: Annotated[int, typer.Option(help="With --val-split: the training run's --seed.")] = 1337,
-    record: Annotated[bool, typer.Option("--record", help="Also store the scores in the model's provenance "
-                                         "(shown by `tinygen info`).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    separator: Annotated[str, typer.Option(metavar="TEXT", help="Text that separates documents.")] = "<|endoftext|>",
+    stride: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Sliding-window stride in tokens "
+                                                  "(default: half the context).", show_default=False)] = None,
+    val_split: Annotated[Optional[float], typer.Option(metavar="X", min=0.0, help="Score only the text that "
+                                                       "`tinygen train` with this --val-fraction (and --seed) held "
+                                                       "out of the same FILES.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(metavar="N", help="With --val-split: the training run's --seed.")] = 1337,
+    record: Annotated[bool, typer.Option("--record", metavar="", help="Also store the scores in the model's "
+                                         "provenance (shown by `tinygen info`).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Machine-readable output.")] = False,
     device: DeviceOpt = "auto",
+    dtype: Annotated[Dtype, typer.Option(help="Weights to score with: float32 (the default, as training's own "
+                                         "validation), bfloat16, or auto (bf16 on CUDA).")] = Dtype.float32,
     quantize: QuantOpt = None,
 ) -> None:
     """Score a model on text: mean loss, perplexity and bits per byte."""
     from tinygen.core.evaluate import score_tokens
-
-    quantize = quantize and quantize.value
     from tinygen.training import data as data_lib
 
+    quantize = quantize and quantize.value
     docs = data_lib.read_documents(data_lib.expand_sources(files), separator)
+    split_note = None
     if val_split is not None:
-        _, docs = data_lib.split_documents(docs, val_split, seed)
+        if val_split >= 1:
+            raise TinygenError(f"--val-split must be below 1, got {val_split}")
+        split = data_lib.split_for_validation(docs, val_split, seed)
+        docs = split.val
         if not docs:
-            raise TinygenError("--val-split left no documents to score")
+            raise TinygenError("--val-split left no text to score")
+        split_note = f"{val_split}, seed {seed}" + (", the end of the text" if split.method == "tail" else "")
     if record and quantize is not None:
         raise TinygenError("--record stores the model's own scores; drop --quantize to record")
-    net, tok, meta = load_model(model, device, quantize=quantize)
-    if stride is not None and not 0 < stride <= net.config.block_size:
-        raise TinygenError(f"--stride must be in 1..{net.config.block_size}")
+    net, tok, meta = load_model(model, device, dtype, quantize=quantize)
+    if stride is not None and stride > net.config.block_size:
+        raise TinygenError(f"--stride must be at most the model's context, {net.config.block_size}")
     tokens = data_lib.encode_documents(docs, tok)
-    score = score_tokens(net, tokens, stride=stride, n_bytes=sum(len(d.encode()) for d in docs))
+    with _progress() as progress:
+        score = score_tokens(net, tokens, stride=stride, n_bytes=sum(len(d.encode()) for d in docs), progress=progress)
     result = {"model": str(meta.path), "quantize": quantize, "documents": len(docs), **score.as_dict()}
     if record:
         from tinygen.core.checkpoint import update_provenance
 
-        label = "val" if val_split is not None else "eval"
-        update_provenance(meta.path, {f"{label}_loss": score.loss, f"{label}_bpb": score.bits_per_byte,
-                                      f"{label}_data": " ".join(files) + (f" (val split {val_split}, seed {seed})"
-                                                                          if val_split is not None else "")})
+        update_provenance(meta.path, score.provenance(" ".join(files), split_note))
     if as_json:
         ui.write(json.dumps(result, indent=2) + "\n")
         return
@@ -62,3 +69,24 @@ def eval_cmd(
             ("loss", f"{score.loss:.4f} nats/token"), ("perplexity", f"{score.perplexity:.2f}"),
             ("bits per byte", f"{score.bits_per_byte:.4f}")]
     ui.info_table(rows, title="evaluation")
+
+
+@contextlib.contextmanager
+def _progress():
+    """A progress callback for scoring: a bar on stderr when it is a terminal, nothing in a pipe."""
+    console = ui.err()
+    if not console.is_terminal:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("scoring", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

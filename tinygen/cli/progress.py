@@ -1,13 +1,13 @@
-"""What `tinygen train` shows on stderr while it works, and the metrics it leaves behind.
+"""What `tinygen train` shows on stderr while it works.
 
 On a terminal: a live bar (step, loss, val loss, tokens/s, MFU on GPU, ETA), an eval line with a
 short sample at each evaluation, and a loss chart at the end. In a pipe or log file: one plain
-line per step interval instead of the live bar. Metrics also go to `<out>.metrics.jsonl`.
+line per step interval instead of the live bar. The training loop itself writes the metrics file
+(training/metrics.py); the display only reads it back for the chart of a resumed run.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.console import Console
@@ -16,13 +16,14 @@ from rich.text import Text
 
 from tinygen.core.tokenizer import Tokenizer
 from tinygen.training.loop import Eval, Saved, Start, Step
+from tinygen.training.metrics import metrics_path, read_metrics
 
 
 class TrainDisplay:
     def __init__(self, console: Console, tokenizer: Tokenizer, out: Path, log_every: int = 10):
         self.console = console
         self.tokenizer = tokenizer
-        self.metrics_path = out.with_name(out.name + ".metrics.jsonl")
+        self.metrics_path = metrics_path(out)
         self.log_every = log_every
         self.val_loss: float | None = None
         self.losses: list[tuple[int, float]] = []
@@ -49,12 +50,8 @@ class TrainDisplay:
         return False
 
     def _start(self, ev: Start) -> None:
-        if ev.resumed_step == 0:
-            self.metrics_path.unlink(missing_ok=True)
-        elif self.metrics_path.exists():
-            # Resuming from an earlier save: forget metrics logged after it.
-            rows = [r for r in _read_jsonl(self.metrics_path) if r.get("step", 0) <= ev.resumed_step]
-            self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if ev.resumed_step:  # the chart goes back to the start of the run
+            rows = read_metrics(self.metrics_path)
             self.losses = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
             self.val_losses = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
         self.console.print(
@@ -71,14 +68,11 @@ class TrainDisplay:
             self._step(ev)
         elif isinstance(ev, Eval):
             self._eval(ev)
-        elif isinstance(ev, Saved):
-            if ev.reason != "eval":
-                self.console.print(f"[green]saved[/green] {ev.path} at step {ev.step} ({ev.reason})")
+        elif isinstance(ev, Saved) and ev.reason in ("final", "interrupted"):  # an error's own line says it saved
+            self.console.print(f"[green]saved[/green] {ev.path} at step {ev.step} ({ev.reason})")
 
     def _step(self, ev: Step) -> None:
         self.losses.append((ev.step, ev.loss))
-        self._log({"step": ev.step, "train_loss": ev.loss, "lr": ev.lr, "tokens": ev.tokens_seen,
-                   "tokens_per_s": round(ev.tokens_per_s, 1), "mfu": ev.mfu, "time": round(ev.elapsed, 2)})
         val = f"{self.val_loss:.3f}" if self.val_loss is not None else "-"
         mfu = f" · MFU {ev.mfu:.0%}" if ev.mfu is not None else ""
         if self.progress is not None:
@@ -90,21 +84,17 @@ class TrainDisplay:
 
     def _eval(self, ev: Eval) -> None:
         self.val_loss = ev.val_loss
+        if ev.val_loss is None and not ev.sample:
+            return
+        line = Text(f"eval @ {ev.step}", style="bold magenta")
         if ev.val_loss is not None:
             self.val_losses.append((ev.step, ev.val_loss))
-            self._log({"step": ev.step, "val_loss": ev.val_loss, "val_bpb": ev.val_bpb})
-        line = Text(f"eval @ {ev.step}: ", style="bold magenta")
-        if ev.val_loss is not None:
-            line.append(f"val loss {ev.val_loss:.4f}" + (f", {ev.val_bpb:.3f} bits/byte" if ev.val_bpb else ""))
+            line.append(f": val loss {ev.val_loss:.4f}" + (f", {ev.val_bpb:.3f} bits/byte" if ev.val_bpb else ""))
         if ev.sample:
             text = self.tokenizer.decode(ev.sample).strip().replace("\n", " ")
             line.append("\n  ")
             line.append(text[:200] + ("…" if len(text) > 200 else ""), style="italic")
         self.console.print(line)
-
-    def _log(self, row: dict) -> None:
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
 
     def finish(self) -> None:
         if len(self.losses) >= 2:
@@ -112,12 +102,8 @@ class TrainDisplay:
         self.console.print(f"[dim]metrics: {self.metrics_path}[/dim]")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def loss_chart(train: list[tuple[int, float]], val: list[tuple[int, float]], width: int = 60, height: int = 12) -> Text:
-    """A terminal plot of loss against step: train as dots, validation as diamonds."""
+    """A terminal plot of loss against step: train as dots, validation (when there is any) as diamonds."""
     points = train + val
     lo, hi = min(v for _, v in points), max(v for _, v in points)
     last_step = max(s for s, _ in points)
@@ -133,7 +119,7 @@ def loss_chart(train: list[tuple[int, float]], val: list[tuple[int, float]], wid
         place(s, v, "·")
     for s, v in val:
         place(s, v, "◆")
-    out = Text("loss (· train, ◆ val)\n", style="bold")
+    out = Text("loss (· train, ◆ val)\n" if val else "loss (· train)\n", style="bold")
     for i, row in enumerate(grid):
         label = hi - span * i / (height - 1)
         out.append(f"{label:7.3f} │", style="dim")

@@ -3,12 +3,14 @@
 Text longer than the context is scored in sliding windows: each window overlaps the previous
 one, and only its new tokens are scored, so every token (after the first) is predicted from as
 much context as the model allows. Training computes its validation numbers with this same code,
-and `tokenize --probs` shows the per-token losses it sums.
+and `tokenize --probs` shows the per-token losses it sums. A caller that wants to show progress
+passes a callback; nothing here prints.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,14 +40,25 @@ class Score:
         return {"loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
                 "tokens": self.tokens, "bytes": self.bytes}
 
+    def provenance(self, data: str, val_split: str | None = None) -> dict:
+        """What `eval --record` stores in a checkpoint: val_* for the split its training held out
+        (val_split says how it was chosen), eval_* for any other text."""
+        label = "val" if val_split is not None else "eval"
+        return {f"{label}_loss": self.loss, f"{label}_bpb": self.bits_per_byte,
+                f"{label}_data": data + (f" (val split {val_split})" if val_split is not None else "")}
+
+
+Progress = Callable[[int, int], None]  # (tokens scored so far, tokens to score)
+
 
 def score_tokens(model, tokens: np.ndarray | list[int], *, stride: int | None = None, batch_size: int = 8,
-                 max_tokens: int | None = None, n_bytes: int = 0, mask: np.ndarray | None = None) -> Score:
+                 max_tokens: int | None = None, n_bytes: int = 0, mask: np.ndarray | None = None,
+                 progress: Progress | None = None) -> Score:
     """Score a token stream. stride defaults to half the context; stride == block_size gives
     plain non-overlapping windows (cheaper, what training uses mid-run). With a mask (parallel
     to tokens), only tokens where it is nonzero are scored: a chat model's replies."""
     tokens = np.asarray(tokens[: max_tokens + 1] if max_tokens else tokens, dtype=np.int64)
-    losses = token_losses(model, tokens, stride=stride, batch_size=batch_size)
+    losses = token_losses(model, tokens, stride=stride, batch_size=batch_size, progress=progress)
     if mask is not None:
         keep = np.asarray(mask[1 : len(tokens)]) != 0
         return Score(float(losses[keep].sum()), int(keep.sum()), n_bytes)
@@ -53,7 +66,8 @@ def score_tokens(model, tokens: np.ndarray | list[int], *, stride: int | None = 
 
 
 @torch.no_grad()
-def token_losses(model, tokens: np.ndarray | list[int], *, stride: int | None = None, batch_size: int = 8) -> np.ndarray:
+def token_losses(model, tokens: np.ndarray | list[int], *, stride: int | None = None, batch_size: int = 8,
+                 progress: Progress | None = None) -> np.ndarray:
     """Each token's negative log-likelihood in nats: entry i is for tokens[i + 1], predicted from
     the tokens before it (as many as the context holds)."""
     block = model.config.block_size
@@ -90,5 +104,7 @@ def token_losses(model, tokens: np.ndarray | list[int], *, stride: int | None = 
         nll = nll.view(len(group), width).cpu().double().numpy()
         for row, (s, e, first) in enumerate(group):
             losses[first - 1 : e - 1] = nll[row, first - s - 1 : e - s - 1]  # only what earlier windows did not score
+        if progress is not None:
+            progress(group[-1][1] - 1, n - 1)
     model.train(was_training)
     return losses

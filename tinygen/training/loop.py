@@ -1,9 +1,11 @@
 """The training loop: next-token cross-entropy, AdamW, warmup + cosine decay, resumable.
 
 `train` is a generator of events (Start, Step, Eval, Saved); it never prints. Only rank 0
-yields events and writes files. Everything needed to continue exactly where a run stopped
-(optimizer moments, step, tokens seen, the batch sampler's RNG, the dropout RNG) goes into the
-state files beside the checkpoint (state.py).
+yields events and writes files: the checkpoint, its state and the metrics (metrics.py).
+Everything needed to continue exactly where a run stopped (optimizer moments, step, tokens seen,
+the batch sampler's RNG, the dropout RNG) goes into the state files beside the checkpoint
+(state.py). Evaluation and saving happen at step boundaries, where all ranks also decide
+together whether to stop (stopping.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,9 @@ from tinygen.core.model import GPT
 from tinygen.core.tokenizer import Tokenizer
 from tinygen.errors import TinygenError
 from tinygen.training.distributed import Dist
-from tinygen.training.state import load_state, save_state
+from tinygen.training.metrics import MetricsLog
+from tinygen.training.state import load_state, remove_state, save_state
+from tinygen.training.stopping import PeerFailed, agree
 
 
 @dataclass
@@ -94,7 +98,7 @@ class Eval:
 class Saved:
     path: Path
     step: int
-    reason: str  # "eval", "final", "interrupted"
+    reason: str  # "eval", "final", "interrupted", "error" (on the way out after a failure)
 
 
 # -- pieces of the loop ---------------------------------------------------------------------------
@@ -156,6 +160,18 @@ def get_batch(data: np.ndarray, rows: torch.Tensor, block: int, device,
 
 # -- the loop -------------------------------------------------------------------------------------
 
+class TrainingFailed(TinygenError):
+    """Rank 0's evaluation, sampling or save failed mid-run, and every rank stopped with it. The
+    trained steps were saved on the way out when that could still be done (saved_step; -1: never)."""
+
+    def __init__(self, doing: str, cause: Exception, out: Path, saved_step: int):
+        why = str(cause) if isinstance(cause, TinygenError) else f"{type(cause).__name__}: {cause}"
+        kept = (f"the model and its training state at step {saved_step} are saved in {out}" if saved_step >= 0
+                else "nothing could be saved")
+        super().__init__(f"{doing} failed ({why}); {kept}")
+        self.saved_step = saved_step
+
+
 def train(
     model: GPT,
     tokenizer: Tokenizer,
@@ -165,13 +181,17 @@ def train(
     s: TrainSettings,
     *,
     device: torch.device,
-    dist: Dist = Dist(),
+    dist: Dist | None = None,
     resume: bool = False,
     val_bytes: int = 0,
     provenance: dict | None = None,
+    recipe: dict | None = None,
     chat: ChatSupervision | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> Iterator[Start | Step | Eval | Saved]:
+    """Train, yielding events on rank 0. `recipe` (what the run was made from) is kept in the state
+    file for --resume to check; `should_stop` is read at each step boundary."""
+    dist = dist or Dist()
     cfg = model.config
     block = cfg.block_size
     train_mask, val_mask = (chat.train_mask, chat.val_mask) if chat else (None, None)
@@ -191,12 +211,16 @@ def train(
     batch_rng = torch.Generator().manual_seed(s.seed)
     torch.manual_seed(s.seed + dist.rank)  # dropout differs per rank, batches are shared
     # The newest metrics record: its losses go into the checkpoint's provenance. The full history
-    # lives in the metrics JSONL the display writes, so the state file keeps only this one.
+    # is in the metrics JSONL, so the state file keeps only this one.
     step, tokens_seen, elapsed_before, last = 0, 0, 0.0, {}
     if resume:
         meta = load_state(out, optimizer, batch_rng)
         step, tokens_seen, elapsed_before = meta["step"], meta["tokens_seen"], meta["elapsed"]
         last = meta.get("last", {})
+        if meta.get("tokens_per_step", tokens_per_step) != tokens_per_step:
+            raise TinygenError(f"the run at {out} took {meta['tokens_per_step']:,} tokens per step with "
+                               f"{meta.get('world', '?')} process(es), but {dist.world} would take "
+                               f"{tokens_per_step:,}; resume it with {meta.get('world', 'as many')} process(es)")
     runner = model
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -207,7 +231,12 @@ def train(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     peak = peak_flops(device)
     fpt = flops_per_token(model)
+    metrics = MetricsLog(out)
     if dist.master:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not resume:  # a fresh run: an older run's optimizer state would not belong to these weights
+            remove_state(out)
+        metrics.start(step)
         yield Start(model.num_params(), tokens_per_step, accum, dist.world, len(train_data), len(val_data), step, str(device))
 
     def progress_at(step_: int, elapsed_: float) -> float:
@@ -219,52 +248,88 @@ def train(
             fractions.append(elapsed_ / s.max_time)
         return max(fractions) if fractions else 0.0
 
-    def checkpoint(reason: str) -> Saved:
+    def save(reason: str) -> Saved:
+        nonlocal saved_at
         prov = {**(provenance or {}), "steps": step, "tokens_seen": tokens_seen, "train_seconds": round(elapsed, 1)}
         prov.update({k: last[k] for k in ("train_loss", "val_loss", "val_bpb") if last.get(k) is not None})
         save_checkpoint(out, model, tokenizer, prov)
         save_state(out, optimizer, batch_rng, {"step": step, "tokens_seen": tokens_seen, "elapsed": elapsed,
-                                               "settings": asdict(s), "last": last})
+                                               "tokens_per_step": tokens_per_step, "world": dist.world,
+                                               "settings": asdict(s),
+                                               "recipe": recipe or {}, "last": last})
+        saved_at = step
         return Saved(out, step, reason)
 
-    def evaluate(final: bool) -> Eval:
-        val = None
-        if len(val_data) > 1:
-            with autocast:
-                if final:  # all of it, in sliding windows: the numbers `tinygen eval --val-split` reports
-                    val = score_tokens(model, val_data, n_bytes=val_bytes, mask=val_mask)
-                else:  # a cheaper look mid-run: non-overlapping windows over the first eval_tokens
-                    n = min(len(val_data), s.eval_tokens)
-                    val = score_tokens(model, val_data, stride=block, max_tokens=n,
-                                       n_bytes=int(val_bytes * n / len(val_data)), mask=val_mask)
-        sample = []
-        if s.sample_tokens and tokenizer.eot_id is not None:
-            from tinygen.generate.engine import generate_batch
-            from tinygen.generate.sampling import SamplingParams
+    def validation(final: bool):
+        if len(val_data) < 2:
+            return None
+        if final:  # all of it, in sliding windows and float32: the numbers `tinygen eval --val-split` reports
+            return score_tokens(model, val_data, n_bytes=val_bytes, mask=val_mask)
+        n = min(len(val_data), s.eval_tokens)  # a cheaper look mid-run: non-overlapping windows over the first n
+        with autocast:
+            return score_tokens(model, val_data, stride=block, max_tokens=n, n_bytes=int(val_bytes * n / len(val_data)),
+                                mask=val_mask)
 
-            gen = torch.Generator(device=device).manual_seed(step)  # its own RNG: samples never shift training
-            model.eval()
+    def sample() -> list[int]:
+        if not s.sample_tokens or tokenizer.eot_id is None:
+            return []
+        from tinygen.generate.engine import generate_batch
+        from tinygen.generate.sampling import SamplingParams
+
+        gen = torch.Generator(device=device).manual_seed(step)  # its own RNG: samples never shift training
+        model.eval()
+        try:
             with autocast:
-                sample = generate_batch(model, [[tokenizer.eot_id]], SamplingParams(temperature=0.8), s.sample_tokens,
-                                        stop_ids=[tokenizer.eot_id], generator=gen)[0]
+                return generate_batch(model, [[tokenizer.eot_id]], SamplingParams(temperature=0.8), s.sample_tokens,
+                                      stop_ids=[tokenizer.eot_id], generator=gen)[0]
+        finally:
             model.train()
-        return Eval(step, val.loss if val else None, val.bits_per_byte if val else None, sample)
 
     # ---------------------------------------------------------------- train
     start = time.perf_counter()
     elapsed = elapsed_before
-    saved_at = step if resume else -1
+    evaluated_at = step  # the weights a run starts (or resumes) from are not evaluated again
+    final_at = -1  # the step whose final evaluation and save are done
+    saved_at = step if resume else -1  # rank 0: the step the files on disk hold
+    failure: tuple[str, Exception] | None = None  # rank 0's failed evaluation or save: everyone stops next
     while True:
-        elapsed = elapsed_before + time.perf_counter() - start
-        progress = progress_at(step, elapsed)
-        if progress >= 1.0:
-            break
-        if should_stop():
-            if dist.master:
-                yield checkpoint("interrupted")
+        # ------------------------------------------------------------ step boundary: decided by all ranks
+        stop, failed, elapsed = agree(dist, device, should_stop(), failure is not None,
+                                      elapsed_before + time.perf_counter() - start)
+        finished = progress_at(step, elapsed) >= 1.0
+        if failed or stop or (finished and final_at == step):
+            dist.stopped_together = True
+            if failed and not dist.master:
+                raise PeerFailed("stopped because rank 0 failed; its error is above")
+            if failed:
+                if saved_at != step:
+                    with suppress(Exception):  # the save itself may be what failed
+                        yield save("error")
+                raise TrainingFailed(*failure, out, saved_at) from failure[1]
+            if stop and final_at != step and dist.master:
+                yield save("interrupted") if saved_at != step else Saved(out, step, "interrupted")
             return
+        if finished or (step != evaluated_at and step % s.eval_every == 0):
+            if dist.master:
+                doing = f"evaluation at step {step}"
+                try:
+                    val = validation(finished)
+                    doing = f"sampling at step {step}"
+                    ev = Eval(step, val.loss if val else None, val.bits_per_byte if val else None, sample())
+                    last.update(val_loss=ev.val_loss, val_bpb=ev.val_bpb)
+                    if ev.val_loss is not None:
+                        metrics.write({"step": step, "val_loss": ev.val_loss, "val_bpb": ev.val_bpb})
+                    yield ev
+                    doing = f"saving at step {step}"
+                    yield save("final" if finished else "eval")
+                except Exception as e:
+                    failure = (doing, e)
+            evaluated_at = step
+            final_at = step if finished else final_at
+            continue
+        # ------------------------------------------------------------ one optimizer step
         t0 = time.perf_counter()
-        lr = lr_at(step, progress, s)
+        lr = lr_at(step, progress_at(step, elapsed), s)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # All processes draw the same offsets; each takes its own slice of every micro-batch,
@@ -288,7 +353,10 @@ def train(
 
             tdist.all_reduce(loss_sum, op=tdist.ReduceOp.AVG)
         last_loss = loss_sum.item()
-        if not math.isfinite(last_loss):
+        if not math.isfinite(last_loss):  # the same all-reduced loss on every rank: they all stop here
+            dist.stopped_together = True
+            if not dist.master:
+                raise PeerFailed(f"stopped because the loss became {last_loss}")
             raise TinygenError(f"the loss became {last_loss} at step {step + 1}; stopped without saving, so the last "
                                f"good checkpoint stays. Try a lower --lr")
         if s.grad_clip > 0:
@@ -298,20 +366,10 @@ def train(
         step += 1
         tokens_seen += tokens_per_step
         dt = time.perf_counter() - t0
-        elapsed = elapsed_before + time.perf_counter() - start
-        last = {"step": step, "train_loss": last_loss, "lr": lr, "tokens": tokens_seen, "time": round(elapsed, 2)}
-        progress = progress_at(step, elapsed)
+        now = elapsed_before + time.perf_counter() - start
+        last = {"step": step, "train_loss": last_loss, "lr": lr, "tokens": tokens_seen, "time": round(now, 2)}
         if dist.master:
             tps = tokens_per_step / dt
-            yield Step(step, last_loss, lr, tokens_seen, tps, tps * fpt / (peak * dist.world) if peak else None,
-                       elapsed, progress)
-        done = progress >= 1.0
-        if step % s.eval_every == 0 or done:
-            if dist.master:
-                ev = evaluate(done)
-                last.update(val_loss=ev.val_loss, val_bpb=ev.val_bpb)
-                yield ev
-                yield checkpoint("final" if done else "eval")
-            saved_at = step
-    if dist.master and saved_at != step:
-        yield checkpoint("final")
+            mfu = tps * fpt / (peak * dist.world) if peak else None
+            metrics.write({**last, "tokens_per_s": round(tps, 1), "mfu": mfu})
+            yield Step(step, last_loss, lr, tokens_seen, tps, mfu, now, progress_at(step, now))

@@ -1,13 +1,16 @@
 """From `tinygen train` arguments to a ready run: data, tokenizer, model and settings.
 
-Under torchrun, rank 0 trains the tokenizer and fills the token cache while the other ranks
-wait at a barrier, then everyone reads the same files.
+A fresh run will not overwrite a model unless told to (--force). A resumed one takes what it is
+made of from its state file, and checks the flags typed again against it (resume.py). Under
+torchrun, rank 0 trains the tokenizer and fills the token cache while the other ranks wait at a
+barrier, then everyone reads the same files.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +25,36 @@ from tinygen.core.tokenizer import EOT, Tokenizer
 from tinygen.errors import TinygenError
 from tinygen.training import chatdata
 from tinygen.training import data as data_lib
-from tinygen.training.distributed import Dist
+from tinygen.training import resume as resume_lib
+from tinygen.training.distributed import Dist, barrier
 from tinygen.training.loop import ChatSupervision, TrainSettings
-from tinygen.training.state import state_paths
+from tinygen.training.state import read_state_meta
 
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size")
+
+@dataclass
+class Recipe:
+    """A run as `tinygen train`'s flags describe it. `given` names the fields the user typed: on
+    --resume the others come from the saved run, and the typed ones are checked against it."""
+
+    data: list[str]
+    out: Path
+    preset: str | None = None
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None
+    arch: str = "rope"
+    dropout: float = 0.0
+    vocab_size: int = 4096
+    tokenizer: str | None = None
+    init: str | None = None
+    chat: bool = False
+    val_fraction: float = 0.05
+    separator: str = EOT
+    train: dict = field(default_factory=dict)  # TrainSettings fields; the stop limits may be None
+    resume: bool = False
+    force: bool = False
+    given: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -38,114 +66,126 @@ class Run:
     val_bytes: int
     settings: TrainSettings
     provenance: dict
-    cached: bool
+    recipe: dict  # what the state file keeps, for a later --resume to check and restore
+    notes: list[str]  # for the user: defaults taken, changes made on resume, how validation was split
     chat: ChatSupervision | None = None
 
 
-def _barrier(dist: Dist) -> None:
-    if dist.world > 1:
-        import torch.distributed as tdist
-
-        tdist.barrier()
-
-
-def prepare(
-    sources: list[str],
-    out: Path,
-    settings: TrainSettings | None,
-    stops: dict,
-    *,
-    dist: Dist,
-    preset: str | None = None,
-    shape: dict | None = None,
-    arch: str = "rope",
-    dropout: float = 0.0,
-    vocab_size: int = 4096,
-    tokenizer_from: str | None = None,
-    init: str | None = None,
-    resume: bool = False,
-    separator: str = EOT,
-    val_fraction: float = 0.05,
-    chat: bool = False,
-) -> Run:
-    shape = {k: v for k, v in (shape or {}).items() if v is not None}
+def prepare(recipe: Recipe, *, dist: Dist) -> Run:
+    out = recipe.out
+    _check(recipe)
+    base = tokenizer = meta = None
+    if recipe.resume:
+        base, tokenizer, info = load_model(out)
+        meta = read_state_meta(out)
+        recipe, settings, notes = resume_lib.resumed(recipe, meta, base.config, info.provenance)
+    else:
+        settings, notes = _fresh_settings(recipe)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if chat:
-        if not (init or resume):
-            raise TinygenError("--chat fine-tunes an existing model: pass --init BASE.safetensors (or --resume)")
-        return _prepare_chat(sources, out, settings, stops, init=init, resume=resume, dropout=dropout,
-                             val_fraction=val_fraction)
-    files = data_lib.expand_sources(sources)
+    if recipe.chat:
+        return _prepare_chat(recipe, settings, notes, base, tokenizer, meta)
+    files = data_lib.expand_sources(recipe.data)
+    digest = data_lib.files_digest(files)
+    if meta is not None:
+        resume_lib.check_data(meta, digest, out)
     cache_dir = out.parent / ".tinygen-cache"
-    base = None
-    # ---------------------------------------------------------------- tokenizer
-    if resume:
-        base, tokenizer, settings = _resumed(out, stops)
-    elif init:
-        base, tokenizer, _ = load_model(init)
-    elif tokenizer_from:
-        tokenizer = load_tokenizer_source(tokenizer_from)
-    else:
-        tok_path = cache_dir / f"tokenizer-{data_lib.files_digest(files, vocab_size, separator, val_fraction, settings.seed)}.json"
-        if dist.master and not tok_path.exists():
-            docs, _ = data_lib.split_documents(data_lib.read_documents(files, separator), val_fraction, settings.seed)
-            tokenizer = Tokenizer.train(docs, vocab_size)
-            atomic.write_bytes(tok_path, json.dumps(tokenizer.to_dict()).encode())
-        _barrier(dist)
-        tokenizer = Tokenizer.from_dict(json.loads(tok_path.read_text()))
+    cache_dir.mkdir(exist_ok=True)
+    # ---------------------------------------------------------------- tokenizer (a resumed run has its own)
+    if recipe.init and not recipe.resume:
+        base, tokenizer, _ = load_model(recipe.init)
+    elif recipe.tokenizer and not recipe.resume:
+        tokenizer = load_tokenizer_source(recipe.tokenizer)
+    elif tokenizer is None:
+        tokenizer = _trained_tokenizer(recipe, files, digest, cache_dir, settings.seed, dist)
     # ---------------------------------------------------------------- tokens
+    load = partial(data_lib.load_tokens, files, tokenizer, cache_dir, separator=recipe.separator,
+                   val_fraction=recipe.val_fraction, seed=settings.seed, digest=digest)
     if dist.master:
-        tokens = data_lib.load_tokens(files, tokenizer, cache_dir, separator=separator,
-                                      val_fraction=val_fraction, seed=settings.seed)
-    _barrier(dist)
+        tokens = load()
+    barrier(dist)
     if not dist.master:
-        tokens = data_lib.load_tokens(files, tokenizer, cache_dir, separator=separator,
-                                      val_fraction=val_fraction, seed=settings.seed)
+        tokens = load()
     # ---------------------------------------------------------------- model
-    if base is not None:
-        for name, value in shape.items():
-            if getattr(base.config, name) != value:
-                raise TinygenError(f"--{name.replace('_', '-')} {value} does not match the model being continued "
-                                   f"({name}={getattr(base.config, name)}); drop the flag or start a new model")
-        if preset and any(getattr(base.config, k) != v for k, v in PRESETS[preset].items()):
-            raise TinygenError(f"--preset {preset} does not match the shape of the model being continued")
-        model = _continued(base, dropout)
+    if recipe.resume:
+        model = _continued(base, base.config.dropout)
+    elif base is not None:
+        if mismatch := resume_lib.model_mismatch(recipe, base.config):
+            raise TinygenError(f"{mismatch[0]} does not match the model being continued ({mismatch[1]}); drop the "
+                               f"flag or start a new model")
+        model = _continued(base, recipe.dropout)
     else:
-        if preset is not None and preset not in PRESETS:
-            raise TinygenError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-        dims = {**PRESETS[preset or "tiny"], **shape}
-        config = ModelConfig(**dims, vocab_size=tokenizer.n_vocab, arch=arch, dropout=dropout)
+        shape = {k: getattr(recipe, k) for k in resume_lib.SHAPE_FIELDS if getattr(recipe, k) is not None}
+        config = ModelConfig(**{**PRESETS[recipe.preset or "tiny"], **shape}, vocab_size=tokenizer.n_vocab,
+                             arch=recipe.arch, dropout=recipe.dropout)
         torch.manual_seed(settings.seed)
         model = GPT(config)
     if tokenizer.n_vocab > model.config.vocab_size:
         raise TinygenError(f"the tokenizer has {tokenizer.n_vocab} tokens but the model only {model.config.vocab_size}")
+    if not len(tokens.val):
+        notes.append("validation: none (--val-fraction 0, or too little text to hold any out)")
+    else:
+        notes.append(f"validation: {tokens.description}" + (" (too few documents to hold out whole ones)"
+                                                             if tokens.split == "tail" else ""))
+    saved = _saved_recipe(recipe, digest, tokens.split)
     provenance = {
         "data": _listing(files),
         "train_docs": tokens.n_docs[0], "val_docs": tokens.n_docs[1],
-        "train_tokens": int(len(tokens.train)), "val_tokens": int(len(tokens.val)),
+        "train_tokens": len(tokens.train), "val_tokens": len(tokens.val),
+        "val_split": tokens.description,
+        **({"init": saved["init"]} if saved["init"] else {}),
     }
-    if init:
-        provenance["init"] = str(init)
-    return Run(model, tokenizer, tokens.train, tokens.val, tokens.val_bytes, settings, provenance, tokens.cached)
+    return Run(model, tokenizer, tokens.train, tokens.val, tokens.val_bytes, settings, provenance, saved, notes)
+
+
+def _trained_tokenizer(recipe: Recipe, files: list[Path], digest: str, cache_dir: Path, seed: int,
+                       dist: Dist) -> Tokenizer:
+    """A BPE trained on the training side of the split only, so that no validation text leaks into
+    its merges; cached, and trained by rank 0 while the others wait."""
+    key = data_lib.cache_key(digest, recipe.vocab_size, recipe.separator, recipe.val_fraction, seed)
+    path = cache_dir / f"tokenizer-{key}.json"
+    if dist.master and not path.exists():
+        docs = data_lib.split_for_validation(data_lib.read_documents(files, recipe.separator),
+                                             recipe.val_fraction, seed).train
+        atomic.write_bytes(path, json.dumps(Tokenizer.train(docs, recipe.vocab_size).to_dict()).encode())
+    barrier(dist)
+    return Tokenizer.from_dict(json.loads(path.read_text()))
+
+
+def _check(recipe: Recipe) -> None:
+    out = recipe.out
+    if recipe.preset is not None and recipe.preset not in PRESETS:
+        raise TinygenError(f"unknown preset {recipe.preset!r}; choose from {', '.join(PRESETS)}")
+    if recipe.resume and recipe.force:
+        raise TinygenError("--resume continues the run at --out and --force replaces it: pass one of them")
+    if recipe.resume and not out.exists():
+        raise TinygenError(f"nothing to resume: {out} does not exist")
+    if not recipe.resume and out.exists() and not recipe.force:
+        raise TinygenError(f"{out} already exists; continue its training with --resume, or pass --force to start "
+                           f"afresh and replace it (with its training state and metrics)")
+    if recipe.chat and not (recipe.init or recipe.resume):
+        raise TinygenError("--chat fine-tunes an existing model: pass --init BASE.safetensors (or --resume)")
+
+
+def _fresh_settings(recipe: Recipe) -> tuple[TrainSettings, list[str]]:
+    train = dict(recipe.train)
+    if any(train.get(k) for k in resume_lib.STOPS):
+        return TrainSettings(**train), []
+    train["max_steps"] = 1000
+    return TrainSettings(**train), ["no --max-steps, --tokens or --time given: training for 1000 steps"]
+
+
+def _saved_recipe(recipe: Recipe, digest: str, split: str) -> dict:
+    """What the state file keeps; paths as seen from the output's folder (resume_lib.portable)."""
+    kept = {name: getattr(recipe, name) for name in resume_lib.SAVED_FIELDS}
+    if not recipe.resume:  # a resumed recipe holds the saved paths already
+        kept.update({name: resume_lib.portable(kept[name], recipe.out) if kept[name] else None
+                     for name in ("tokenizer", "init")})
+    return {**kept, "data_digest": digest, "split": split}
 
 
 def _listing(items) -> str:
     """The first few data paths for provenance, and how many more there were."""
     return ", ".join(str(i) for i in items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-
-
-def _resumed(out: Path, stops: dict) -> tuple[GPT, Tokenizer, TrainSettings]:
-    """The interrupted run's model, tokenizer and settings; stop limits given now may extend it."""
-    if not out.exists():
-        raise TinygenError(f"nothing to resume: {out} does not exist")
-    base, tokenizer, _ = load_model(out)
-    json_path = state_paths(out)[1]
-    if not json_path.exists():
-        raise TinygenError(f"nothing to resume: {json_path.name} is missing next to {out}")
-    saved = json.loads(json_path.read_text())
-    kept = {f.name: saved["settings"][f.name] for f in fields(TrainSettings) if f.name in saved["settings"]}
-    kept["betas"] = tuple(kept["betas"])
-    return base, tokenizer, replace(TrainSettings(**kept), **{k: v for k, v in stops.items() if v})
 
 
 def _continued(base: GPT, dropout: float, vocab_size: int | None = None) -> GPT:
@@ -162,32 +202,36 @@ def _continued(base: GPT, dropout: float, vocab_size: int | None = None) -> GPT:
     return model
 
 
-def _prepare_chat(sources: list[str], out: Path, settings: TrainSettings | None, stops: dict, *, init: str | None,
-                  resume: bool, dropout: float, val_fraction: float) -> Run:
+def _prepare_chat(recipe: Recipe, settings: TrainSettings, notes: list[str], base: GPT | None,
+                  tokenizer: Tokenizer | None, meta: dict | None) -> Run:
     """Supervised fine-tuning on conversations: the template's special tokens join the tokenizer
     (and the embeddings grow to match) when the base model lacks them."""
-    if resume:
-        base, tokenizer, settings = _resumed(out, stops)
+    out = recipe.out
+    digest = data_lib.files_digest(data_lib.expand_sources(recipe.data))
+    if meta is not None:
+        resume_lib.check_data(meta, digest, out)
         if tokenizer.chat_template is None:
             raise TinygenError(f"{out} was not a chat fine-tune; resume it without --chat")
     else:
-        base, tokenizer, _ = load_model(init)
+        base, tokenizer, _ = load_model(recipe.init)
         tokenizer, _ = with_chat_template(tokenizer)
-    model = _continued(base, dropout, max(base.config.vocab_size, tokenizer.n_vocab))
-    convs = chatdata.read_conversations(sources)
-    train_convs, val_convs = data_lib.split_documents(convs, val_fraction, settings.seed)
+    model = _continued(base, recipe.dropout, max(base.config.vocab_size, tokenizer.n_vocab))
+    convs = chatdata.read_conversations(recipe.data)
+    train_convs, val_convs = data_lib.split_documents(convs, recipe.val_fraction, settings.seed)
     renderer = Renderer(tokenizer, template_for(tokenizer))
     block = model.config.block_size
     train_set, dropped = chatdata.encode_conversations(train_convs, tokenizer, renderer, block)
     val_set, dropped_val = chatdata.encode_conversations(val_convs, tokenizer, renderer, block)
     if not len(train_set.starts):
         raise TinygenError("no conversation has an assistant reply within the model's context")
+    saved = _saved_recipe(recipe, digest, "documents")
     provenance = {
-        "data": _listing(sources),
+        "data": _listing(recipe.data),
         "chat": True, "train_conversations": len(train_set.starts), "val_conversations": len(val_set.starts),
         "dropped_conversations": dropped + dropped_val,
-        "train_tokens": int(len(train_set.tokens)), "trained_tokens": int(train_set.mask.sum()),
-        "val_tokens": int(len(val_set.tokens)), "init": str(init or out),
+        "train_tokens": len(train_set.tokens), "trained_tokens": int(train_set.mask.sum()),
+        "val_tokens": len(val_set.tokens), "init": saved["init"],
     }
-    return Run(model, tokenizer, train_set.tokens, val_set.tokens, 0, settings, provenance, cached=False,
+    notes.append(f"validation: {len(val_convs):,} of {len(convs):,} conversations")
+    return Run(model, tokenizer, train_set.tokens, val_set.tokens, 0, settings, provenance, saved, notes,
                chat=ChatSupervision(train_set.mask, val_set.mask, train_set.starts))

@@ -1,5 +1,6 @@
 """A run's resumable state beside its checkpoint: `<out>.state.safetensors` (optimizer moments and
-RNG states, as tensors) and `<out>.state.json` (counters, settings). Never pickle.
+RNG states, as tensors) and `<out>.state.json` (counters, settings, and what the run was made from,
+for `--resume` to check). Never pickle.
 """
 
 from __future__ import annotations
@@ -36,14 +37,27 @@ def save_state(out: Path, optimizer, batch_rng: torch.Generator, meta: dict) -> 
     atomic.write_bytes(json_path, json.dumps(meta, indent=1).encode())
 
 
-def load_state(out: Path, optimizer, batch_rng: torch.Generator) -> dict:
-    from safetensors.torch import load_file
-
+def read_state_meta(out: Path) -> dict:
+    """The counters and settings of the run saved at out."""
     tensors_path, json_path = state_paths(out)
     if not (tensors_path.exists() and json_path.exists()):
         raise TinygenError(f"nothing to resume: {tensors_path.name} and {json_path.name} are not next to {out}")
-    meta = json.loads(json_path.read_text())
-    tensors = load_file(str(tensors_path))
+    try:
+        return json.loads(json_path.read_text())
+    except ValueError as e:
+        raise TinygenError(f"{json_path} is damaged ({e}); start afresh with --force") from None
+
+
+def remove_state(out: Path) -> None:
+    for path in state_paths(out):
+        path.unlink(missing_ok=True)
+
+
+def load_state(out: Path, optimizer, batch_rng: torch.Generator) -> dict:
+    from safetensors.torch import load_file
+
+    meta = read_state_meta(out)
+    tensors = load_file(str(state_paths(out)[0]))
     sd = optimizer.state_dict()
     state: dict = {}
     for key, value in tensors.items():

@@ -1,0 +1,74 @@
+"""How a run stops early: a signal becomes a request, and under torchrun the ranks decide together.
+
+A request (Ctrl-C, SIGTERM, a failure on rank 0) is only read at a step boundary. There, one
+all-reduce of [stop, failed, elapsed seconds] tells every rank what any rank saw, so they all stop
+at the same step, and they all use the slowest clock for the lr schedule and --time. Without it, a
+rank that stopped alone left the others waiting in a collective forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+
+from tinygen.errors import TinygenError
+from tinygen.training.distributed import Dist
+
+
+class PeerFailed(TinygenError):
+    """Raised on the other ranks when the ranks stopped together because of rank 0's error, which
+    rank 0 reports: the command line keeps them quiet, so the user reads it once."""
+
+
+class StopFlag:
+    """Ctrl-C or SIGTERM asks the loop to save and stop at the next step boundary; a second one
+    aborts at once (KeyboardInterrupt).
+
+    On a terminal Ctrl-C reaches every process of the foreground group, and torchrun also forwards
+    it to its workers, so a worker can see one request twice within a moment. A repeat within
+    `same_within` seconds is that same request; only a later one means "abort now".
+    """
+
+    def __init__(self, on_request: Callable[[], None] | None = None, same_within: float = 2.0):
+        self.on_request = on_request
+        self.same_within = same_within
+        self.requested_at: float | None = None
+
+    def __call__(self) -> bool:
+        return self.requested_at is not None
+
+    def request(self) -> None:
+        now = time.monotonic()
+        if self.requested_at is None:
+            self.requested_at = now
+            if self.on_request is not None:
+                self.on_request()
+        elif now - self.requested_at > self.same_within:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        """SIGINT and SIGTERM call request() while the block runs; the old handlers come back after."""
+        old = {sig: signal.signal(sig, lambda signum, frame: self.request()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+
+def agree(dist: Dist, device: torch.device, stop: bool, failed: bool, elapsed: float) -> tuple[bool, bool, float]:
+    """(stop, failed, elapsed) as all ranks decide them: any rank's stop or failure, the largest elapsed.
+    One small all-reduce per step, nothing next to the gradients' own."""
+    if dist.world == 1:
+        return stop, failed, elapsed
+    import torch.distributed as tdist
+
+    flags = torch.tensor([float(stop), float(failed), elapsed], dtype=torch.float64, device=device)
+    tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
+    stop_, failed_, elapsed_ = flags.tolist()
+    return stop_ > 0, failed_ > 0, elapsed_
