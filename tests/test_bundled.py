@@ -20,6 +20,14 @@ def test_bundled_model_is_within_budget_and_documented():
     assert info.provenance["steps"] > 0 and info.provenance["val_loss"] > 0 and info.provenance["val_bpb"] > 0
 
 
+@pytest.mark.parametrize("name", ["stories.safetensors", DEFAULT_CHAT_MODEL])
+def test_bundled_provenance_names_no_machine_paths(name):
+    """A path in a model's provenance means something beside the model, not on one developer's disk."""
+    info = read_info(default_model_path(name))
+    values = [v for v in info.provenance.values() if isinstance(v, str)]
+    assert values and not [v for v in values if v.startswith("/") or "/work/" in v]
+
+
 def test_bundled_model_samples_a_story():
     r = subprocess.run([sys.executable, "-m", "tinygen", "sample", "Once upon a time", "-n", "40", "--seed", "1"],
                        capture_output=True, text=True, timeout=120,

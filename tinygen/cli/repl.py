@@ -3,7 +3,9 @@
 Line editing is GNU readline, through Python's standard `readline` module: arrow keys, history
 (saved across sessions), Ctrl-R search, the user's own ~/.inputrc, and bracketed paste (a pasted
 block arrives as one message), with no extra dependency and no start-up cost. prompt_toolkit
-would add a full-screen-capable editor we do not need.
+would add a full-screen-capable editor we do not need. History holds whole messages, so that
+Up recalls a message typed over several lines as one entry; readline's own history file would
+split it at its newlines, so the file is written here.
 
 Replies go to stdout; banners, notices, stats and command output go to stderr, so that
 `tinygen chat < questions.txt > answers.txt` captures only the model's words.
@@ -13,26 +15,28 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from rich.text import Text
 
 from tinygen.cli import ui
+from tinygen.core.checkpoint import human_count
 from tinygen.errors import TinygenError
 from tinygen.generate.chat import SETTINGS, ChatSession
 
 HELP = [
     ("/help", "this list"),
-    ("/reset", "forget the conversation (the system prompt stays)"),
+    ("/reset, /clear", "forget the conversation (the system prompt stays)"),
     ("/system [TEXT]", "set the system prompt; bare shows it, `/system off` clears it"),
     ("/set [NAME VALUE]", f"change a setting ({', '.join(SETTINGS)}); bare shows them"),
     ("/undo", "take back your last message and its reply"),
     ("/save FILE", "write the conversation as JSON (messages format)"),
     ("/load FILE", "continue a saved conversation"),
-    ("/exit", "leave (so do Ctrl-D and Ctrl-C at the prompt)"),
+    ("/exit, /bye", "leave (so do Ctrl-D and Ctrl-C at the prompt)"),
 ]
 MULTILINE = '"""'
+HISTORY_LENGTH = 1000
 
 
 class Exit(Exception):
@@ -42,6 +46,49 @@ class Exit(Exception):
 def history_path() -> Path:
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(state) / "tinygen" / "chat_history"
+
+
+def read_history(path: Path) -> list[str]:
+    """The saved entries, oldest first: one a line, and a JSON string where the entry holds a
+    newline (or opens with a quote, so that plain lines stay unambiguous)."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    entries = []
+    for line in lines[-HISTORY_LENGTH:]:
+        if line.startswith('"'):
+            try:
+                decoded = json.loads(line)
+            except ValueError:
+                decoded = None
+            line = decoded if isinstance(decoded, str) else line
+        entries.append(line)
+    return entries
+
+
+def write_history(path: Path, entries: list[str]) -> None:
+    from tinygen import atomic
+
+    lines = (json.dumps(e, ensure_ascii=False) if "\n" in e or "\r" in e or e.startswith('"') else e
+             for e in entries[-HISTORY_LENGTH:])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
+
+
+def stdin_lines(stream) -> Iterator[str]:
+    """Lines of a byte stream as text, as they arrive; invalid UTF-8 stops the session, as it
+    stops `sample`, rather than reaching the model as replacement characters."""
+    for n, raw in enumerate(stream, 1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TinygenError(f"line {n} of stdin is not valid UTF-8 (byte {e.start + 1} of the line); "
+                               "convert it first, e.g. with iconv") from None
+
+
+def count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 class Repl:
@@ -95,11 +142,13 @@ class Repl:
         else:
             self._show("\n")
         if last.trimmed:
-            self.note(f"(the context was full: the oldest {last.trimmed} message(s) were dropped)")
+            dropped = "message was" if last.trimmed == 1 else f"{last.trimmed} messages were"
+            self.note(f"(the context was full: the oldest {dropped} dropped)")
         if show_stats:
             c = last.completion
-            rate = c.tokens / c.seconds if c.seconds else 0.0
-            self.note(f"{c.tokens} tokens · {rate:.0f} tok/s · context {last.context}/{self.session.block_size}")
+            rate = c.n_tokens / c.seconds if c.seconds else 0.0
+            self.note(f"{count(c.n_tokens, 'token')} · {rate:.0f} tok/s · "
+                      f"context {last.context}/{self.session.block_size}")
 
     # -- commands --------------------------------------------------------------------------------
 
@@ -112,7 +161,7 @@ class Repl:
         if name in ("help", "?"):
             for cmd, what in HELP:
                 self.err.print(Text(f"  {cmd:<20}", style="bold cyan") + Text(what))
-        elif name == "reset":
+        elif name in ("reset", "clear"):
             s.reset()
             self.note("(conversation cleared)")
         elif name == "system":
@@ -134,16 +183,16 @@ class Repl:
             self.note(f"({key} = {s.settings()[key]})")
         elif name == "undo":
             n = s.undo()
-            self.note(f"(took back {n} message(s))" if n else "(nothing to undo)")
+            self.note(f"(took back {count(n, 'message')})" if n else "(nothing to undo)")
         elif name == "save":
             if not arg:
                 raise TinygenError("usage: /save FILE")
             s.save(arg)
-            self.note(f"(saved {len(s.transcript())} messages to {arg})")
+            self.note(f"(saved {count(len(s.transcript()), 'message')} to {arg})")
         elif name == "load":
             if not arg:
                 raise TinygenError("usage: /load FILE")
-            self.note(f"(loaded {s.load(arg)} messages from {arg})")
+            self.note(f"(loaded {count(s.load(arg), 'message')} from {arg})")
         else:
             raise TinygenError(f"unknown command /{name}; /help lists the commands")
 
@@ -163,11 +212,10 @@ class Repl:
         import readline
 
         hist = history_path()
-        try:
-            readline.read_history_file(hist)
-        except OSError:
-            pass
-        readline.set_history_length(1000)
+        # Readline would add each line typed; a message of several lines goes in once, whole.
+        readline.set_auto_history(False)
+        for entry in read_history(hist):
+            readline.add_history(entry)
         self.err.print(Text(banner, style="bold"))
         self.note('/help for commands · end a line with \\ or wrap it in """ for several lines · Ctrl-D quits')
         try:
@@ -177,6 +225,9 @@ class Repl:
                 except (EOFError, KeyboardInterrupt):
                     self.err.print()
                     return
+                n = readline.get_current_history_length()
+                if line.strip() and (not n or readline.get_history_item(n) != line):
+                    readline.add_history(line)
                 try:
                     if line.strip():
                         self.handle(line.strip(), show_stats=True)
@@ -185,10 +236,10 @@ class Repl:
         except Exit:
             return
         finally:
+            entries = [readline.get_history_item(i) for i in range(1, readline.get_current_history_length() + 1)]
             try:
-                hist.parent.mkdir(parents=True, exist_ok=True)
-                readline.write_history_file(hist)
-            except OSError:
+                write_history(hist, entries)
+            except (OSError, TinygenError):  # an unwritable state folder costs the history, not the session
                 pass
 
     def _prompt(self, text: str) -> str:
@@ -196,7 +247,8 @@ class Repl:
         return f"\001\033[1;36m\002{text}\001\033[0m\002" if self.styled else text
 
     def read_message(self) -> str:
-        """One message: a line; lines ending in \\ continue; a \"\"\" line opens a block until the next one."""
+        """One message: a line; lines ending in \\ continue; a \"\"\" line opens a block until the next one.
+        A message recalled from the history arrives whole, newlines and all."""
         line = input(self._prompt(">>> "))
         if line.strip() == MULTILINE:
             block = []
@@ -240,4 +292,4 @@ class Repl:
 
 def banner(name: str, n_params: int, tuned: bool) -> str:
     kind = "chat-tuned" if tuned else "not chat-tuned: plain User:/Assistant: transcript"
-    return f"tinygen chat · {name} ({ui.human_count(n_params)} params, {kind})"
+    return f"tinygen chat · {name} ({human_count(n_params)} params, {kind})"

@@ -131,24 +131,20 @@ def show_tokens(tokenizer: Tokenizer, ids: list[int], text: str) -> None:
     console.print(Text(f"{len(ids)} tokens, {len(text)} characters", style="dim"))
 
 
-def human_count(n: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
-
-
-def human_bytes(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
 def info_table(rows: list[tuple[str, str]], title: str) -> None:
+    """Labelled values under a title (`info`, `eval`). On a terminal, a Rich table; in a pipe, plain
+    `label  value` lines, values aligned, with nothing padded after them."""
+    if not is_tty():
+        width = max((len(label) for label, _ in rows), default=0)
+        lines = [title]
+        for label, value in rows:
+            value = value.replace("\n", "\n" + " " * (width + 2))  # a value's own lines stay in its column
+            lines.append(f"{label:<{width}}  {value}".rstrip())
+        write("\n".join(lines) + "\n")
+        return
     table = Table(title=title, show_header=False, title_justify="left", box=None)
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column(overflow="fold")
-    for key, value in rows:
-        table.add_row(key, value)
+    for label, value in rows:
+        table.add_row(label, value)
     out().print(table)

@@ -10,12 +10,17 @@ only load_model imports it.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.filesize import decimal, pick_unit_and_suffix
+
 from tinygen.atomic import atomic_path
 from tinygen.core.config import ModelConfig
+from tinygen.core.template import template_for
 from tinygen.core.tokenizer import Tokenizer
 from tinygen.errors import TinygenError
 
@@ -26,6 +31,8 @@ DEFAULT_CHAT_MODEL = "chat.safetensors"
 HF_WEIGHTS = "model.safetensors"
 # GPT-2 stores these as Conv1D, whose weight is (in, out): the transpose of nn.Linear's.
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+LAYER_NAME = re.compile(r"(?:^|\.)h\.(\d+)\.")  # a block's tensors: transformer.h.3.attn... (h.3... in GPT-2 files)
 
 
 @dataclass
@@ -38,13 +45,75 @@ class ModelInfo:
     tokenizer_data: dict | None  # None for GPT-2 folders: their tokenizer lives in vocab.json/merges.txt
     provenance: dict = field(default_factory=dict)
     format_version: int | None = None
-    n_params: int = 0
     file_size: int = 0
-    dtypes: tuple[str, ...] = ()
+    tensors: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # name -> (shape, dtype) of each weight
 
     @property
     def weights_path(self) -> Path:
         return self.path / HF_WEIGHTS if self.kind == "gpt2" else self.path
+
+    @property
+    def n_params(self) -> int:
+        return sum(math.prod(shape) for shape, _ in self.tensors.values())
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        return tuple(sorted({dtype for _, dtype in self.tensors.values()}))
+
+    def summary(self, tokenizer: Tokenizer) -> dict:
+        """Everything `tinygen info` reports, JSON-ready and at full precision."""
+        return {
+            "path": str(self.path),
+            "kind": self.kind,
+            "format_version": self.format_version,
+            "config": json.loads(self.config.to_json()),
+            "parameters": self.n_params,
+            "file_size": self.file_size,
+            "dtypes": list(self.dtypes),
+            "tokenizer": {"name": tokenizer.name, "n_vocab": tokenizer.n_vocab, "special_tokens": tokenizer.special},
+            "chat_template": tokenizer.chat_template,
+            "provenance": self.provenance,
+        }
+
+    def rows(self, tokenizer: Tokenizer) -> list[tuple[str, str]]:
+        """The same for people, as (label, text) rows: sizes in units, numbers rounded, and the
+        provenance indented under its own heading (its keys may repeat the labels above)."""
+        cfg = self.config
+        template = template_for(tokenizer)
+        rows = [
+            ("path", str(self.path)),
+            ("kind", self.kind + (f" (format v{self.format_version})" if self.format_version else "")),
+            ("architecture", cfg.arch),
+            ("shape", (f"n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd} "
+                       f"block_size={cfg.block_size} vocab_size={cfg.vocab_size}")),
+            ("parameters", f"{human_count(self.n_params)} ({self.n_params:,})"),
+            ("file size", decimal(self.file_size)),
+            ("dtype", ", ".join(self.dtypes)),
+            ("tokenizer", f"{tokenizer.name}, {tokenizer.n_vocab:,} tokens, special: {' '.join(tokenizer.special)}"),
+            ("chat", "chat-tuned: " + " ".join(f"{r}={p}…{s}" for r, (p, s) in template.roles.items())
+             if template.tuned else "not chat-tuned (`tinygen chat` uses a plain User:/Assistant: transcript)"),
+        ]
+        if self.provenance:
+            rows += [("provenance", "")] + [(f"  {k}", readable(v)) for k, v in self.provenance.items()]
+        return rows
+
+
+def human_count(n: int) -> str:
+    """A count as people say it: 3443136 -> 3.4M."""
+    unit, suffix = pick_unit_and_suffix(n, ["", "K", "M", "B"], 1000)
+    return f"{n / unit:.1f}{suffix}" if unit > 1 else str(n)
+
+
+def readable(value) -> str:
+    """A provenance value for people: floats to 4 significant digits, whole numbers with thousands
+    separators, text as it is, anything else as JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return json.dumps(value, ensure_ascii=False)
 
 
 def default_model_path(name: str = DEFAULT_MODEL) -> Path:
@@ -62,26 +131,37 @@ def resolve_model_path(model: str | os.PathLike | None, default: str = DEFAULT_M
     return Path(model) if model else default_model_path(default)
 
 
-def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], str]]]:
     """(metadata, {name: (shape, dtype)}) from a safetensors file, validated by safetensors itself."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
-            tensors = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            tensors = {}
+            for k in f.keys():
+                piece = f.get_slice(k)
+                tensors[k] = (tuple(piece.get_shape()), piece.get_dtype())
     except SafetensorError as e:
-        raise TinygenError(f"{path} is not a valid safetensors file (corrupt or truncated?): {e}") from e
+        raise TinygenError(f"{path} is not a valid safetensors file (corrupt or truncated?): {_one_line(e)}") from e
     except OSError as e:
         raise TinygenError(f"cannot read {path}: {e.strerror or e}") from e
     return meta, tensors
 
 
-def _json_field(meta: dict, key: str, path: Path):
+def _one_line(e: Exception) -> str:
+    """A library's message, folded onto one line (the CLI promises one line per error)."""
+    return " ".join(str(e).split())
+
+
+def _json_field(meta: dict, key: str, path: Path) -> dict:
     try:
-        return json.loads(meta[key])
-    except (KeyError, ValueError) as e:
-        raise TinygenError(f"{path}: checkpoint metadata field {key!r} is missing or not JSON") from e
+        value = json.loads(meta[key])
+    except (KeyError, ValueError, RecursionError) as e:
+        raise TinygenError(f"{path}: checkpoint metadata field {key!r} is missing or not JSON; the file is corrupt") from e
+    if not isinstance(value, dict):
+        raise TinygenError(f"{path}: checkpoint metadata field {key!r} is not a JSON object; the file is corrupt")
+    return value
 
 
 def read_info(model: str | os.PathLike | None) -> ModelInfo:
@@ -98,21 +178,29 @@ def read_info(model: str | os.PathLike | None) -> ModelInfo:
             f"{path} is a safetensors file but not a tinygen checkpoint (no tinygen metadata); "
             "for GPT-2 weights, pass the Hugging Face folder that holds config.json"
         )
-    version = int(meta.get("format_version", "0") or 0)
+    try:
+        version = int(meta.get("format_version", "0"))
+    except ValueError:
+        raise TinygenError(f"{path}: format_version {meta['format_version'][:20]!r} is not a number; the file is corrupt") from None
     if version > FORMAT_VERSION:
         raise TinygenError(f"{path} uses checkpoint format {version}; this tinygen reads up to {FORMAT_VERSION}, upgrade it")
-    config = ModelConfig.from_dict(_json_field(meta, "config", path))
     return ModelInfo(
         path=path,
         kind="tinygen",
-        config=config,
+        config=_config(_json_field(meta, "config", path), path),
         tokenizer_data=_json_field(meta, "tokenizer", path),
         provenance=_json_field(meta, "provenance", path) if "provenance" in meta else {},
         format_version=version,
-        n_params=sum(_numel(shape) for shape, _ in tensors.values()),
         file_size=path.stat().st_size,
-        dtypes=tuple(sorted({dt for _, dt in tensors.values()})),
+        tensors=tensors,
     )
+
+
+def _config(fields: dict, path: Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(fields)
+    except TinygenError as e:
+        raise TinygenError(f"{path}: {e}") from None
 
 
 def _read_hf_info(path: Path) -> ModelInfo:
@@ -122,42 +210,33 @@ def _read_hf_info(path: Path) -> ModelInfo:
     if not (path / HF_WEIGHTS).exists():
         raise TinygenError(f"{path} has no {HF_WEIGHTS}; tinygen loads safetensors weights only (never pickle)")
     try:
-        hf = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise TinygenError(f"{cfg_path} is not valid JSON: {e}") from e
+        hf = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise TinygenError(f"{cfg_path} is not valid JSON: {_one_line(e)}") from e
+    if not isinstance(hf, dict):
+        raise TinygenError(f"{cfg_path} is not a JSON object, so not a Hugging Face config")
     if hf.get("model_type") != "gpt2":
         raise TinygenError(f"{path} holds a {hf.get('model_type')!r} model; tinygen loads GPT-2 folders only")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise TinygenError(f"{path}: activation {hf['activation_function']!r} is not supported (GPT-2 uses gelu_new)")
-    config = ModelConfig(
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_embd=hf["n_embd"],
-        block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-        vocab_size=hf["vocab_size"],
-        arch="gpt2",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-    )
+    try:
+        fields = {"n_layer": hf["n_layer"], "n_head": hf["n_head"], "n_embd": hf["n_embd"],
+                  "block_size": hf.get("n_positions", hf.get("n_ctx", 1024)), "vocab_size": hf["vocab_size"],
+                  "arch": "gpt2", "norm_eps": hf.get("layer_norm_epsilon", 1e-5)}
+    except KeyError as e:
+        raise TinygenError(f"{cfg_path} has no {e.args[0]!r}; it is not a complete GPT-2 config") from None
+    config = _config(fields, cfg_path)
     _, tensors = _read_header(path / HF_WEIGHTS)
     weights = {k: v for k, v in tensors.items() if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
-    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
     return ModelInfo(
         path=path,
         kind="gpt2",
         config=config,
         tokenizer_data=None,
         provenance={"source": "Hugging Face GPT-2 folder"},
-        n_params=sum(_numel(shape) for shape, _ in weights.values()),
-        file_size=size,
-        dtypes=tuple(sorted({dt for _, dt in weights.values()})),
+        file_size=sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
+        tensors=weights,
     )
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def load_tokenizer(model: str | os.PathLike | None = None, info: ModelInfo | None = None) -> Tokenizer:
@@ -167,8 +246,16 @@ def load_tokenizer(model: str | os.PathLike | None = None, info: ModelInfo | Non
         vocab, merges = info.path / "vocab.json", info.path / "merges.txt"
         if not (vocab.exists() and merges.exists()):
             raise TinygenError(f"{info.path} has no vocab.json + merges.txt, so its tokenizer is unknown")
-        return Tokenizer.from_gpt2_files(vocab, merges)
-    return Tokenizer.from_dict(info.tokenizer_data)
+        tokenizer = Tokenizer.from_gpt2_files(vocab, merges)
+    else:
+        try:
+            tokenizer = Tokenizer.from_dict(info.tokenizer_data)
+            template_for(tokenizer)  # a broken chat template is a broken checkpoint: say so now, not mid-chat
+        except TinygenError as e:
+            raise TinygenError(f"{info.path}: {e}") from None
+    if tokenizer.n_vocab > info.config.vocab_size:
+        raise TinygenError(f"{info.path}: tokenizer has {tokenizer.n_vocab} tokens but the model only {info.config.vocab_size}")
+    return tokenizer
 
 
 def load_tokenizer_source(source: str | os.PathLike) -> Tokenizer:
@@ -178,7 +265,7 @@ def load_tokenizer_source(source: str | os.PathLike) -> Tokenizer:
     if path.suffix == ".json" and path.is_file():
         try:
             return Tokenizer.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise TinygenError(f"{path} is not a tokenizer file: {e}") from e
     if path.is_dir() and not (path / "config.json").exists():
         if (path / "vocab.json").exists() and (path / "merges.txt").exists():
@@ -196,12 +283,16 @@ def load_model(model: str | os.PathLike | None = None, device="cpu", dtype=None)
 
     info = read_info(model)
     tokenizer = load_tokenizer(info=info)
+    _check_fits(info)
     try:
         state = load_file(str(info.weights_path), device=str(device))
     except Exception as e:  # safetensors raises its own error types for bad data
-        raise TinygenError(f"cannot load weights from {info.weights_path}: {e}") from e
+        raise TinygenError(f"cannot load weights from {info.weights_path}: {_one_line(e)}") from e
     if info.kind == "gpt2":
         state = _from_hf_gpt2(state)
+    broken = next((k for k, v in state.items() if not torch.isfinite(v).all()), None)
+    if broken is not None:  # a flipped exponent bit; sampling would fail on NaN probabilities later
+        raise TinygenError(f"{info.path}: tensor {broken} holds NaN or infinite values; the file is corrupt")
     # Built straight on the target device (a meta-device model would cost a second of imports).
     with torch.device(device):
         net = GPT(info.config, init=False)
@@ -217,10 +308,29 @@ def load_model(model: str | os.PathLike | None = None, device="cpu", dtype=None)
         if tuple(v.shape) != tuple(expected[k].shape):
             raise TinygenError(f"{info.path}: tensor {k} has shape {tuple(v.shape)}, config says {tuple(expected[k].shape)}")
     net.load_state_dict(state, strict=False)  # lm_head is tied to wte, so it is never stored
-    if tokenizer.n_vocab > info.config.vocab_size:
-        raise TinygenError(f"{info.path}: tokenizer has {tokenizer.n_vocab} tokens but the model only {info.config.vocab_size}")
     net = net.to(dtype=dtype or state["transformer.wte.weight"].dtype)
     return net.eval(), tokenizer, info
+
+
+def _check_fits(info: ModelInfo) -> None:
+    """Refuse, from the header alone, a config that the stored weights cannot fill. The model is
+    sized by the config and the weights by the file, so without this a corrupt header could make
+    load_model build a model of gigabytes (or of a million blocks) before the shapes are compared.
+    Every block holds at least its four n_embd x n_embd attention matrices, so a true checkpoint
+    always passes."""
+    cfg = info.config
+    if any(dtype not in FLOAT_DTYPES for dtype in info.dtypes):
+        raise TinygenError(f"{info.path}: weights of type {', '.join(info.dtypes)}; tinygen loads {', '.join(FLOAT_DTYPES)}")
+    wte = next((shape for name, (shape, _) in info.tensors.items() if name.endswith("wte.weight")), None)
+    if wte != (cfg.vocab_size, cfg.n_embd):
+        found = f"has shape {wte}" if wte else "is missing"
+        raise TinygenError(f"{info.path}: tensor wte.weight {found}, config says {(cfg.vocab_size, cfg.n_embd)}")
+    blocks = {int(m.group(1)) for name in info.tensors if (m := LAYER_NAME.search(name))}
+    if len(blocks) != cfg.n_layer or blocks != set(range(cfg.n_layer)):
+        raise TinygenError(f"{info.path}: the config has n_layer={cfg.n_layer} but the file stores {len(blocks)} blocks")
+    if cfg.vocab_size * cfg.n_embd + 4 * cfg.n_layer * cfg.n_embd ** 2 > info.n_params:
+        raise TinygenError(f"{info.path}: the config (n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, "
+                           f"vocab_size={cfg.vocab_size}) needs more weights than the file's {info.n_params:,}")
 
 
 def _from_hf_gpt2(state: dict) -> dict:

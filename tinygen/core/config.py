@@ -7,11 +7,17 @@ config from the safetensors header without paying for a torch import.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
+from numbers import Integral, Real
 
 from tinygen.errors import TinygenError
 
 ARCHES = ("rope", "gpt2")
+# Longer than any context tinygen trains or loads (GPT-2's is 1,024). The bound matters because
+# block_size sizes buffers that no weight in a checkpoint pins down (rotary tables, KV caches): a
+# corrupt header must not be able to ask for gigabytes.
+MAX_BLOCK_SIZE = 1 << 16
 
 # Named model shapes (`train --preset`, `bench --shape`), smallest first. n_head always divides
 # n_embd into 64- or 32-wide heads.
@@ -41,11 +47,26 @@ class ModelConfig:
     dropout: float = 0.0  # for training on small data; inference never uses it
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHES:
-            raise TinygenError(f"unknown arch {self.arch!r}; expected one of {', '.join(ARCHES)}")
+        # Checked field by field because configs come from files (checkpoint headers, config.json),
+        # where a wrong type must be a clear error rather than a TypeError deep inside torch.
+        if not isinstance(self.arch, str) or self.arch not in ARCHES:
+            raise TinygenError(f"unknown arch {_show(self.arch)}; expected one of {', '.join(ARCHES)}")
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-            if getattr(self, name) < 1:
-                raise TinygenError(f"{name} must be at least 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not isinstance(value, Integral) or isinstance(value, bool):
+                raise TinygenError(f"{name} must be a whole number, got {_show(value)}")
+            if value < 1:
+                raise TinygenError(f"{name} must be at least 1, got {value}")
+        for name in ("norm_eps", "rope_theta", "dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value):
+                raise TinygenError(f"{name} must be a finite number, got {_show(value)}")
+        if self.block_size > MAX_BLOCK_SIZE:
+            raise TinygenError(f"block_size must be at most {MAX_BLOCK_SIZE:,}, got {self.block_size:,}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise TinygenError(f"norm_eps and rope_theta must be positive, got {self.norm_eps} and {self.rope_theta}")
+        if not 0 <= self.dropout < 1:
+            raise TinygenError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.n_embd % self.n_head:
             raise TinygenError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.arch == "rope" and self.head_dim % 2:
@@ -68,8 +89,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise TinygenError(f"model config must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise TinygenError(f"model config has unknown fields: {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+def _show(value) -> str:
+    """A value from a file, short enough for a one-line error."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -35,11 +35,19 @@ class ChatTemplate:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ChatTemplate":
+        def strings(value, n: int | None = None) -> bool:
+            return (isinstance(value, list) and all(isinstance(s, str) for s in value)
+                    and (n is None or len(value) == n))
+
         try:
-            roles = {r: (str(p), str(s)) for r, (p, s) in d["roles"].items()}
-            if set(roles) != set(ROLES):
+            roles = d["roles"]
+            if not isinstance(roles, dict) or set(roles) != set(ROLES):
                 raise ValueError(f"roles must be {', '.join(ROLES)}")
-            return cls(roles, str(d["generation_prompt"]), tuple(str(s) for s in d["stop"]))
+            if not all(strings(ps, 2) for ps in roles.values()):
+                raise ValueError("each role needs a [prefix, suffix] pair of strings")
+            if not isinstance(d["generation_prompt"], str) or not strings(d["stop"]) or not d["stop"]:
+                raise ValueError("generation_prompt must be a string and stop a list of strings")
+            return cls({r: tuple(ps) for r, ps in roles.items()}, d["generation_prompt"], tuple(d["stop"]))
         except (KeyError, TypeError, ValueError) as e:
             raise TinygenError(f"checkpoint chat template is malformed ({e})") from e
 

@@ -8,12 +8,15 @@ Free of torch on purpose: `tinygen tokenize` must start fast.
 from __future__ import annotations
 
 import base64
+import binascii
 import codecs
+import copy
 import json
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
+import regex
 import tiktoken
 
 from tinygen.errors import TinygenError
@@ -30,6 +33,8 @@ GPT4_PATTERN = (
 )
 # GPT-2's pattern, as Hugging Face's byte-level pre-tokenizer applies it.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Text a split pattern must cut into non-empty pieces that cover it all (see _check).
+PATTERN_PROBE = "Once upon a time, Tom's 3 cats said: \"héllo 😀 日本語!\"\n\n\tThe end.  \r\n"
 
 
 class Tokenizer:
@@ -42,6 +47,7 @@ class Tokenizer:
         self.special = special
         self.name = name
         self.chat_template = chat_template  # set by chat fine-tuning; see template.py
+        _check(ranks, pattern, special, name)
         try:
             self.enc = tiktoken.Encoding(
                 name=name,
@@ -49,7 +55,7 @@ class Tokenizer:
                 mergeable_ranks={b: i for i, b in enumerate(ranks)},
                 special_tokens=special,
             )
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, OverflowError) as e:  # e.g. a pattern `regex` takes and tiktoken does not
             raise TinygenError(f"invalid tokenizer data: {e}") from e
         self.special_ids = frozenset(special.values())
 
@@ -93,17 +99,22 @@ class Tokenizer:
             "name": self.name,
             "pattern": self.pattern,
             "ranks": [base64.b64encode(b).decode("ascii") for b in self.ranks],
-            "special": self.special,
-            **({"chat_template": self.chat_template} if self.chat_template else {}),
+            "special": dict(self.special),  # copies: a caller may change the dict it gets
+            **({"chat_template": copy.deepcopy(self.chat_template)} if self.chat_template else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Tokenizer":
         try:
-            ranks = [base64.b64decode(s) for s in d["ranks"]]
-            return cls(ranks, d["pattern"], {k: int(v) for k, v in d["special"].items()}, d.get("name", "tinygen"),
-                       chat_template=d.get("chat_template"))
-        except (KeyError, TypeError, ValueError) as e:
+            if not isinstance(d, dict) or not isinstance(d["ranks"], list) or not isinstance(d["special"], dict):
+                raise TypeError("want an object with a list of ranks and an object of special tokens")
+            if not isinstance(d.get("chat_template"), (dict, type(None))):
+                raise TypeError("chat_template must be a JSON object")
+            ranks = [base64.b64decode(s, validate=True) for s in d["ranks"]]
+            return cls(ranks, d["pattern"], d["special"], d.get("name", "tinygen"), chat_template=d.get("chat_template"))
+        except KeyError as e:
+            raise TinygenError(f"checkpoint tokenizer metadata is malformed (no {e.args[0]!r})") from e
+        except (TypeError, binascii.Error) as e:
             raise TinygenError(f"checkpoint tokenizer metadata is malformed ({e})") from e
 
     # -- constructors ----------------------------------------------------------------------------
@@ -114,8 +125,11 @@ class Tokenizer:
         try:
             vocab: dict[str, int] = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
             merge_lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise TinygenError(f"cannot read GPT-2 tokenizer files: {e}") from e
+        if (not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values())
+                or sorted(vocab.values()) != list(range(len(vocab)))):
+            raise TinygenError(f"{vocab_path} is not a GPT-2 vocabulary: want a JSON object of tokens to ids 0..N-1")
         decoder = _unicode_to_byte()
 
         def to_bytes(token: str) -> bytes:
@@ -126,8 +140,10 @@ class Tokenizer:
         for line in merge_lines:
             if not line or line.startswith("#version"):
                 continue
-            a, b = line.split(" ")
-            merged = a + b
+            pair = line.split(" ")
+            if len(pair) != 2:
+                raise TinygenError(f"{merges_path}: {line[:40]!r} is not a merge (two tokens and a space)")
+            merged = pair[0] + pair[1]
             token_id = vocab.get(merged)
             # tiktoken merges by the rank of the merged token, so ids must follow merge order.
             if token_id is None or token_id <= last_id:
@@ -161,6 +177,32 @@ class Tokenizer:
         ranks = [bytes(b) for b, _ in pairs]
         special = {tok: len(ranks) + i for i, tok in enumerate(special_tokens)}
         return cls(ranks, GPT4_PATTERN, special)
+
+
+def _check(ranks: list[bytes], pattern: str, special: dict[str, int], name: str) -> None:
+    """Refuse data that tiktoken would turn into a hang, a Rust panic or lost text (it checks little
+    itself): every byte has a token, tokens are distinct, special ids follow the ranks without a gap,
+    and the split pattern cuts text into non-empty pieces that cover all of it."""
+    if not isinstance(name, str) or not isinstance(pattern, str):
+        raise TinygenError("invalid tokenizer data: name and pattern must be strings")
+    distinct = set(ranks)
+    if not all(isinstance(r, bytes) and r for r in ranks) or len(distinct) != len(ranks):
+        raise TinygenError("invalid tokenizer data: tokens must be distinct, non-empty byte strings")
+    if not {bytes([b]) for b in range(256)} <= distinct:
+        raise TinygenError("invalid tokenizer data: a byte-level BPE needs a token for each of the 256 bytes")
+    if (not all(isinstance(k, str) and k for k in special)
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in special.values())
+            or sorted(special.values()) != list(range(len(ranks), len(ranks) + len(special)))):
+        raise TinygenError(f"invalid tokenizer data: special tokens need names and the ids after the "
+                           f"{len(ranks)} ranks, one each")
+    try:
+        pieces = [m.group() for m in regex.finditer(pattern, PATTERN_PROBE, timeout=1.0)]
+    except (regex.error, RecursionError) as e:
+        raise TinygenError(f"invalid tokenizer data: the split pattern is not a valid regular expression ({e})") from e
+    except TimeoutError:
+        raise TinygenError("invalid tokenizer data: the split pattern backtracks without end") from None
+    if "".join(pieces) != PATTERN_PROBE or not all(pieces):
+        raise TinygenError("invalid tokenizer data: the split pattern does not cut text into pieces that cover it")
 
 
 @lru_cache(maxsize=1)
