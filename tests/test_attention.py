@@ -160,7 +160,7 @@ def test_matrix_leaves_the_future_blank(tiny):
 
 
 def test_json_has_every_weight_and_the_tokens(cli, model_path, tokenizer):
-    r = cli("attention", "Spot liked to run", "-m", model_path, "--json")
+    r = cli("attention", "Spot liked to run", "-m", model_path, "--device", "cpu", "--json")
     assert_ok(r)
     data = json.loads(r.out)
     T = len(tokenizer.encode("Spot liked to run"))
@@ -171,7 +171,7 @@ def test_json_has_every_weight_and_the_tokens(cli, model_path, tokenizer):
 
 def test_html_page_is_written(cli, model_path, tmp_path):
     page = tmp_path / "page.html"
-    r = cli("attention", "Spot liked to run", "-m", model_path, "--html", page)
+    r = cli("attention", "Spot liked to run", "-m", model_path, "--device", "cpu", "--html", page)
     assert_ok(r)
     assert r.out == "" and "open it in a browser" in r.err
     assert "Spot" in page.read_text() and "http://" not in page.read_text()
@@ -187,7 +187,7 @@ def test_html_page_is_written(cli, model_path, tmp_path):
     (["--all", "--layer", "1"], ["--all shows every layer"]),
 ])
 def test_user_mistakes_are_one_line(cli, model_path, args, needles):
-    assert_one_line_error(cli("attention", "Spot liked to run", "-m", model_path, *args), *needles)
+    assert_one_line_error(cli("attention", "Spot liked to run", "-m", model_path, "--device", "cpu", *args), *needles)
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="no bundled model in weights/")
@@ -200,7 +200,7 @@ def test_user_mistakes_are_one_line(cli, model_path, args, needles):
 def test_text_views_match_snapshots(cli, name, args):
     """The bundled model's views at 80 columns, byte for byte. A change in layout or in the model
     shows up here; regenerate with TINYGEN_UPDATE_SNAPSHOTS=1 after checking the new output."""
-    r = cli("attention", BANK, *args, env=clean_env(COLUMNS="80"))
+    r = cli("attention", BANK, "--device", "cpu", *args, env=clean_env(COLUMNS="80"))
     assert_ok(r)
     path = SNAPSHOTS / f"{name}.txt"
     if os.environ.get("TINYGEN_UPDATE_SNAPSHOTS"):
@@ -208,3 +208,10 @@ def test_text_views_match_snapshots(cli, name, args):
         path.write_text(r.out)
     assert r.out == path.read_text()
     assert max(cell_len(line) for line in r.out.splitlines()) <= 80
+
+
+def test_html_into_a_missing_folder_is_one_line(cli, model_path, tmp_path):
+    page = tmp_path / "no-such-folder" / "page.html"
+    r = cli("attention", "Spot liked to run", "-m", model_path, "--device", "cpu", "--html", page)
+    assert_one_line_error(r, "no-such-folder")
+    assert not page.parent.exists()

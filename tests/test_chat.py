@@ -32,7 +32,7 @@ from tinygen.training.chatdata import (
 )
 from tinygen.training.loop import get_batch
 
-from conftest import STORY_LINES, assert_ok, clean_env, make_model, run_real
+from conftest import STORY_LINES, assert_ok, assert_one_line_error, clean_env, make_model, run_real
 
 CONV = [
     {"role": "system", "content": "You are kind."},
@@ -264,7 +264,7 @@ def test_interrupted_reply_stays_in_the_history(chat_model_path):
 
 def test_chat_in_a_pipe_prints_one_reply_per_line_of_input(chat_model_path, tmp_path):
     script = "/set max_tokens 6\nhello\n/set temperature 0\n/bogus\nhow are you?\n/save {}\n".format(tmp_path / "s.json")
-    r = run_real("chat", "-m", chat_model_path, "--seed", "1", input=script)
+    r = run_real("chat", "-m", chat_model_path, "--device", "cpu", "--seed", "1", input=script)
     assert_ok(r)
     saved = json.loads((tmp_path / "s.json").read_text())["messages"]
     replies = [m["content"] for m in saved if m["role"] == "assistant"]
@@ -274,12 +274,12 @@ def test_chat_in_a_pipe_prints_one_reply_per_line_of_input(chat_model_path, tmp_
 
 
 def test_chat_jsonl_and_prompt(chat_model_path):
-    r = run_real("chat", "-m", chat_model_path, "--jsonl", "-t", "0", "-n", "5",
+    r = run_real("chat", "-m", chat_model_path, "--device", "cpu", "--jsonl", "-t", "0", "-n", "5",
                  input='{"role": "system", "content": "Be kind."}\n{"role": "user", "content": "two\\nlines"}\nhi\n')
     assert_ok(r)
     lines = [json.loads(line) for line in r.out.splitlines()]
     assert len(lines) == 2 and all(m["role"] == "assistant" for m in lines)
-    one = run_real("chat", "-m", chat_model_path, "--prompt", "hi", "-t", "0", "-n", "5")
+    one = run_real("chat", "-m", chat_model_path, "--device", "cpu", "--prompt", "hi", "-t", "0", "-n", "5")
     assert_ok(one)
     model, tok, _ = load_model(chat_model_path)
     session = ChatSession(model, tok, SamplingParams(temperature=0, repetition_penalty=1.1), max_tokens=5)
@@ -287,7 +287,7 @@ def test_chat_jsonl_and_prompt(chat_model_path):
 
 
 def test_base_model_chats_in_plain_format(model_path):
-    r = run_real("chat", "-m", model_path, "--prompt", "hello", "-n", "20", "--seed", "0")
+    r = run_real("chat", "-m", model_path, "--device", "cpu", "--prompt", "hello", "-n", "20", "--seed", "0")
     assert_ok(r)
     assert "not chat-tuned" in r.err
     assert r.out.count("\n") == 1  # one line: the transcript format ends a reply at the newline
@@ -296,3 +296,38 @@ def test_base_model_chats_in_plain_format(model_path):
 def test_chat_errors_are_one_line(tmp_path):
     r = run_real("chat", "-m", tmp_path / "missing.safetensors", "--prompt", "hi", env=clean_env())
     assert r.rc == 1 and r.err.startswith("error: ") and len(r.err.splitlines()) == 1
+
+
+def test_chat_commands_in_a_pipe_clear_bye_counts_and_a_save_into_a_missing_folder(cli, chat_model_path, tmp_path):
+    missing = tmp_path / "no" / "such" / "t.json"
+    script = (f"hello\n/undo\nagain\n/save {missing}\n/save {tmp_path / 'two.json'}\n/clear\n"
+              f"/save {tmp_path / 'one.json'}\n/load {tmp_path / 'two.json'}\n/help\n/bye\n"
+              f"never\n/save {tmp_path / 'after.json'}\n")
+    r = cli("chat", "-m", chat_model_path, "--device", "cpu", "-n", "4", "--system", "Be kind.", input=script)
+    assert r.rc == 0 and "Traceback" not in r.err, r.err
+    # A folder that does not exist is one error line, not a folder made behind the user's back; the session goes on.
+    errors = [line for line in r.err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(missing.parent) in errors[0], r.err
+    assert not (tmp_path / "no").exists()
+    # Counts in words: "1 message", "3 messages", never "message(s)".
+    assert "(took back 2 messages)" in r.err and f"(saved 3 messages to {tmp_path / 'two.json'})" in r.err
+    assert f"(saved 1 message to {tmp_path / 'one.json'})" in r.err  # /clear kept only the system prompt
+    assert json.loads((tmp_path / "one.json").read_text())["messages"] == [{"role": "system", "content": "Be kind."}]
+    assert "(loaded 3 messages" in r.err and "(s)" not in r.err
+    assert "/clear" in r.err and "/bye" in r.err  # /help lists both
+    assert not (tmp_path / "after.json").exists()  # /bye left before the lines after it
+    assert len(r.out.splitlines()) >= 2  # the replies to hello and again
+
+
+def test_chat_refuses_an_empty_prompt(cli, chat_model_path):
+    for empty in ("", "  "):
+        assert_one_line_error(cli("chat", "-m", chat_model_path, "--device", "cpu", "--prompt", empty),
+                              "--prompt is empty")
+
+
+def test_chat_in_a_pipe_rejects_invalid_utf8_by_line(cli, chat_model_path):
+    r = cli("chat", "-m", chat_model_path, "--device", "cpu", "-n", "3", input=b"hello\ncaf\xe9 au lait\nagain\n")
+    assert r.rc == 1 and "Traceback" not in r.err
+    assert r.err.splitlines() == [r.err.strip()] and r.err.startswith("error: line 2 of stdin is not valid UTF-8")
+    assert r.out.endswith("\n")  # line 1 was answered before line 2 was read
+    assert_one_line_error(cli("chat", "-m", chat_model_path, "--device", "cpu", input=b"\xff\n"), "line 1")

@@ -81,7 +81,8 @@ def term(chat_model_path, tmp_path):  # noqa: F811
     terms = []
 
     def start(*extra):
-        t = Terminal(["chat", "-m", chat_model_path, "-t", "0", *extra], {"XDG_STATE_HOME": str(tmp_path / "state")})
+        t = Terminal(["chat", "-m", chat_model_path, "--device", "cpu", "-t", "0", *extra],
+                     {"XDG_STATE_HOME": str(tmp_path / "state")})
         terms.append(t)
         return t
 
@@ -150,3 +151,40 @@ def test_multiline_block(term, tmp_path):
     t.send(f"/save {tmp_path / 'm.json'}\r/exit\r")
     assert t.finish() == 0
     assert json.loads((tmp_path / "m.json").read_text())["messages"][0]["content"] == "first line\nsecond line"
+
+
+UP = "\x1b[A"
+
+
+def _recall(t, keys: str, path, leave: str) -> str:
+    """Type keys that send one message, save the conversation once the reply is in, and leave;
+    returns the message as the conversation holds it."""
+    t.send(keys)
+    t.expect(r"context \d+/64")
+    t.send(f"/save {path}\r")
+    t.expect(r"saved 2 messages")
+    t.send(leave)
+    assert t.finish() == 0
+    return json.loads(path.read_text())["messages"][0]["content"]
+
+
+def test_up_arrow_recalls_a_message_of_several_lines_whole(term, tmp_path):
+    t = term("-n", "3")
+    t.expect(r">>> ")
+    t.send("hello \\\r")
+    t.expect(r"\.\.\. ")
+    t.send("world\r")
+    t.expect(r"context \d+/64")
+    t.expect(r">>> ")
+    t.send('"""\rfirst line\rsecond line\r"""\r')
+    t.expect(r"context \d+/64")
+    t.send("/clear\r")
+    t.expect(r"conversation cleared")
+    t.expect(r">>> ")
+    # Up twice, past /clear: the whole block, not its closing """.
+    assert _recall(t, UP * 2 + "\r", tmp_path / "a.json", "/bye\r") == "first line\nsecond line"
+    # The next session reads the history file back, newlines and all: Up six times goes back past
+    # /bye, /save, the block, /clear and the block to the continued message.
+    t = term("-n", "3")
+    t.expect(r">>> ")
+    assert _recall(t, UP * 6 + "\r", tmp_path / "b.json", "/exit\r") == "hello \nworld"

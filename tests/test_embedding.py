@@ -10,7 +10,7 @@ import torch
 
 from tinygen.core.checkpoint import load_model, save_checkpoint
 from tinygen.errors import TinygenError
-from tinygen.inspect.embedding import analogy, nearest, word_vector
+from tinygen.inspect.embedding import analogy, nearest, neighbours, word_vector
 
 from conftest import assert_ok, assert_one_line_error
 
@@ -76,6 +76,22 @@ def test_embed_command(cli, planted):
     assert_ok(r)
     assert r.out.count("nearest to") == 2 and "·ball" in r.out and "their mean" in r.err
     assert_one_line_error(cli("embed", "--analogy", "a", "b", "-m", path), "three words")
+
+
+def test_neighbours_is_what_embed_reports(planted):
+    _, model, tok, ids = planted
+    results, notes = neighbours(model, tok, ["dog", "happy"], 2)
+    assert [r["query"] for r in results] == ["dog", "happy"]
+    assert results[0]["tokens"] == {"dog": [" dog"]} and results[0]["nearest"][0]["token"] == ids["ball"]
+    assert results[0]["nearest"][0]["text"] == " ball" and len(results[1]["nearest"]) == 2
+    assert len(notes) == 1 and "'happy' is 2 tokens" in notes[0]
+    (result,), notes = neighbours(model, tok, ["Spot", "Tom", "sun"], 1, as_analogy=True)
+    assert notes == [] and result["query"] == "Spot - Tom + sun" and set(result["tokens"]) == {"Spot", "Tom", "sun"}
+    assert result["nearest"] == [{"token": ids["sky"], "text": " sky", "cosine": pytest.approx(1.0, abs=1e-5)}]
+
+
+def test_embed_top_must_be_positive(cli, planted):
+    assert_one_line_error(cli("embed", "dog", "-m", planted[0], "--top", "0"), "--top", rc=2)
 
 
 @pytest.mark.skipif(not BUNDLED.exists(), reason="no bundled model in weights/")

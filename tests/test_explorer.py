@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from tinygen.cli.explorer import SCALE, render_html, write_html
+from tinygen.errors import TinygenError
 
 from conftest import run_real
 
@@ -80,6 +81,10 @@ def test_token_text_cannot_close_the_script():
 
 def test_write_html(tmp_path):
     path = tmp_path / "pages" / "attention.html"
+    with pytest.raises(TinygenError):
+        write_html(path, synthetic())
+    assert not path.parent.exists()  # a folder that is not there is a mistake to report, not one to make
+    path.parent.mkdir()
     write_html(path, synthetic())
     assert path.read_text(encoding="utf-8") == render_html(synthetic())
     assert [p.name for p in path.parent.iterdir()] == ["attention.html"]  # no temp file left behind

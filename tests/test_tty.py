@@ -43,14 +43,14 @@ def run_in_pty(args, env_extra=None, timeout=120) -> str:
 
 
 def test_sample_on_a_terminal_is_styled_and_echoes_the_prompt(model_path):
-    screen = run_in_pty(["sample", "-m", str(model_path), "-n", "8", "-t", "0", "Once upon a time"])
+    screen = run_in_pty(["sample", "-m", str(model_path), "--device", "cpu", "-n", "8", "-t", "0", "Once upon a time"])
     assert "\x1b[" in screen  # Rich styling
     assert "\x1b[2mOnce upon a time" in screen  # the prompt, dimmed
     assert "tok/s" in screen and "8 tokens" in screen  # the stats line
 
 
 def test_no_color_on_a_terminal(model_path):
-    screen = run_in_pty(["sample", "-m", str(model_path), "-n", "8", "-t", "0", "Once upon a time"],
+    screen = run_in_pty(["sample", "-m", str(model_path), "--device", "cpu", "-n", "8", "-t", "0", "Once upon a time"],
                         env_extra={"NO_COLOR": "1"})
     assert "Once upon a time" in screen and "tok/s" in screen
     assert not COLOUR.search(screen), screen  # attributes such as dim may stay; colours may not
@@ -71,8 +71,8 @@ def test_tokenize_on_a_terminal_colours_tokens(model_path, tokenizer):
 
 
 @pytest.mark.parametrize("args", [
-    ["attention", "Spot liked to run", "--matrix"],
-    ["sample", "Spot", "--explain", "-n", "2", "--seed", "0"],
+    ["attention", "Spot liked to run", "--matrix", "--device", "cpu"],
+    ["sample", "Spot", "--explain", "-n", "2", "--seed", "0", "--device", "cpu"],
     ["tokenize", "--probs", "Spot liked to run"],
 ])
 def test_inside_views_are_coloured_on_a_terminal_only_without_no_color(model_path, args):

@@ -1,40 +1,53 @@
-"""`tinygen bench`: speed against references run in the same process."""
+"""`tinygen bench`: speed against references run in the same process, as a table or JSON."""
 
 from __future__ import annotations
 
 import json
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
 
 from tinygen.cli import ui
 from tinygen.cli.options import DeviceOpt, DtypeOpt, ModelOpt, QuantOpt
+from tinygen.core.config import PRESETS
 from tinygen.errors import TinygenError
+
+Shape = Enum("Shape", {name: name for name in PRESETS}, type=str)
 
 
 def bench(
     model: ModelOpt = None,
-    shape: Annotated[Optional[str], typer.Option(help="Benchmark a training preset's shape with random weights instead "
-                                                 "of a model: tiny, mini, small (~15M), medium or gpt2 (124M).")] = None,
-    only: Annotated[Optional[str], typer.Option("--only", help="Comma-separated sections to run: decode (batch-1 "
-                                                "decode, prefill, bandwidth), batch (batched generation), train. "
-                                                "Default: all.", show_default=False)] = None,
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt length.")] = 128,
-    new_tokens: Annotated[int, typer.Option(help="Tokens to decode per batch-1 measurement.")] = 64,
-    repeats: Annotated[int, typer.Option(help="Timed repeats of batch-1 decode and prefill; the median is reported.")] = 3,
-    batch_sizes: Annotated[str, typer.Option(help="Batch sizes for batched generation, comma-separated.")] = "1,8,32,64",
-    batch_new_tokens: Annotated[int, typer.Option(help="Tokens generated per row in batched generation.")] = 32,
-    steps: Annotated[int, typer.Option(help="Training steps to time (the first two are warm-up).")] = 6,
-    train_batch: Annotated[int, typer.Option(help="Sequences per training step.")] = 8,
-    compare: Annotated[bool, typer.Option("--compare", help="Also run transformers' generate() on the same weights, "
-                                          "and a bare PyTorch training loop, and report the ratios (needs transformers).")] = False,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: tinygen's choice).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    shape: Annotated[Optional[Shape], typer.Option(metavar="SHAPE", help="Benchmark a training preset's shape with "
+                                                   "random weights instead of a model: tiny, mini, small (~15M), "
+                                                   "medium or gpt2 (124M).", show_default=False)] = None,
+    only: Annotated[Optional[str], typer.Option("--only", metavar="SECTIONS", help="Comma-separated sections to run: "
+                                                "decode (batch-1 decode, prefill, bandwidth), batch (batched "
+                                                "generation), train. Default: all.", show_default=False)] = None,
+    prompt_tokens: Annotated[int, typer.Option(metavar="N", min=1, help="Prompt length.")] = 128,
+    new_tokens: Annotated[int, typer.Option(metavar="N", min=2, help="Tokens to decode per batch-1 "
+                                            "measurement.")] = 64,
+    repeats: Annotated[int, typer.Option(metavar="N", min=1, help="Timed repeats of every measurement, ours and the "
+                                         "reference in turn (training: at least this many timed steps). The median "
+                                         "is reported, and the range of the per-repeat ratios.")] = 3,
+    batch_sizes: Annotated[str, typer.Option(metavar="N,N,...", help="Batch sizes for batched generation, "
+                                             "comma-separated.")] = "1,8,32,64",
+    batch_new_tokens: Annotated[int, typer.Option(metavar="N", min=1, help="Tokens generated per row in batched "
+                                                  "generation.")] = 32,
+    steps: Annotated[int, typer.Option(metavar="N", min=3, help="Training steps (the first two are warm-up, and at "
+                                       "least --repeats are timed).")] = 6,
+    train_batch: Annotated[int, typer.Option(metavar="N", min=1, help="Sequences per training step.")] = 8,
+    compare: Annotated[bool, typer.Option("--compare", metavar="", help="Also run transformers' generate() on the "
+                                          "same weights, and a bare PyTorch training loop, and report the ratios "
+                                          "(needs transformers).")] = False,
+    threads: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="CPU threads for torch (default: "
+                                                   "tinygen's choice).", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Machine-readable output.")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantOpt = None,
-    compile: Annotated[bool, typer.Option("--compile", help="Compile the batch-1 decode step (CUDA graphs on a GPU), "
-                                          "and both training loops.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", metavar="", help="Compile the batch-1 decode step (CUDA "
+                                          "graphs on a GPU), and both training loops.")] = False,
 ) -> None:
     """Measure generation and training speed against references run in the same process."""
     from tinygen.bench import bench as bench_lib
@@ -42,13 +55,88 @@ def bench(
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(","))
     except ValueError:
-        raise TinygenError(f"--batch-sizes takes integers separated by commas, got {batch_sizes!r}") from None
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise TinygenError(f"--batch-sizes takes positive integers separated by commas, got {batch_sizes!r}")
     sections = tuple(s.strip() for s in only.split(",")) if only else bench_lib.SECTIONS
-    result = bench_lib.run(model=model, shape=shape, sections=sections, prompt_tokens=prompt_tokens,
+    result = bench_lib.run(model=model, shape=shape and shape.value, sections=sections, prompt_tokens=prompt_tokens,
                            new_tokens=new_tokens, repeats=repeats, batch_sizes=sizes, batch_new_tokens=batch_new_tokens,
                            steps=steps, train_batch=train_batch, compare=compare, threads=threads, device=device,
-                           dtype=dtype.value, quantize=quantize and quantize.value, compile=compile, progress=None if as_json else ui.err())
+                           dtype=dtype.value, quantize=quantize and quantize.value, compile=compile,
+                           say=(lambda message: None) if as_json else ui.note)
     if as_json:
         ui.write(json.dumps(result, indent=2) + "\n")
     else:
-        bench_lib.print_table(result, ui.out())
+        print_table(result, ui.out())
+    if wide := bench_lib.wide_spreads(result):
+        ranges = ", ".join(f"{name} {lo:.2f}–{hi:.2f}x" for name, (lo, hi) in wide)
+        ui.warn(f"the ratios moved between repeats ({ranges}): the machine is busy, so they are not trustworthy; "
+                "run again when it is idle, or with more --repeats")
+
+
+def print_table(result: dict, console) -> None:
+    from rich.table import Table
+
+    cfg = result["config"]
+    quant = f" · --quantize {result['quantize']}" if result["quantize"] else ""
+    quant += " · --compile" if result.get("compile") else ""
+    title = (f"{result['model']} · {result['params'] / 1e6:.1f}M params · {cfg['arch']} · {result['device']} "
+             f"{result['dtype']}{quant} · {result['threads']} threads\n{result['device_name']}")
+    compared = "transformers_version" in result
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    table.add_column("tinygen", justify="right")
+    table.add_column("reference", justify="right")  # the roofline is one even without --compare
+    table.add_column("ratio", justify="right", style="bold")
+    if compared:
+        table.add_column("range", justify="right")
+
+    def row(label, ours, ref=None, ratio=None, spread=None):
+        cells = [label, ours, ref or "", f"{ratio:.2f}x" if isinstance(ratio, float) else ratio or ""]
+        if compared:
+            cells.append(f"{spread[0]:.2f}–{spread[1]:.2f}" if spread and spread[0] != spread[1] else "")
+        table.add_row(*cells)
+
+    if d := result.get("decode"):
+        t, r, q, s = d["tinygen"], d.get("transformers"), d.get("ratio", {}), d.get("spread", {})
+        n = f"prompt {d['prompt_tokens']}, {d['new_tokens']} new"
+        row(f"decode tok/s, batch 1 ({n})", f"{t['decode_tok_s']:.1f}", r and f"{r['decode_tok_s']:.1f}",
+            q.get("decode"), s.get("decode"))
+        row("time to first token, ms", f"{t['first_token_ms']:.1f}", r and f"{r['first_token_ms']:.1f}",
+            q.get("first_token"), s.get("first_token"))
+        row("prefill tok/s", f"{t['prefill_tok_s']:.0f}", r and f"{r['prefill_tok_s']:.0f}", q.get("prefill"),
+            s.get("prefill"))
+        rl = d["roofline"]
+        row(f"decode read bandwidth, GB/s ({rl['bytes_per_token'] / 1e6:.1f} MB/token)",
+            f"{rl['achieved_bytes_s'] / 1e9:.1f}", f"{rl['measured_bytes_s'] / 1e9:.1f} measured", f"{rl['of_measured']:.0%}")
+        if "peak_bytes_s" in rl:
+            row("", "", f"{rl['peak_bytes_s'] / 1e9:.0f} peak", f"{rl['of_peak']:.0%}")
+    if b := result.get("batch"):
+        for r in b["rows"]:
+            row(f"generation tok/s, batch {r['batch']} ({b['new_tokens']} new)", f"{r['tinygen_tok_s']:.0f}",
+                f"{r['transformers_tok_s']:.0f}" if "transformers_tok_s" in r else None, r.get("ratio"), r.get("spread"))
+    if tr := result.get("train"):
+        t, r = tr["tinygen"], tr.get("reference")
+        row(f"training tok/s (batch {tr['batch'][0]} x {tr['batch'][1]})", f"{t['tok_s']:,.0f}",
+            r and f"{r['tok_s']:,.0f}", tr.get("ratio"), tr.get("spread"))
+        row(f"MFU (of {tr['peak_kind']} peak {tr['peak_flops'] / 1e12:.2f} TFLOP/s)", f"{t['mfu']:.1%}",
+            r and f"{r['mfu']:.1%}", None)
+    console.print(table)
+    notes = []
+    if compared:
+        notes.append("reference: transformers generate() on the same weights; for training, a bare PyTorch loop "
+                     "around the same transformers model")
+        if result["repeats"] > 1:
+            notes.append(f"ratio: the median over {result['repeats']} repeats (training: over its timed steps), ours "
+                         "and the reference timed in turn; range: the smallest and largest of those ratios")
+        else:
+            notes.append("ratio: from one repeat, so no range (training: one per timed step); --repeats 3 gives "
+                         "each ratio a range")
+    if "compile_seconds" in result:
+        notes.append(f"compiling the decode step took {result['compile_seconds']:.1f} s (not in the figures)")
+    if d and "greedy_agreement" in d:
+        notes.append(f"greedy agreement with transformers: {d['greedy_agreement']}")
+    if d and d["roofline"]["of_measured"] > 1:
+        notes.append("above 100% of the measured bandwidth: the weights fit in the CPU's caches")
+    for note in notes:
+        console.print(f"[dim]{note}[/dim]")

@@ -15,25 +15,27 @@ from tinygen.errors import TinygenError
 
 
 def attention(
-    text: Annotated[Optional[str], typer.Argument(help="Text to look at; `-` or piped stdin reads stdin.",
-                                                  show_default=False)] = None,
+    text: Annotated[Optional[str], typer.Argument(metavar="TEXT", help="Text to look at; `-` or piped stdin reads "
+                                                  "stdin.", show_default=False)] = None,
     model: ModelOpt = None,
-    token: Annotated[Optional[str], typer.Option("--token", "-w", help="The query: a word of the text (its last "
-                                                 "token, if it has several). Default: the last token.",
+    token: Annotated[Optional[str], typer.Option("--token", "-w", metavar="WORD", help="The query: a word of the "
+                                                 "text (its last token, if it has several). Default: the last "
+                                                 "token.", show_default=False)] = None,
+    position: Annotated[Optional[int], typer.Option(metavar="N", help="The query by token index (negative counts "
+                                                    "from the end).", show_default=False)] = None,
+    layer: Annotated[Optional[int], typer.Option("--layer", "-l", metavar="N", help="Layer, from 0 (negative counts "
+                                                 "from the end). Default: the last.", show_default=False)] = None,
+    head: Annotated[Optional[int], typer.Option("--head", metavar="N", help="One head, from 0. Default: the mean of "
+                                                "the layer's heads.", show_default=False)] = None,
+    all_heads: Annotated[bool, typer.Option("--all", metavar="", help="Every layer x head at once, as a grid of "
+                                            "small bars.")] = False,
+    matrix: Annotated[bool, typer.Option("--matrix", metavar="", help="The whole token x token map of one "
+                                         "layer/head as a heatmap.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Every weight (layers x heads x tokens x "
+                                          "tokens) and the tokens, as JSON.")] = False,
+    html: Annotated[Optional[Path], typer.Option("--html", metavar="FILE", help="Write a standalone explorer page "
+                                                 "(one file, works offline) to open in a browser.",
                                                  show_default=False)] = None,
-    position: Annotated[Optional[int], typer.Option(help="The query by token index (negative counts from the end).",
-                                                    show_default=False)] = None,
-    layer: Annotated[Optional[int], typer.Option("--layer", "-l", help="Layer, from 0 (negative counts from the "
-                                                 "end). Default: the last.", show_default=False)] = None,
-    head: Annotated[Optional[int], typer.Option("--head", help="One head, from 0. Default: the mean of the layer's "
-                                                "heads.", show_default=False)] = None,
-    all_heads: Annotated[bool, typer.Option("--all", help="Every layer x head at once, as a grid of small bars.")] = False,
-    matrix: Annotated[bool, typer.Option("--matrix", help="The whole token x token map of one layer/head as a "
-                                         "heatmap.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Every weight (layers x heads x tokens x tokens) and the "
-                                          "tokens, as JSON.")] = False,
-    html: Annotated[Optional[Path], typer.Option("--html", help="Write a standalone explorer page (one file, works "
-                                                 "offline) to open in a browser.", show_default=False)] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Show which earlier tokens a token attends to, in each layer and head."""
@@ -83,37 +85,24 @@ def attention(
 
 
 def embed(
-    words: Annotated[list[str], typer.Argument(help="Words to look up; with --analogy, three: A B C for A - B + C.",
-                                               show_default=False)],
+    words: Annotated[list[str], typer.Argument(metavar="WORD", help="Words to look up; with --analogy, three: "
+                                               "A B C for A - B + C.", show_default=False)],
     model: ModelOpt = None,
-    analogy: Annotated[bool, typer.Option("--analogy", help="Nearest tokens to A - B + C (king man woman: "
-                                          "king - man + woman).")] = False,
-    top: Annotated[int, typer.Option("--top", "-k", help="How many neighbours to list.")] = 10,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    analogy: Annotated[bool, typer.Option("--analogy", metavar="", help="Nearest tokens to A - B + C (king man "
+                                          "woman: king - man + woman).")] = False,
+    top: Annotated[int, typer.Option("--top", "-k", metavar="N", min=1, help="How many neighbours to list.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Machine-readable output.")] = False,
 ) -> None:
     """Nearest tokens to a word in the model's token embedding space, by cosine similarity."""
     from tinygen.cli import views
-    from tinygen.inspect import embedding
+    from tinygen.inspect.embedding import neighbours
 
-    if top < 1:
-        raise TinygenError(f"--top must be at least 1, got {top}")
     if analogy and len(words) != 3:
         raise TinygenError(f"--analogy takes three words, A B C for A - B + C; got {len(words)}")
     net, tok, _ = load_model(model, "cpu")
-    if analogy:
-        vector, parts = embedding.analogy(net, tok, *words)
-        queries = [(f"{words[0]} - {words[1]} + {words[2]}", vector, parts)]
-    else:
-        parts = [embedding.word_vector(net, tok, w) for w in words]
-        queries = [(w.word, w.vector, [w]) for w in parts]
-    results = []
-    for name, vector, used in queries:
-        for w in used:
-            if w.note:
-                ui.note(w.note)
-        found = embedding.nearest(net, tok, vector, top, exclude=[i for w in used for i in w.ids])
-        results.append({"query": name, "tokens": {w.word: [tok.label(i) for i in w.ids] for w in used},
-                        "nearest": [{"token": i, "text": tok.label(i), "cosine": round(c, 6)} for i, c in found]})
+    results, notes = neighbours(net, tok, words, top, as_analogy=analogy)
+    for note in notes:
+        ui.note(note)
     if as_json:
         ui.write(json.dumps(results if len(results) > 1 else results[0], indent=2, ensure_ascii=False) + "\n")
         return

@@ -15,21 +15,28 @@ from tinygen.errors import TinygenError
 
 
 def tokenize(
-    text: Annotated[Optional[str], typer.Argument(help="Text to tokenize (or ids with --decode); `-` or piped stdin "
-                                                  "reads stdin.", show_default=False)] = None,
+    text: Annotated[Optional[str], typer.Argument(metavar="TEXT", help="Text to tokenize (or ids with --decode); `-` "
+                                                  "or piped stdin reads stdin.", show_default=False)] = None,
     model: ModelOpt = None,
-    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Use this tokenizer instead: a checkpoint, a GPT-2 "
-                                                     "model folder, or a folder with vocab.json + merges.txt.")] = None,
-    ids: Annotated[bool, typer.Option("--ids", help="Print only the ids, space-separated.")] = False,
-    decode: Annotated[bool, typer.Option("--decode", help="Turn ids (space or comma separated) back into text.")] = False,
-    count: Annotated[bool, typer.Option("--count", help="Print only the number of tokens.")] = False,
-    probs: Annotated[bool, typer.Option("--probs", help="Colour each token by the model's probability of it, with "
-                                        "its loss, and the text's perplexity (runs the model).")] = False,
-    train: Annotated[Optional[list[str]], typer.Option("--train", help="Train a new BPE tokenizer on these files, "
-                                                       "folders or globs (repeatable) and write it to --out.")] = None,
-    vocab_size: Annotated[int, typer.Option(help="With --train: vocabulary size, special tokens included.")] = 4096,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="With --train: the tokenizer file to write (.json).")] = None,
-    separator: Annotated[str, typer.Option(help="With --train: text that separates documents.")] = "<|endoftext|>",
+    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", metavar="PATH", help="Use this tokenizer "
+                                                      "instead: a checkpoint, a GPT-2 model folder, a folder with "
+                                                      "vocab.json + merges.txt, or a file from --train.",
+                                                      show_default=False)] = None,
+    ids: Annotated[bool, typer.Option("--ids", metavar="", help="Print only the ids, space-separated.")] = False,
+    decode: Annotated[bool, typer.Option("--decode", metavar="", help="Turn ids (space or comma separated) back "
+                                         "into text.")] = False,
+    count: Annotated[bool, typer.Option("--count", metavar="", help="Print only the number of tokens.")] = False,
+    probs: Annotated[bool, typer.Option("--probs", metavar="", help="Colour each token by the model's probability "
+                                        "of it, with its loss, and the text's perplexity (runs the model).")] = False,
+    train: Annotated[Optional[list[str]], typer.Option("--train", metavar="PATH", help="Train a new BPE tokenizer "
+                                                       "on these files, folders or globs (repeatable) and write it "
+                                                       "to --out.", show_default=False)] = None,
+    vocab_size: Annotated[int, typer.Option(metavar="N", help="With --train: vocabulary size, special tokens "
+                                            "included.")] = 4096,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="FILE", help="With --train: the tokenizer "
+                                                "file to write (.json).", show_default=False)] = None,
+    separator: Annotated[str, typer.Option(metavar="TEXT", help="With --train: text that separates "
+                                           "documents.")] = "<|endoftext|>",
 ) -> None:
     """Show how text splits into tokens, with ids and a count; or train a tokenizer."""
     from tinygen.core.checkpoint import load_tokenizer, load_tokenizer_source

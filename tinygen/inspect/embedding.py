@@ -59,3 +59,22 @@ def analogy(model, tokenizer: Tokenizer, a: str, b: str, c: str) -> tuple[torch.
     token to king - man + woman is usually king itself)."""
     words = [word_vector(model, tokenizer, w) for w in (a, b, c)]
     return words[0].vector - words[1].vector + words[2].vector, words
+
+
+def neighbours(model, tokenizer: Tokenizer, words: list[str], k: int,
+               as_analogy: bool = False) -> tuple[list[dict], list[str]]:
+    """What `tinygen embed` reports: for each word (or for the one query A - B + C), its tokens and
+    the k nearest others as {"query", "tokens", "nearest": [{"token", "text", "cosine"}]}; and the
+    notes on words that are several tokens."""
+    if as_analogy:
+        vector, parts = analogy(model, tokenizer, *words)
+        queries = [(f"{words[0]} - {words[1]} + {words[2]}", vector, parts)]
+    else:
+        queries = [(w.word, w.vector, [w]) for w in (word_vector(model, tokenizer, word) for word in words)]
+    results, notes = [], []
+    for name, vector, used in queries:
+        notes += [w.note for w in used if w.note]
+        found = nearest(model, tokenizer, vector, k, exclude=[i for w in used for i in w.ids])
+        results.append({"query": name, "tokens": {w.word: [tokenizer.label(i) for i in w.ids] for w in used},
+                        "nearest": [{"token": i, "text": tokenizer.label(i), "cosine": round(c, 6)} for i, c in found]})
+    return results, notes

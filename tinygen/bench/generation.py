@@ -1,0 +1,100 @@
+"""Generation speed for `tinygen bench`: batch-1 decode and prefill, and batched generation, each
+against transformers' generate() on the same weights, the two timed in turn (measure.py)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from tinygen.bench.measure import Clock, decode_rates, interleave, paired_ratio, sync_for, timer
+
+
+def decode_section(net, hf, prompt: list[int], new_tokens: int, repeats: int, dev, say, decoder=None) -> dict:
+    from tinygen.generate import engine
+    from tinygen.generate.sampling import SamplingParams
+
+    greedy = SamplingParams(temperature=0)
+    sync = sync_for(dev)
+
+    def ours_decode():
+        start = time.perf_counter()
+        stamps, out = [], []
+        for tok in engine.stream(net, prompt, greedy, new_tokens, decoder=decoder):
+            stamps.append(time.perf_counter())
+            out.append(tok)
+        return decode_rates(stamps, start, new_tokens), out
+
+    ours_prefill = timer(lambda: engine.prefill(net, [prompt]), sync)
+    hf_prefill = hf_decode = None
+    if hf is not None:
+        from tinygen.bench.reference import hf_greedy
+
+        ids = torch.tensor([prompt], device=dev)
+        # logits_to_keep=1: as generate() prefills, and as our prefill does.
+        hf_prefill = timer(lambda: hf(ids, use_cache=True, logits_to_keep=1), sync)
+
+        def hf_decode():
+            clock = Clock()
+            start = time.perf_counter()
+            out = hf_greedy(hf, prompt, new_tokens, streamer=clock)
+            return decode_rates(clock.stamps[1:], start, new_tokens), out  # stamp 0 is the prompt
+
+    turns = ", ours and transformers' in turn" if hf is not None else ""
+    say(f"batch-1 prefill{turns}")
+    prefill, hf_prefill_s = interleave(ours_prefill, hf_prefill, repeats)
+    say(f"batch-1 decode{turns}")
+    runs, hf_runs = interleave(ours_decode, hf_decode, repeats)
+
+    def figures(prefill_s: list[float], decodes: list) -> dict:
+        return {"prefill_tok_s": len(prompt) / statistics.median(prefill_s),
+                "first_token_ms": 1000 * statistics.median(r[0][0] for r in decodes),
+                "decode_tok_s": statistics.median(r[0][1] for r in decodes)}
+
+    section = {"prompt_tokens": len(prompt), "new_tokens": new_tokens, "tinygen": figures(prefill, runs)}
+    if hf is None:
+        return section
+    section["transformers"] = figures(hf_prefill_s, hf_runs)
+    # Each ratio is ours over theirs as a speed: a time is divided the other way round.
+    pairs = {"decode": paired_ratio([r[0][1] for r in runs], [r[0][1] for r in hf_runs]),
+             "prefill": paired_ratio(hf_prefill_s, prefill),
+             "first_token": paired_ratio([r[0][0] for r in hf_runs], [r[0][0] for r in runs])}
+    section["ratio"] = {k: ratio for k, (ratio, _) in pairs.items()}
+    section["spread"] = {k: spread for k, (_, spread) in pairs.items()}
+    # Same weights, same greedy rule: the first tokens must agree, or the comparison is void.
+    agree = 0
+    for a, b in zip(runs[0][1], hf_runs[0][1]):
+        if a != b:
+            break
+        agree += 1
+    section["greedy_agreement"] = f"{agree}/{new_tokens} tokens"
+    return section
+
+
+def batch_section(net, hf, prompt_tokens: int, new_tokens: int, batch_sizes, repeats: int, dev, say) -> list[dict]:
+    """Generation throughput, prefill included, for batches of distinct prompts of one length."""
+    from tinygen.generate import engine
+    from tinygen.generate.sampling import SamplingParams
+
+    greedy = SamplingParams(temperature=0)
+    sync = sync_for(dev)
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for b in batch_sizes:
+        say(f"batch {b}: {b} prompts x {new_tokens} new tokens")
+        prompts = torch.randint(0, net.config.vocab_size, (b, prompt_tokens), generator=gen)
+        ours = timer(lambda: engine.generate_batch(net, prompts.tolist(), greedy, new_tokens), sync)
+        ref = None
+        if hf is not None:
+            ids = prompts.to(dev)
+            ref = timer(lambda: hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                                            eos_token_id=None), sync)
+        times, ref_times = interleave(ours, ref, repeats)
+        row = {"batch": b, "tinygen_tok_s": b * new_tokens / statistics.median(times)}
+        if hf is not None:
+            row["transformers_tok_s"] = b * new_tokens / statistics.median(ref_times)
+            row["ratio"], row["spread"] = paired_ratio(ref_times, times)
+        rows.append(row)
+    return rows
