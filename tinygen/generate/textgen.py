@@ -67,24 +67,19 @@ class TextGenerator:
                    generator=None, stop_ids: tuple[int, ...] = (), observe=None) -> Iterator[str]:
         """Like stream, from prompt ids (a chat turn renders its own); a caller's generator
         carries one random stream across calls, and stop_ids add to the end-of-text stops."""
-        result = result if result is not None else Completion()
-        decoder, stops = StreamDecoder(self.tokenizer), StopMatcher(request.stop)
+        text = _Text(self.tokenizer, request, result)
         start = time.perf_counter()
         tokens = engine.stream(
             self.model, ids, request.params, request.max_new_tokens,
             stop_ids=tuple(dict.fromkeys(self.stop_ids + stop_ids)), generator=generator,
-            seeds=None if generator is not None else [request.seed], done=lambda _row: stops.stopped,
+            seeds=None if generator is not None else [request.seed], done=lambda _row: text.stops.stopped,
             decoder=self.compiled, observe=observe,
         )
         for token in tokens:
-            if result.first_token_seconds is None:
-                result.first_token_seconds = time.perf_counter() - start
-            result.n_tokens += 1
-            piece = stops.feed(decoder.push(token))
+            piece = text.push(token, time.perf_counter() - start)
             if piece:
-                result.pieces.append(piece)
                 yield piece
-        tail = _settle(result, decoder, stops, request.max_new_tokens, start)
+        tail = text.settle(start)
         if tail:
             yield tail
 
@@ -94,42 +89,35 @@ class TextGenerator:
         Yields each completion's text pieces, then its Done, as they happen (rows interleave);
         in_order() sorts them for output."""
         prompts = [self.encode_prompt(r.prompt) for r in requests]
-        # Per-row text state, made when a row first produces and dropped when it is done, so a
-        # long run holds only the rows in flight.
-        live: dict[int, tuple[StreamDecoder, StopMatcher, Completion]] = {}
+        # Made when a row first produces and dropped when it is done, so a long run holds only
+        # the rows in flight.
+        live: dict[int, _Text] = {}
         finished: list[int] = []  # rows the engine has ended, in the order they ended
         start = time.perf_counter()
 
-        def state(row: int) -> tuple[StreamDecoder, StopMatcher, Completion]:
+        def text(row: int) -> _Text:
             if row not in live:
-                live[row] = StreamDecoder(self.tokenizer), StopMatcher(requests[row].stop), Completion()
+                live[row] = _Text(self.tokenizer, requests[row])
             return live[row]
 
         def close() -> Iterator[Piece | Done]:
             while finished:
                 row = finished.pop(0)
-                decoder, stops, result = state(row)
-                del live[row]
-                tail = _settle(result, decoder, stops, requests[row].max_new_tokens, start)
+                tail = text(row).settle(start)
                 if tail:
                     yield Piece(row, tail)
-                yield Done(row, result)
+                yield Done(row, live.pop(row).result)
 
         steps = engine.generate(
             self.model, prompts, [r.params for r in requests], [r.max_new_tokens for r in requests],
-            stop_ids=self.stop_ids, seeds=[r.seed for r in requests], done=lambda row: state(row)[1].stopped,
+            stop_ids=self.stop_ids, seeds=[r.seed for r in requests], done=lambda row: text(row).stops.stopped,
             batch_size=batch_size, finished=finished.append,
         )
         for step in steps:
             now = time.perf_counter() - start
             for row, token in step:
-                decoder, stops, result = state(row)
-                if result.first_token_seconds is None:
-                    result.first_token_seconds = now
-                result.n_tokens += 1
-                piece = stops.feed(decoder.push(token))
+                piece = text(row).push(token, now)
                 if piece:
-                    result.pieces.append(piece)
                     yield Piece(row, piece)
             yield from close()
         yield from close()
@@ -183,13 +171,35 @@ def in_order(events: Iterable[Piece | Done]) -> Iterator[Piece | Done]:
                 yield event
 
 
-def _settle(result: Completion, decoder: StreamDecoder, stops: StopMatcher, max_new_tokens: int, start: float) -> str:
-    """Close a completion: flush the text its decoder and stop matcher still hold, and fill in its
-    text, time and finish reason. Returns the flushed tail, which may be empty."""
-    tail = stops.feed(decoder.flush()) + stops.flush()
-    if tail:
-        result.pieces.append(tail)
-    result.text = "".join(result.pieces)
-    result.seconds = time.perf_counter() - start
-    result.finish_reason = "length" if result.n_tokens >= max_new_tokens and not stops.stopped else "stop"
-    return tail
+class _Text:
+    """One completion's text as its tokens arrive: whole UTF-8 characters, stop strings held back
+    until they can be ruled out, and the figures of the Completion it fills."""
+
+    def __init__(self, tokenizer: Tokenizer, request: Request, result: Completion | None = None):
+        self.decoder = StreamDecoder(tokenizer)
+        self.stops = StopMatcher(request.stop)
+        self.max_new_tokens = request.max_new_tokens
+        self.result = result if result is not None else Completion()
+
+    def push(self, token: int, seconds: float) -> str:
+        """The text that token makes safe to show (maybe none); seconds since the request began."""
+        r = self.result
+        if r.first_token_seconds is None:
+            r.first_token_seconds = seconds
+        r.n_tokens += 1
+        piece = self.stops.feed(self.decoder.push(token))
+        if piece:
+            r.pieces.append(piece)
+        return piece
+
+    def settle(self, start: float) -> str:
+        """Close the completion: flush what the decoder and stop matcher still hold, and fill in its
+        text, time and finish reason. Returns the flushed tail, which may be empty."""
+        r = self.result
+        tail = self.stops.feed(self.decoder.flush()) + self.stops.flush()
+        if tail:
+            r.pieces.append(tail)
+        r.text = "".join(r.pieces)
+        r.seconds = time.perf_counter() - start
+        r.finish_reason = "length" if r.n_tokens >= self.max_new_tokens and not self.stops.stopped else "stop"
+        return tail
