@@ -126,11 +126,14 @@ def test_explain_mistakes(cli, model_path, args, needle, rc):
     assert_one_line_error(cli("sample", "Spot", "-m", model_path, *args, input="x\n"), needle, rc=rc)
 
 
-def test_tokenize_probs_in_a_pipe(cli, model_path, tokenizer):
-    r = cli("tokenize", "--probs", "Spot liked to run", "-m", model_path)
+def test_tokenize_probs_in_a_pipe(cli, model_path, tokenizer, loaded):
+    r = cli("tokenize", "--probs", "Spot liked to run", "-m", model_path, "--device", "cpu")
     assert_ok(r)
     rows = [line.split("\t") for line in r.out.splitlines()]
-    assert [int(row[0]) for row in rows] == tokenizer.encode("Spot liked to run")
-    for _, label, p, loss in rows:
-        assert json.loads(label) and math.isclose(-math.log(float(p)), float(loss), abs_tol=1e-3)
-    assert "perplexity" in r.err
+    ids = tokenizer.encode("Spot liked to run")
+    assert [int(row[0]) for row in rows] == ids
+    assert [json.loads(row[1]) for row in rows] == [tokenizer.label(i) for i in ids]
+    expected = surprisal(loaded[0], ids, tokenizer.eot_id)  # the model's own probabilities, in-process
+    for (_, _, p, loss), want in zip(rows, expected.probs):
+        assert math.isclose(float(p), want, rel_tol=1e-4) and math.isclose(float(loss), -math.log(want), abs_tol=1e-3)
+    assert f"perplexity {expected.perplexity:.2f}" in r.err

@@ -73,7 +73,7 @@ def test_tokenize_on_a_terminal_colours_tokens(model_path, tokenizer):
 @pytest.mark.parametrize("args", [
     ["attention", "Spot liked to run", "--matrix", "--device", "cpu"],
     ["sample", "Spot", "--explain", "-n", "2", "--seed", "0", "--device", "cpu"],
-    ["tokenize", "--probs", "Spot liked to run"],
+    ["tokenize", "--probs", "Spot liked to run", "--device", "cpu"],
 ])
 def test_inside_views_are_coloured_on_a_terminal_only_without_no_color(model_path, args):
     screen = run_in_pty([*args, "-m", str(model_path)])

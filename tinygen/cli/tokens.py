@@ -10,7 +10,7 @@ import typer
 
 from tinygen.cli import ui
 from tinygen.cli.common import load_model, text_arg
-from tinygen.cli.options import ModelOpt
+from tinygen.cli.options import DeviceOpt, ModelOpt
 from tinygen.errors import TinygenError
 
 
@@ -37,6 +37,7 @@ def tokenize(
                                                 "file to write (.json).", show_default=False)] = None,
     separator: Annotated[str, typer.Option(metavar="TEXT", help="With --train: text that separates "
                                            "documents.")] = "<|endoftext|>",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Show how text splits into tokens, with ids and a count; or train a tokenizer."""
     from tinygen.core.checkpoint import load_tokenizer, load_tokenizer_source
@@ -47,7 +48,7 @@ def tokenize(
     if probs and not decode:
         if tokenizer:
             raise TinygenError("--probs scores with the model's own tokenizer; drop --tokenizer")
-        _token_probs(model, text_arg(text))
+        _token_probs(model, text_arg(text), device)
         return
     tok = load_tokenizer_source(tokenizer) if tokenizer else load_tokenizer(model)
     text = text_arg(text)
@@ -70,11 +71,11 @@ def tokenize(
         ui.show_tokens(tok, token_ids, text)
 
 
-def _token_probs(model: Optional[str], text: str) -> None:
+def _token_probs(model: Optional[str], text: str, device: str) -> None:
     from tinygen.cli import views
     from tinygen.inspect.explain import surprisal
 
-    net, tok, _ = load_model(model, "auto")
+    net, tok, _ = load_model(model, device)
     ids = tok.encode(text)
     if not ids:
         raise TinygenError("no text to score")
