@@ -176,6 +176,7 @@ def run_fuzz(args: dict) -> None:
     import faulthandler
     import resource
 
+    from tinygen.cli.info import rows
     from tinygen.core.checkpoint import load_tokenizer
     from tinygen.errors import TinygenError
 
@@ -183,7 +184,7 @@ def run_fuzz(args: dict) -> None:
         info = read_info(path)
         tok = load_tokenizer(info=info)
         json.dumps(info.summary(tok))  # what `tinygen info` shows must render, too
-        info.rows(tok)
+        rows(info, tok)
         net, tok, info = load_model(path)
         ids = tok.encode(PROBE)
         assert tok.decode(ids) == PROBE

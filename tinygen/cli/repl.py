@@ -21,7 +21,6 @@ from pathlib import Path
 from rich.text import Text
 
 from tinygen.cli import ui
-from tinygen.core.checkpoint import human_count
 from tinygen.errors import TinygenError
 from tinygen.generate.chat import SETTINGS, ChatSession
 
@@ -292,4 +291,4 @@ class Repl:
 
 def banner(name: str, n_params: int, tuned: bool) -> str:
     kind = "chat-tuned" if tuned else "not chat-tuned: plain User:/Assistant: transcript"
-    return f"tinygen chat · {name} ({human_count(n_params)} params, {kind})"
+    return f"tinygen chat · {name} ({ui.human_count(n_params)} params, {kind})"

@@ -198,6 +198,5 @@ def chat_data(
             ui.write(line)
         return
     lines = list(to_jsonl(convs))
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_bytes(out, "".join(lines).encode())
     ui.err().print(f"wrote {len(lines)} conversations to {out}")

@@ -11,6 +11,7 @@ import json
 import sys
 
 from rich.console import Console
+from rich.filesize import pick_unit_and_suffix
 from rich.table import Table
 from rich.text import Text
 
@@ -148,3 +149,9 @@ def info_table(rows: list[tuple[str, str]], title: str) -> None:
     for label, value in rows:
         table.add_row(label, value)
     out().print(table)
+
+
+def human_count(n: int) -> str:
+    """A count as people say it: 3443136 -> 3.4M."""
+    unit, suffix = pick_unit_and_suffix(n, ["", "K", "M", "B"], 1000)
+    return f"{n / unit:.1f}{suffix}" if unit > 1 else str(n)

@@ -16,8 +16,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.filesize import decimal, pick_unit_and_suffix
-
 from tinygen.atomic import atomic_path
 from tinygen.core.config import ModelConfig
 from tinygen.core.template import template_for
@@ -74,46 +72,6 @@ class ModelInfo:
             "chat_template": tokenizer.chat_template,
             "provenance": self.provenance,
         }
-
-    def rows(self, tokenizer: Tokenizer) -> list[tuple[str, str]]:
-        """The same for people, as (label, text) rows: sizes in units, numbers rounded, and the
-        provenance indented under its own heading (its keys may repeat the labels above)."""
-        cfg = self.config
-        template = template_for(tokenizer)
-        rows = [
-            ("path", str(self.path)),
-            ("kind", self.kind + (f" (format v{self.format_version})" if self.format_version else "")),
-            ("architecture", cfg.arch),
-            ("shape", (f"n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd} "
-                       f"block_size={cfg.block_size} vocab_size={cfg.vocab_size}")),
-            ("parameters", f"{human_count(self.n_params)} ({self.n_params:,})"),
-            ("file size", decimal(self.file_size)),
-            ("dtype", ", ".join(self.dtypes)),
-            ("tokenizer", f"{tokenizer.name}, {tokenizer.n_vocab:,} tokens, special: {' '.join(tokenizer.special)}"),
-            ("chat", "chat-tuned: " + " ".join(f"{r}={p}…{s}" for r, (p, s) in template.roles.items())
-             if template.tuned else "not chat-tuned (`tinygen chat` uses a plain User:/Assistant: transcript)"),
-        ]
-        if self.provenance:
-            rows += [("provenance", "")] + [(f"  {k}", readable(v)) for k, v in self.provenance.items()]
-        return rows
-
-
-def human_count(n: int) -> str:
-    """A count as people say it: 3443136 -> 3.4M."""
-    unit, suffix = pick_unit_and_suffix(n, ["", "K", "M", "B"], 1000)
-    return f"{n / unit:.1f}{suffix}" if unit > 1 else str(n)
-
-
-def readable(value) -> str:
-    """A provenance value for people: floats to 4 significant digits, whole numbers with thousands
-    separators, text as it is, anything else as JSON."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return json.dumps(value, ensure_ascii=False)
 
 
 def default_model_path(name: str = DEFAULT_MODEL) -> Path:

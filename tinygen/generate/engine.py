@@ -63,9 +63,9 @@ class Batch:
         self.seen = None  # (B, V) tokens each row has seen, kept when some row has a repetition penalty
         if track_seen:
             self.seen = torch.zeros(len(rows), model.config.vocab_size, dtype=torch.bool, device=self.device)
-            for i, w in enumerate(windows):
-                self.seen[i, torch.tensor(w, device=self.device)] = True
-        self.settings = RowSettings.of([r.params for r in rows], self.device)
+            for slot, w in enumerate(windows):
+                self.see(slot, w)
+        self.settings_changed()
         for row in rows:
             self.start(row)
 
@@ -102,8 +102,11 @@ class Batch:
         self.refill(slot, window[:-1])
         if self.seen is not None:
             self.seen[slot] = False
-            self.seen[slot, torch.tensor(window, device=self.device)] = True
+            self.see(slot, window)
         return window[-1]
+
+    def see(self, slot: int, tokens: list[int]) -> None:
+        self.seen[slot, torch.tensor(tokens, device=self.device)] = True
 
     def refill(self, slot: int, tokens: list[int]) -> None:
         """Fill one slot's cache from these tokens (from position 0); other slots are untouched."""
