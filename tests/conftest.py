@@ -19,6 +19,7 @@ import json
 import os
 import re
 import subprocess
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +33,12 @@ from tinygen.core.config import ModelConfig
 from tinygen.core.model import GPT
 from tinygen.core.template import with_chat_template
 from tinygen.core.tokenizer import Tokenizer
+
+# Every command these tests run is pinned to the CPU: the suite must pass unchanged on a GPU host,
+# where `--device auto` would run CUDA in bf16 and fail for reasons that are not the test's.
+# Commands read $TINYGEN_DEVICE where no --device is given; every child process inherits it. A test
+# about the GPU passes --device cuda, which wins, and skips without CUDA.
+os.environ["TINYGEN_DEVICE"] = "cpu"
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 GPT2_TOKENIZER = SHARED / "gpt2-tokenizer"
@@ -67,6 +74,14 @@ def make_model(config: ModelConfig, seed: int = 0, scale: float = 1.0) -> GPT:
 @pytest.fixture(scope="session")
 def tokenizer() -> Tokenizer:
     return Tokenizer.train(STORY_LINES * 20, vocab_size=400)
+
+
+@pytest.fixture()
+def corpus(tmp_path) -> Path:
+    """A small plain-text corpus for `tinygen train`: the story lines as documents."""
+    path = tmp_path / "stories.txt"
+    path.write_text("\n<|endoftext|>\n".join(STORY_LINES * 12))
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -282,6 +297,22 @@ def assert_ok(r: Run) -> None:
     assert r.rc == 0, f"exit {r.rc}, stderr: {r.err!r}"
     assert "Traceback" not in r.err, r.err
     assert "\x1b" not in r.out and "\x1b" not in r.err, "ANSI escapes in a pipe"
+
+
+def ctrl_c_during(args: list[str], after: bytes) -> tuple[int, str]:
+    """Run `tinygen ARGS` drawing its live display as on a terminal (TTY_COMPATIBLE: cursor moves
+    and all), press Ctrl-C once its stderr matches the regex `after`, and return the exit status
+    and the stderr with its escapes stripped."""
+    proc = subprocess.Popen([sys.executable, "-m", "tinygen", *args], stderr=subprocess.PIPE,
+                            env=clean_env(TTY_COMPATIBLE="1", COLUMNS="100"))
+    screen = b""
+    while not re.search(after, screen):
+        chunk = proc.stderr.read1(65536)
+        assert chunk, screen.decode(errors="replace")
+        screen += chunk
+    proc.send_signal(signal.SIGINT)
+    screen += proc.communicate(timeout=60)[1]
+    return proc.returncode, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode("utf-8", "replace"))
 
 
 def assert_one_line_error(r: Run, *needles: str, rc: int = 1) -> None:

@@ -1,6 +1,7 @@
 """The bundled models in weights/: load with no --model, within budget; one writes stories, one chats."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -28,10 +29,16 @@ def test_bundled_provenance_names_no_machine_paths(name):
     assert values and not [v for v in values if v.startswith("/") or "/work/" in v]
 
 
+# No TINYGEN_MODEL or the like from the caller: the bundled models are found on their own. The
+# CPU, as for every test; PYTHONPATH where it is how tinygen is importable (scripts/gpu-check).
+BARE_ENV = {"PATH": "/usr/bin:/bin", "NO_COLOR": "1", "TINYGEN_DEVICE": "cpu",
+            **{k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}}
+
+
 def test_bundled_model_samples_a_story():
     r = subprocess.run([sys.executable, "-m", "tinygen", "sample", "Once upon a time", "-n", "40", "--seed", "1"],
                        capture_output=True, text=True, timeout=120,
-                       env={"PATH": "/usr/bin:/bin", "NO_COLOR": "1"})
+                       env=BARE_ENV)
     assert r.returncode == 0, r.stderr
     words = r.stdout.split()
     assert len(words) >= 15
@@ -49,7 +56,7 @@ def test_bundled_chat_model_takes_turns_and_tells_stories():
     assert load_tokenizer(info=info).chat_template is not None and info.provenance["chat"] is True
     r = subprocess.run([sys.executable, "-m", "tinygen", "chat", "--jsonl", "--seed", "1"],
                        input="Tell me a story about a dog who finds a ball.\nHi! How are you?\n",
-                       capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "NO_COLOR": "1"})
+                       capture_output=True, text=True, timeout=120, env=BARE_ENV)
     assert r.returncode == 0, r.stderr
     story, greeting = (json.loads(line)["content"] for line in r.stdout.splitlines())
     assert "dog" in story.lower() and len(story.split()) >= 40  # a story, about what was asked

@@ -6,7 +6,6 @@ import math
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
 
@@ -22,7 +21,7 @@ from tinygen.errors import TinygenError
 from tinygen.training import data as data_lib
 from tinygen.training.loop import Eval, Saved, Start, Step, TrainSettings, train
 
-from conftest import STORY_LINES, TINY, clean_env, make_model
+from conftest import STORY_LINES, TINY, ctrl_c_during, make_model
 
 CPU = torch.device("cpu")
 
@@ -187,13 +186,6 @@ def _cli(*args, cwd, timeout=180, env_extra=None):
                           timeout=timeout, env=env)
 
 
-@pytest.fixture()
-def corpus(tmp_path):
-    path = tmp_path / "stories.txt"
-    path.write_text("\n<|endoftext|>\n".join(STORY_LINES * 12))
-    return path
-
-
 def test_cli_train_sample_eval_and_errors(cli, tmp_path, corpus):
     out = tmp_path / "m.safetensors"
     r = cli("train", corpus, "--out", out, *TINY, "--max-steps", "10", "--device", "cpu", timeout=120)
@@ -249,18 +241,8 @@ def test_train_eval_and_chat_data_options_follow_the_conventions(cli):
 def test_ctrl_c_saves_exits_130_and_prints_a_resume_command_that_finishes(cli, tmp_path, corpus):
     args = ["train", str(corpus), "--out", str(tmp_path / "m.safetensors"), *TINY, "--max-steps", "100000",
             "--device", "cpu"]
-    # TTY_COMPATIBLE makes Rich draw its live bar as on a terminal, cursor moves and all.
-    proc = subprocess.Popen([sys.executable, "-m", "tinygen", *args], stderr=subprocess.PIPE,
-                            env=clean_env(TTY_COMPATIBLE="1", COLUMNS="100"))
-    screen = b""
-    while not re.search(rb"step \d\d", screen):  # the live bar is up and running
-        chunk = proc.stderr.read1(65536)
-        assert chunk, screen.decode(errors="replace")
-        screen += chunk
-    proc.send_signal(signal.SIGINT)
-    screen += proc.communicate(timeout=60)[1]
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode("utf-8", "replace"))
-    assert proc.returncode == 130, text[-2000:]  # so that `train && eval` does not go on
+    rc, text = ctrl_c_during(args, rb"step \d\d")  # once the live bar is up and running
+    assert rc == 130, text[-2000:]  # so that `train && eval` does not go on
     assert "interrupted" in text and "Traceback" not in text
     stopped_at = json.loads((tmp_path / "m.safetensors.state.json").read_text())["step"]
     assert stopped_at >= 10
@@ -328,9 +310,12 @@ def test_training_on_cuda_with_bf16_autocast(tmp_path, tokenizer, tokens, small_
     torch.manual_seed(0)
     model = GPT(small_config)
     events = list(train(model, tokenizer, tokens, tokens[:500], tmp_path / "m.safetensors",
-                        TrainSettings(max_steps=20, batch_size=8, eval_every=20, warmup_steps=2, lr=3e-3),
+                        TrainSettings(max_steps=20, batch_size=8, eval_every=10, warmup_steps=2, lr=3e-3),
                         device=torch.device("cuda")))
+    assert events[0].dtype == "bfloat16"
     losses = [e.loss for e in events if isinstance(e, Step)]
     assert losses[-1] < losses[0]
+    evals = [e for e in events if isinstance(e, Eval)]
+    assert [e.step for e in evals] == [10, 20] and all(e.sample for e in evals)  # sampling under autocast crashed
     loaded, _, _ = load_model(tmp_path / "m.safetensors")
     assert loaded.lm_head.weight.dtype == torch.float32  # master weights stay fp32; autocast does bf16 math

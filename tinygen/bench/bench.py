@@ -7,8 +7,8 @@ comes with a reference measured here and now:
 - decode against the memory-bandwidth roofline: the bytes one token reads (weights and KV
   cache) over the read bandwidth measured on this machine a moment before (ceilings.py);
 - training against a bare PyTorch loop (nanoGPT-style: forward, cross-entropy, backward, AdamW)
-  around the transformers model, and as MFU: against the matmul peak measured here on a CPU, or
-  the datasheet peak on a known GPU (training.py).
+  around the transformers model, and as MFU: against a known GPU's datasheet peak, or else the
+  matmul peak measured here (training.py, ceilings.py).
 Each figure is the median of several repeats after a warm-up, ours and the reference timed in
 turn; each ratio comes with the range of its per-repeat ratios (measure.py), which says how far
 a busy machine has moved it.
@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from tinygen.bench.ceilings import decode_bytes, matmul_peak, peak_bandwidth, read_bandwidth
+from tinygen.bench.ceilings import decode_bytes, decode_context, flops_ceiling, read_bandwidth
 from tinygen.bench.generation import batch_section, decode_section
 from tinygen.bench.training import train_section
 from tinygen.core.config import PRESETS, ModelConfig
+from tinygen.core.hardware import datasheet
 from tinygen.errors import TinygenError
 
 SECTIONS = ("decode", "batch", "train")
@@ -57,7 +58,7 @@ def run(model=None, shape=None, sections=SECTIONS, prompt_tokens=128, new_tokens
         batch_sizes=(1, 8, 32, 64), batch_new_tokens=32, steps=6, train_batch=8, compare=False, threads=None,
         device="auto", dtype="auto", quantize=None, compile=False, say=lambda message: None) -> dict:
     """The figures of the sections asked for, as a JSON-ready dict; say(message) hears of progress."""
-    from tinygen.core.device import inference_dtype, resolve_device
+    from tinygen.core.device import inference_dtype, resolve_device, training_dtype
     from tinygen.generate.fastlinear import decoding_layers
 
     unknown = set(sections) - set(SECTIONS)
@@ -65,7 +66,7 @@ def run(model=None, shape=None, sections=SECTIONS, prompt_tokens=128, new_tokens
         raise TinygenError(f"unknown section {', '.join(sorted(unknown)) or '(none)'}; choose from {', '.join(SECTIONS)}")
     if threads:
         torch.set_num_threads(threads)
-    dev = resolve_device(device)
+    dev = resolve_device(device, quantize and f"--quantize {quantize}")
     net, label = _build(model, shape, dev, inference_dtype(dev, dtype))
     cfg = net.config
     longest = prompt_tokens + max(new_tokens, batch_new_tokens)
@@ -104,28 +105,24 @@ def run(model=None, shape=None, sections=SECTIONS, prompt_tokens=128, new_tokens
             section = decode_section(net, hf, prompt.tolist(), new_tokens, repeats, dev, say, decoder)
             say("memory read bandwidth")
             bandwidth = read_bandwidth(dev)
-            per_token = decode_bytes(net, prompt_tokens + new_tokens // 2)
+            per_token = decode_bytes(net, decode_context(prompt_tokens, new_tokens, decoder))
             achieved = per_token * section["tinygen"]["decode_tok_s"]
             section["roofline"] = {"bytes_per_token": per_token, "achieved_bytes_s": achieved,
                                    "measured_bytes_s": bandwidth, "of_measured": achieved / bandwidth}
-            if (peak := peak_bandwidth(dev)) is not None:
-                section["roofline"].update(peak_bytes_s=peak, of_peak=achieved / peak)
+            if (sheet := datasheet(dev)) is not None:
+                section["roofline"].update(peak_bytes_s=sheet.bandwidth, of_peak=achieved / sheet.bandwidth,
+                                           peak_kind=f"datasheet ({sheet.name})")
             result["decode"] = section
         if "batch" in sections:
             rows = batch_section(net, hf, prompt_tokens, batch_new_tokens, batch_sizes, repeats, dev, say)
             result["batch"] = {"prompt_tokens": prompt_tokens, "new_tokens": batch_new_tokens, "rows": rows}
     if "train" in sections:
         del hf, net  # free their memory for training's
-        from tinygen.training.loop import peak_flops
-
-        peak = peak_flops(dev)
-        peak_kind = "datasheet bf16"
-        if peak is None:
-            say("matmul peak")
-            peak, peak_kind = matmul_peak(dev), "measured fp32 matmul"
+        compute = training_dtype(dev, dtype)
+        peak, peak_kind = flops_ceiling(dev, compute, say)
         net, _ = _build(model, shape, torch.device("cpu"), torch.float32)
-        result["train"] = train_section(net, steps, repeats, train_batch, compare, dev, peak, say, compile)
-        result["train"].update(peak_flops=peak, peak_kind=peak_kind)
+        result["train"] = train_section(net, steps, repeats, train_batch, compare, dev, peak, say, compile, compute)
+        result["train"].update(peak_flops=peak, peak_kind=peak_kind, dtype=str(compute).removeprefix("torch."))
     return result
 
 

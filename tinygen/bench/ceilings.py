@@ -1,14 +1,14 @@
-"""The machine's own ceilings for `tinygen bench`: memory read bandwidth, matmul peak, and the
-bytes one decoded token must read, so that a speed can be put as a fraction of what is possible."""
+"""The machine's ceilings for `tinygen bench`: memory read bandwidth, the FLOP/s that MFU is put
+against, and the bytes one decoded token must read, so that a speed can be put as a fraction of
+what is possible. A known GPU's figures come from its datasheet (core/hardware.py); elsewhere
+they are measured here."""
 
 from __future__ import annotations
 
 import torch
 
 from tinygen.bench.measure import median_time, sync_for
-
-# Datasheet HBM bandwidth, bytes/s, for the GPUs we know (SXM parts; the PCIe H100 is slower).
-PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L4": 0.3e12, "4090": 1.0e12}
+from tinygen.core.hardware import cpu_has_bf16, datasheet
 
 
 def read_bandwidth(device: torch.device) -> float:
@@ -18,23 +18,37 @@ def read_bandwidth(device: torch.device) -> float:
     return n * 4 / median_time(x.sum, 5, sync_for(device))
 
 
-def peak_bandwidth(device: torch.device) -> float | None:
-    """The datasheet bandwidth of a known GPU; None on a CPU or an unknown GPU."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None)
-
-
-def matmul_peak(device: torch.device) -> float:
-    """FLOP/s of a large float32 matmul here: a CPU's practical peak, for MFU where no datasheet applies."""
-    a = torch.randn(2048, 2048, device=device)
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a large matmul in dtype here: the practical peak, for MFU where no datasheet applies."""
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
     return 2 * 2048**3 / median_time(lambda: a @ a, 3, sync_for(device))
 
 
+def flops_ceiling(device: torch.device, dtype: torch.dtype, say=lambda message: None) -> tuple[float, str]:
+    """The FLOP/s that training's MFU is put against, and where it comes from: for bf16 on a known
+    GPU its datasheet, else a matmul measured here in the dtype training computes in (dtype);
+    say(message) hears of a measurement."""
+    if dtype == torch.bfloat16 and (sheet := datasheet(device)) is not None:
+        return sheet.bf16_flops, f"datasheet bf16 ({sheet.name})"
+    if dtype == torch.bfloat16 and device.type == "cpu" and cpu_has_bf16() is False:
+        # Emulated bf16 is no ceiling (a 2048^3 matmul would take a minute): the CPU's best is fp32.
+        say("matmul peak")
+        return matmul_peak(device, torch.float32), "measured fp32 matmul (no bf16 instructions)"
+    name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    say("matmul peak")
+    return matmul_peak(device, dtype), f"measured {name} matmul"
+
+
+def decode_context(prompt_tokens: int, new_tokens: int, decoder=None) -> int:
+    """The KV cache slots that a decoded token reads, on average over the measured run. The eager
+    step reads the slots written so far: the prompt and, midway, half the new tokens. A compiled
+    StaticDecoder (generate/compiled.py) reads its whole static cache every step, masked or not."""
+    return decoder.max_len if decoder is not None else prompt_tokens + new_tokens // 2
+
+
 def decode_bytes(net, context: int) -> int:
-    """Bytes read to decode one token at this context length: every weight but the embedding
-    table (a lookup reads one row), and the KV cache written so far."""
+    """Bytes read to decode one token that attends over context cache slots (decode_context):
+    every weight but the embedding table (a lookup reads one row), and those slots' keys and values."""
     tensors = [*net.named_parameters(), *net.named_buffers()]
     weights = sum(t.numel() * t.element_size() for name, t in tensors
                   if not name.startswith(("transformer.wte", "transformer.wpe", "rope_")))

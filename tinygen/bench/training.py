@@ -15,9 +15,10 @@ WARMUP_STEPS = 2  # allocator, kernels, lazy init; with --compile, compilation t
 
 
 def train_section(net, steps: int, repeats: int, batch_size: int, compare: bool, dev, peak: float, say,
-                  compile: bool = False) -> dict:
+                  compile: bool = False, compute: torch.dtype = torch.float32) -> dict:
     """Tokens/s and MFU of training net on random tokens; with compare, of the reference too, a
-    step of each in turn. Timed steps: those after the warm-up, and at least `repeats` of them."""
+    step of each in turn. Timed steps: those after the warm-up, and at least `repeats` of them.
+    compute: float32, or bfloat16 for both loops under autocast."""
     import tempfile
     from pathlib import Path
 
@@ -38,9 +39,9 @@ def train_section(net, steps: int, repeats: int, batch_size: int, compare: bool,
         from tinygen.bench.reference import to_transformers
 
         hf = to_transformers(net).to(dev).train()  # before training moves and changes the weights
-        ref = _bare_loop(torch.compile(hf) if compile else hf, tokens, batch_size, cfg.block_size, dev)
+        ref = _bare_loop(torch.compile(hf) if compile else hf, tokens, batch_size, cfg.block_size, dev, compute)
     settings = TrainSettings(max_steps=WARMUP_STEPS + timed, batch_size=batch_size, eval_every=10**9, warmup_steps=1,
-                             sample_tokens=0, compile=compile)
+                             sample_tokens=0, compile=compile, dtype=str(compute).removeprefix("torch."))
     # A byte-level stand-in tokenizer: the loop needs one to write its checkpoint.
     stand_in = Tokenizer([bytes([b]) for b in range(256)], r"\S+|\s+", {})
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,7 +58,7 @@ def train_section(net, steps: int, repeats: int, batch_size: int, compare: bool,
     return section
 
 
-def _bare_loop(hf, tokens, batch_size: int, block: int, dev) -> Iterator[float]:
+def _bare_loop(hf, tokens, batch_size: int, block: int, dev, compute: torch.dtype) -> Iterator[float]:
     """Tokens/s of each step of nanoGPT's inner loop: batch, forward, loss, backward, clip, AdamW step."""
     import contextlib
 
@@ -65,7 +66,7 @@ def _bare_loop(hf, tokens, batch_size: int, block: int, dev) -> Iterator[float]:
 
     data = torch.from_numpy(tokens)
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=dev.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    autocast = torch.autocast(dev.type, dtype=compute) if compute != torch.float32 else contextlib.nullcontext()
     sync = sync_for(dev)
     gen = torch.Generator().manual_seed(0)
     while True:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from tinygen.cli import ui
-from tinygen.cli.options import DeviceOpt, DtypeOpt, ModelOpt, QuantOpt
+from tinygen.cli.options import DeviceOpt, Dtype, ModelOpt, QuantOpt
 from tinygen.core.config import PRESETS
 from tinygen.errors import TinygenError
 
@@ -44,7 +44,9 @@ def bench(
                                                    "tinygen's choice).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Machine-readable output.")] = False,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    dtype: Annotated[Dtype, typer.Option(help="Weights for generation, and what training computes in: auto (bf16 on "
+                                         "CUDA, float32 elsewhere), float32, or bfloat16 (bf16 weights to "
+                                         "generate; bf16 autocast over float32 weights to train).")] = Dtype.auto,
     quantize: QuantOpt = None,
     compile: Annotated[bool, typer.Option("--compile", metavar="", help="Compile the batch-1 decode step (CUDA "
                                           "graphs on a GPU), and both training loops.")] = False,
@@ -110,14 +112,15 @@ def print_table(result: dict, console) -> None:
         row(f"decode read bandwidth, GB/s ({rl['bytes_per_token'] / 1e6:.1f} MB/token)",
             f"{rl['achieved_bytes_s'] / 1e9:.1f}", f"{rl['measured_bytes_s'] / 1e9:.1f} measured", f"{rl['of_measured']:.0%}")
         if "peak_bytes_s" in rl:
-            row("", "", f"{rl['peak_bytes_s'] / 1e9:.0f} peak", f"{rl['of_peak']:.0%}")
+            row("", "", f"{rl['peak_bytes_s'] / 1e9:.0f} datasheet", f"{rl['of_peak']:.0%}")
     if b := result.get("batch"):
         for r in b["rows"]:
             row(f"generation tok/s, batch {r['batch']} ({b['new_tokens']} new)", f"{r['tinygen_tok_s']:.0f}",
                 f"{r['transformers_tok_s']:.0f}" if "transformers_tok_s" in r else None, r.get("ratio"), r.get("spread"))
     if tr := result.get("train"):
         t, r = tr["tinygen"], tr.get("reference")
-        row(f"training tok/s (batch {tr['batch'][0]} x {tr['batch'][1]})", f"{t['tok_s']:,.0f}",
+        bf16 = ", bf16 autocast" if tr.get("dtype") == "bfloat16" else ""
+        row(f"training tok/s (batch {tr['batch'][0]} x {tr['batch'][1]}{bf16})", f"{t['tok_s']:,.0f}",
             r and f"{r['tok_s']:,.0f}", tr.get("ratio"), tr.get("spread"))
         row(f"MFU (of {tr['peak_kind']} peak {tr['peak_flops'] / 1e12:.2f} TFLOP/s)", f"{t['mfu']:.1%}",
             r and f"{r['mfu']:.1%}", None)

@@ -33,11 +33,15 @@ def load_model(model: Optional[str], device: str, dtype: Dtype | str = "auto", q
     from tinygen.core import checkpoint
     from tinygen.core.device import inference_dtype, resolve_device
 
-    dev = resolve_device(device)
+    quantize = quantize and Quantize(quantize).value
+    cpu_only = quantize and f"--quantize {quantize}"
+    dev = resolve_device(device, cpu_only)
+    if cpu_only and device == "auto" and resolve_device("auto").type != "cpu":
+        ui.note(f"{cpu_only} runs on the CPU, so the model runs there rather than on the GPU")
     net, tokenizer, info = checkpoint.load_model(model, device=dev, dtype=inference_dtype(dev, Dtype(dtype).value))
     from tinygen.generate.fastlinear import decoding_layers
 
-    return decoding_layers(net, quantize and Quantize(quantize).value), tokenizer, info
+    return decoding_layers(net, quantize), tokenizer, info
 
 
 def compiled_decoder(net, compile: bool):

@@ -10,7 +10,7 @@ import typer
 
 from tinygen.cli import ui
 from tinygen.cli.common import load_model
-from tinygen.cli.options import DeviceOpt, Dtype, ModelOpt, QuantOpt
+from tinygen.cli.options import DeviceOpt, Dtype, ModelOpt, QuantOpt, ScoreDtypeOpt
 from tinygen.errors import TinygenError
 
 
@@ -29,8 +29,7 @@ def eval_cmd(
                                          "provenance (shown by `tinygen info`).")] = False,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Machine-readable output.")] = False,
     device: DeviceOpt = "auto",
-    dtype: Annotated[Dtype, typer.Option(help="Weights to score with: float32 (the default, as training's own "
-                                         "validation), bfloat16, or auto (bf16 on CUDA).")] = Dtype.float32,
+    dtype: ScoreDtypeOpt = Dtype.float32,
     quantize: QuantOpt = None,
 ) -> None:
     """Score a model on text: mean loss, perplexity and bits per byte."""

@@ -10,7 +10,7 @@ import typer
 
 from tinygen.cli import ui
 from tinygen.cli.common import load_model, text_arg
-from tinygen.cli.options import DeviceOpt, ModelOpt
+from tinygen.cli.options import DeviceOpt, Dtype, ModelOpt, ScoreDtypeOpt
 from tinygen.errors import TinygenError
 
 
@@ -37,6 +37,7 @@ def attention(
                                                  "(one file, works offline) to open in a browser.",
                                                  show_default=False)] = None,
     device: DeviceOpt = "auto",
+    dtype: ScoreDtypeOpt = Dtype.float32,
 ) -> None:
     """Show which earlier tokens a token attends to, in each layer and head."""
     from tinygen.cli import views
@@ -49,7 +50,7 @@ def attention(
     if all_heads and (layer is not None or head is not None):
         raise TinygenError("--all shows every layer and head; drop --layer/--head")
     text = text_arg(text)
-    net, tok, meta = load_model(model, device)
+    net, tok, meta = load_model(model, device, dtype)
     amap = attention_map(net, tok, tok.encode(text))
     if amap.dropped:
         ui.warn(f"the text has {len(amap.ids) + amap.dropped} tokens, more than the model's context; "

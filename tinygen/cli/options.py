@@ -33,11 +33,15 @@ ModelOpt = Annotated[
                  help="Model: a tinygen .safetensors file or a Hugging Face GPT-2 folder. "
                  "Default: $TINYGEN_MODEL, else the bundled model.", show_default=False),
 ]
-DeviceOpt = Annotated[str, typer.Option(metavar="DEVICE", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N "
-                                        "or mps.")]
+DeviceOpt = Annotated[str, typer.Option(metavar="DEVICE", envvar="TINYGEN_DEVICE", show_envvar=False,
+                                        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps. Default: "
+                                        "$TINYGEN_DEVICE, else auto.")]
 DtypeOpt = Annotated[Dtype, typer.Option(help="Weights for generation: auto (bf16 on CUDA, float32 elsewhere), "
                                          "float32 or bfloat16. On a CPU, bfloat16 decodes faster but prefills "
                                          "slower.")]
+ScoreDtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Weights to score and inspect with: float32 (the "
+                                              "default on every device: the probabilities and losses training "
+                                              "reports), bfloat16, or auto (bf16 on CUDA).")]
 QuantOpt = Annotated[Optional[Quantize], typer.Option("--quantize", help="int8: int8 weight-only linear layers "
                                                       "(CPU), a quarter of float32's bytes per token; the loss it "
                                                       "costs is in the README.", show_default=False)]

@@ -58,7 +58,8 @@ class TrainDisplay:
             f"[dim]{ev.params / 1e6:.2f}M parameters · {ev.tokens_per_step:,} tokens/step "
             f"({ev.accum_steps} accumulation step{'s' if ev.accum_steps > 1 else ''}, {ev.world_size} process"
             f"{'es' if ev.world_size > 1 else ''}) · {ev.train_tokens:,} train / {ev.val_tokens:,} val tokens · "
-            f"{ev.device}{f' · resuming at step {ev.resumed_step}' if ev.resumed_step else ''}[/dim]"
+            f"{ev.device}{' · bf16 mixed precision' if ev.dtype == 'bfloat16' else ''}"
+            f"{f' · resuming at step {ev.resumed_step}' if ev.resumed_step else ''}[/dim]"
         )
 
     def handle(self, ev) -> None:

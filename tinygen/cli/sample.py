@@ -13,7 +13,8 @@ import typer
 
 from tinygen.cli import ui
 from tinygen.cli.common import compiled_decoder, load_model, read_stdin, text_arg
-from tinygen.cli.options import CompileOpt, DeviceOpt, DtypeOpt, ModelOpt, QuantOpt, Sampling, StopOpt, sampling_flags
+from tinygen.cli.options import (CompileOpt, DeviceOpt, Dtype, DtypeOpt, ModelOpt, QuantOpt, Sampling, StopOpt,
+                                 sampling_flags)
 from tinygen.errors import TinygenError
 
 
@@ -65,6 +66,8 @@ def sample(
         _print_batch(textgen, requests, batch_size, jsonl, num_samples)
         return
     text = text_arg(prompt)
+    if explain_k and Dtype(dtype) == Dtype.auto:
+        dtype = Dtype.float32  # --explain shows probabilities: in float32 unless --dtype says otherwise
     net, tokenizer, _ = load_model(model, device, dtype, quantize)
     textgen = TextGenerator(net, tokenizer, compiled=compiled_decoder(net, compile and num_samples == 1))
     n_prompt = len(textgen.encode_prompt(text))

@@ -10,7 +10,7 @@ import typer
 
 from tinygen.cli import ui
 from tinygen.cli.common import load_model, text_arg
-from tinygen.cli.options import DeviceOpt, ModelOpt
+from tinygen.cli.options import DeviceOpt, Dtype, ModelOpt, ScoreDtypeOpt
 from tinygen.errors import TinygenError
 
 
@@ -38,6 +38,7 @@ def tokenize(
     separator: Annotated[str, typer.Option(metavar="TEXT", help="With --train: text that separates "
                                            "documents.")] = "<|endoftext|>",
     device: DeviceOpt = "auto",
+    dtype: ScoreDtypeOpt = Dtype.float32,
 ) -> None:
     """Show how text splits into tokens, with ids and a count; or train a tokenizer."""
     from tinygen.core.checkpoint import load_tokenizer, load_tokenizer_source
@@ -48,7 +49,7 @@ def tokenize(
     if probs and not decode:
         if tokenizer:
             raise TinygenError("--probs scores with the model's own tokenizer; drop --tokenizer")
-        _token_probs(model, text_arg(text), device)
+        _token_probs(model, text_arg(text), device, dtype)
         return
     tok = load_tokenizer_source(tokenizer) if tokenizer else load_tokenizer(model)
     text = text_arg(text)
@@ -71,11 +72,11 @@ def tokenize(
         ui.show_tokens(tok, token_ids, text)
 
 
-def _token_probs(model: Optional[str], text: str, device: str) -> None:
+def _token_probs(model: Optional[str], text: str, device: str, dtype: Dtype) -> None:
     from tinygen.cli import views
     from tinygen.inspect.explain import surprisal
 
-    net, tok, _ = load_model(model, device)
+    net, tok, _ = load_model(model, device, dtype)
     ids = tok.encode(text)
     if not ids:
         raise TinygenError("no text to score")

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from tinygen.cli import ui
-from tinygen.cli.options import DeviceOpt
+from tinygen.cli.options import DeviceOpt, Dtype
 from tinygen.core.config import ARCHES, PRESETS
 from tinygen.errors import TinygenError
 
@@ -108,6 +108,11 @@ def train(
                                       "validation split.")] = 1337,
     compile: Annotated[bool, _flag("torch.compile the model (GPU).", "--compile")] = False,
     device: DeviceOpt = "auto",
+    dtype: Annotated[Dtype, typer.Option(help="What training computes in: auto (bf16 on CUDA, float32 elsewhere), "
+                                         "float32, or bfloat16 (mixed precision: the weights, optimizer and "
+                                         "checkpoint stay float32). On a CPU, bfloat16 pays only with bf16 "
+                                         "instructions (AVX512-BF16, AMX); without them it is many times "
+                                         "slower.")] = Dtype.auto,
 ) -> None:
     """Train a model (and its tokenizer) on your own text."""
     from tinygen.cli.progress import TrainDisplay
@@ -128,12 +133,18 @@ def train(
         train=dict(max_steps=max_steps, max_tokens=max_tokens, max_time=_parse_duration(max_time),
                    batch_size=batch_size, batch_tokens=batch_tokens, lr=lr, warmup_steps=warmup_steps,
                    weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every, eval_tokens=eval_tokens,
-                   seed=seed, compile=compile),
+                   seed=seed, compile=compile, dtype=Dtype(dtype).value),
     )
     dist, dev = init_distributed(resolve_device(device))
+    if dist.master and dtype == Dtype.bfloat16 and dev.type == "cpu":
+        from tinygen.core.hardware import cpu_has_bf16
+
+        if cpu_has_bf16() is False:
+            ui.warn("this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 training runs many times "
+                    "slower than float32 here; drop --dtype bfloat16")
     console = ui.err()
-    stop = StopFlag(on_request=(lambda: ui.warn("stopping: saving a checkpoint at the end of this step (Ctrl-C "
-                                                "again to abort)")) if dist.master else None)
+    stop = StopFlag(on_request=(lambda: ui.warn("stopping: saving a checkpoint (Ctrl-C again to abort)"))
+                    if dist.master else None)
     try:
         run = prepare(recipe, dist=dist)
         events = train_loop(run.model, run.tokenizer, run.train_data, run.val_data, out, run.settings, device=dev,

@@ -7,8 +7,13 @@ import torch
 from tinygen.errors import TinygenError
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA, then Apple's MPS, then the CPU."""
+def resolve_device(name: str = "auto", cpu_only: str | None = None) -> torch.device:
+    """`auto` picks CUDA, then Apple's MPS, then the CPU. cpu_only names what the run needs that
+    only the CPU has (e.g. "--quantize int8"): `auto` then picks the CPU, and another is refused."""
+    if cpu_only is not None:
+        if name in ("auto", "cpu"):
+            return torch.device("cpu")
+        raise TinygenError(f"{cpu_only} runs on the CPU; use --device cpu (or leave --device out)")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -21,6 +26,10 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise TinygenError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TinygenError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise TinygenError(f"--device {name}: this machine has {n} CUDA GPU{'s' if n != 1 else ''} "
+                           f"(cuda:0{f'..cuda:{n - 1}' if n > 1 else ''})")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise TinygenError("--device mps was asked for, but MPS is not available; use --device cpu")
     if device.type not in ("cpu", "cuda", "mps"):
@@ -40,3 +49,18 @@ def inference_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
     if name not in DTYPES:
         raise TinygenError(f"unknown dtype {name!r}; use auto, float32 or bfloat16")
     return DTYPES[name]
+
+
+def training_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+    """The dtype training computes in. Weights, gradients, optimizer moments and the checkpoint stay
+    float32 whatever this is; bf16 runs the forward and backward under autocast. `auto`: bf16 on
+    CUDA GPUs that support it, float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in DTYPES:
+        raise TinygenError(f"unknown dtype {name!r}; use auto, float32 or bfloat16")
+    dtype = DTYPES[name]
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TinygenError(f"this GPU ({torch.cuda.get_device_name(device)}) has no bf16 support; "
+                           f"train with --dtype float32")
+    return dtype

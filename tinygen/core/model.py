@@ -33,7 +33,11 @@ class KVCache:
 
     def update(self, layer: int, pos: torch.Tensor, kv_len: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, H, T, D) at positions pos, (T,) shared by every row or (B, T) per row,
-        and return every row's first kv_len slots of this layer."""
+        and return every row's first kv_len slots of this layer.
+
+        Under autocast the projections that make k and v come out in the autocast dtype (bf16), not
+        the cache's: they are stored in the cache's dtype, which is the one attention then reads."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # no-ops when they already match
         if pos.dim() == 1:  # rows in step (prefill, and batch 1): one in-place copy, no index tensors
             self.k[layer].index_copy_(2, pos, k)
             self.v[layer].index_copy_(2, pos, v)

@@ -21,13 +21,15 @@ import numpy as np
 import torch
 
 from tinygen.core.checkpoint import save_checkpoint
+from tinygen.core.device import training_dtype
 from tinygen.core.evaluate import score_tokens
+from tinygen.core.hardware import peak_bf16_flops
 from tinygen.core.model import GPT
 from tinygen.core.tokenizer import Tokenizer
 from tinygen.errors import TinygenError
 from tinygen.training.distributed import Dist
 from tinygen.training.metrics import MetricsLog
-from tinygen.training.state import load_state, remove_state, save_state
+from tinygen.training.state import load_state, remove_state, rng_states, save_state
 from tinygen.training.stopping import PeerFailed, agree
 
 
@@ -49,6 +51,7 @@ class TrainSettings:
     sample_tokens: int = 48  # length of the sample shown at each eval; 0 turns samples off
     seed: int = 1337
     compile: bool = False
+    dtype: str = "auto"  # what the forward and backward compute in (core/device.training_dtype)
 
     def __post_init__(self):
         if not (self.max_steps or self.max_tokens or self.max_time):
@@ -72,6 +75,7 @@ class Start:
     val_tokens: int
     resumed_step: int
     device: str
+    dtype: str  # "float32", or "bfloat16" (autocast over float32 weights)
 
 
 @dataclass
@@ -123,16 +127,6 @@ def flops_per_token(model: GPT) -> float:
     """Training FLOPs per token (PaLM appendix B): 6N plus attention's 12 * L * C * T."""
     c = model.config
     return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
-
-
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
 @dataclass
@@ -214,7 +208,7 @@ def train(
     # is in the metrics JSONL, so the state file keeps only this one.
     step, tokens_seen, elapsed_before, last = 0, 0, 0.0, {}
     if resume:
-        meta = load_state(out, optimizer, batch_rng)
+        meta = load_state(out, optimizer, batch_rng, dist.rank, device)
         step, tokens_seen, elapsed_before = meta["step"], meta["tokens_seen"], meta["elapsed"]
         last = meta.get("last", {})
         if meta.get("tokens_per_step", tokens_per_step) != tokens_per_step:
@@ -228,8 +222,14 @@ def train(
         runner = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     if s.compile:
         runner = torch.compile(runner)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    peak = peak_flops(device)
+    # Mixed precision: float32 weights, gradients and optimizer moments (and so checkpoint), with the
+    # matmuls of the forward and backward in bf16. bf16 keeps float32's exponent range, so unlike
+    # fp16 it needs no loss scaling.
+    compute = training_dtype(device, s.dtype)
+    autocast = torch.autocast(device.type, dtype=compute) if compute != torch.float32 else nullcontext()
+    # MFU only against a GPU's datasheet peak, which bf16 training aims at; `tinygen bench --train`
+    # measures a peak where there is no datasheet.
+    peak = peak_bf16_flops(device) if compute == torch.bfloat16 else None
     fpt = flops_per_token(model)
     metrics = MetricsLog(out)
     if dist.master:
@@ -237,7 +237,8 @@ def train(
         if not resume:  # a fresh run: an older run's optimizer state would not belong to these weights
             remove_state(out)
         metrics.start(step)
-        yield Start(model.num_params(), tokens_per_step, accum, dist.world, len(train_data), len(val_data), step, str(device))
+        yield Start(model.num_params(), tokens_per_step, accum, dist.world, len(train_data), len(val_data), step,
+                    str(device), str(compute).removeprefix("torch."))
 
     def progress_at(step_: int, elapsed_: float) -> float:
         """Fraction of the budget used: of the steps (or tokens) and of the time, whichever is further."""
@@ -248,12 +249,12 @@ def train(
             fractions.append(elapsed_ / s.max_time)
         return max(fractions) if fractions else 0.0
 
-    def save(reason: str) -> Saved:
+    def save(reason: str, rngs: dict) -> Saved:
         nonlocal saved_at
         prov = {**(provenance or {}), "steps": step, "tokens_seen": tokens_seen, "train_seconds": round(elapsed, 1)}
         prov.update({k: last[k] for k in ("train_loss", "val_loss", "val_bpb") if last.get(k) is not None})
         save_checkpoint(out, model, tokenizer, prov)
-        save_state(out, optimizer, batch_rng, {"step": step, "tokens_seen": tokens_seen, "elapsed": elapsed,
+        save_state(out, optimizer, batch_rng, rngs, {"step": step, "tokens_seen": tokens_seen, "elapsed": elapsed,
                                                "tokens_per_step": tokens_per_step, "world": dist.world,
                                                "settings": asdict(s),
                                                "recipe": recipe or {}, "last": last})
@@ -279,9 +280,10 @@ def train(
         gen = torch.Generator(device=device).manual_seed(step)  # its own RNG: samples never shift training
         model.eval()
         try:
-            with autocast:
-                return generate_batch(model, [[tokenizer.eot_id]], SamplingParams(temperature=0.8), s.sample_tokens,
-                                      stop_ids=[tokenizer.eot_id], generator=gen)[0]
+            # In the weights' own dtype, outside autocast: a sample is a few dozen batch-1 steps,
+            # where bf16 saves nothing, and it reads as the saved checkpoint will generate.
+            return generate_batch(model, [[tokenizer.eot_id]], SamplingParams(temperature=0.8), s.sample_tokens,
+                                  stop_ids=[tokenizer.eot_id], generator=gen)[0]
         finally:
             model.train()
 
@@ -294,22 +296,25 @@ def train(
     failure: tuple[str, Exception] | None = None  # rank 0's failed evaluation or save: everyone stops next
     while True:
         # ------------------------------------------------------------ step boundary: decided by all ranks
-        stop, failed, elapsed = agree(dist, device, should_stop(), failure is not None,
+        stop, failed, elapsed = agree(dist, should_stop(), failure is not None,
                                       elapsed_before + time.perf_counter() - start)
         finished = progress_at(step, elapsed) >= 1.0
         if failed or stop or (finished and final_at == step):
             dist.stopped_together = True
+            # Gathered from every rank, before rank 0 may save: a collective all ranks reach together.
+            rngs = rng_states(dist, device) if failed or (stop and final_at != step) else {}
             if failed and not dist.master:
                 raise PeerFailed("stopped because rank 0 failed; its error is above")
             if failed:
                 if saved_at != step:
                     with suppress(Exception):  # the save itself may be what failed
-                        yield save("error")
+                        yield save("error", rngs)
                 raise TrainingFailed(*failure, out, saved_at) from failure[1]
             if stop and final_at != step and dist.master:
-                yield save("interrupted") if saved_at != step else Saved(out, step, "interrupted")
+                yield save("interrupted", rngs) if saved_at != step else Saved(out, step, "interrupted")
             return
         if finished or (step != evaluated_at and step % s.eval_every == 0):
+            rngs = rng_states(dist, device)  # every rank, at the boundary the save will hold
             if dist.master:
                 doing = f"evaluation at step {step}"
                 try:
@@ -321,7 +326,7 @@ def train(
                         metrics.write({"step": step, "val_loss": ev.val_loss, "val_bpb": ev.val_bpb})
                     yield ev
                     doing = f"saving at step {step}"
-                    yield save("final" if finished else "eval")
+                    yield save("final" if finished else "eval", rngs)
                 except Exception as e:
                     failure = (doing, e)
             evaluated_at = step

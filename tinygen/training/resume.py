@@ -3,7 +3,7 @@
 A resumed run continues exactly only if everything that decides its data, its validation split,
 its model and its batches is what it was: those come from the state file, and a flag typed again
 with another value is refused, naming the flag and the saved value. The stop limits, evaluation,
-the learning rate and --compile may change; what changed is reported. Only flags the user typed
+the learning rate, --compile and --dtype may change; what changed is reported. Only flags the user typed
 count (`Recipe.given`), never a default that differs from the saved value.
 """
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from tinygen.training.recipe import Recipe
 
 STOPS = ("max_steps", "max_tokens", "max_time")
-CHANGEABLE = (*STOPS, "eval_every", "eval_tokens", "lr", "compile")
+CHANGEABLE = (*STOPS, "eval_every", "eval_tokens", "lr", "compile", "dtype")
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size")
 MODEL_FIELDS = (*SHAPE_FIELDS, "arch")
 # What the state file keeps of a run's recipe, beside its TrainSettings and its checkpoint's config.

@@ -1,6 +1,10 @@
 """A run's resumable state beside its checkpoint: `<out>.state.safetensors` (optimizer moments and
 RNG states, as tensors) and `<out>.state.json` (counters, settings, and what the run was made from,
 for `--resume` to check). Never pickle.
+
+Each rank draws its own dropout masks, so each rank's generator state is saved (`rng.torch.R`, and
+`rng.cuda.R` for the GPU it trains on) and each rank gets its own back: with one saved state for
+all, every rank would draw rank 0's masks after a resume. A CPU run never touches CUDA.
 """
 
 from __future__ import annotations
@@ -13,14 +17,24 @@ import torch
 from tinygen import atomic
 from tinygen.atomic import atomic_path
 from tinygen.errors import TinygenError
+from tinygen.training.distributed import Dist, all_gather
 
 
 def state_paths(out: Path) -> tuple[Path, Path]:
     return out.with_name(out.name + ".state.safetensors"), out.with_name(out.name + ".state.json")
 
 
-def save_state(out: Path, optimizer, batch_rng: torch.Generator, meta: dict) -> None:
-    """Optimizer moments and RNG states as tensors, counters as JSON; both written atomically."""
+def rng_states(dist: Dist, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every rank's dropout generators, gathered for rank 0 to save. All ranks call it together."""
+    mine = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(device)
+    return {f"rng.{kind}.{rank}": t for kind, state in mine.items() for rank, t in enumerate(all_gather(dist, state))}
+
+
+def save_state(out: Path, optimizer, batch_rng: torch.Generator, rngs: dict[str, torch.Tensor], meta: dict) -> None:
+    """Optimizer moments and RNG states (rngs: from rng_states) as tensors, counters as JSON; both
+    written atomically."""
     from safetensors.torch import save_file
 
     tensors_path, json_path = state_paths(out)
@@ -28,9 +42,7 @@ def save_state(out: Path, optimizer, batch_rng: torch.Generator, meta: dict) -> 
     tensors = {f"opt.{pid}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
                for pid, st in sd["state"].items() for k, v in st.items()}
     tensors["rng.batch"] = batch_rng.get_state()
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    tensors.update(rngs)
     meta = {**meta, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]}
     with atomic_path(tensors_path) as tmp:
         save_file(tensors, str(tmp))
@@ -53,7 +65,8 @@ def remove_state(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def load_state(out: Path, optimizer, batch_rng: torch.Generator) -> dict:
+def load_state(out: Path, optimizer, batch_rng: torch.Generator, rank: int, device: torch.device) -> dict:
+    """Restore the optimizer, the batch sampler's RNG and this rank's own dropout generators."""
     from safetensors.torch import load_file
 
     meta = read_state_meta(out)
@@ -68,7 +81,15 @@ def load_state(out: Path, optimizer, batch_rng: torch.Generator) -> dict:
         group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items()})
     optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
     batch_rng.set_state(tensors["rng.batch"])
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    # Files from before per-rank states hold rank 0's alone, unsuffixed. A rank whose state is not
+    # there (an older file, or more ranks than the run had) keeps the seed the loop gave it, which
+    # differs per rank: not an exact continuation, but never a copy of another rank's masks.
+    for kind in ("torch", "cuda"):
+        state = tensors.get(f"rng.{kind}.{rank}", tensors.get(f"rng.{kind}") if rank == 0 else None)
+        if state is None:
+            continue
+        if kind == "torch":
+            torch.set_rng_state(state)
+        elif device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
     return meta

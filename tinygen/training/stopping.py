@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from tinygen.errors import TinygenError
-from tinygen.training.distributed import Dist
+from tinygen.training.distributed import Dist, all_reduce_max
 
 
 class PeerFailed(TinygenError):
@@ -37,16 +37,22 @@ class StopFlag:
         self.on_request = on_request
         self.same_within = same_within
         self.requested_at: float | None = None
+        self._told = False
 
     def __call__(self) -> bool:
+        """Whether a stop was asked for; read at step boundaries, where on_request hears of it.
+        The signal handler itself must not print: it runs between any two bytecodes of the main
+        thread, which may be inside a write to stderr, and a second write there raises."""
+        if self.requested_at is not None and not self._told:
+            self._told = True
+            if self.on_request is not None:
+                self.on_request()
         return self.requested_at is not None
 
     def request(self) -> None:
         now = time.monotonic()
         if self.requested_at is None:
             self.requested_at = now
-            if self.on_request is not None:
-                self.on_request()
         elif now - self.requested_at > self.same_within:
             raise KeyboardInterrupt
 
@@ -61,14 +67,12 @@ class StopFlag:
                 signal.signal(sig, handler)
 
 
-def agree(dist: Dist, device: torch.device, stop: bool, failed: bool, elapsed: float) -> tuple[bool, bool, float]:
+def agree(dist: Dist, stop: bool, failed: bool, elapsed: float) -> tuple[bool, bool, float]:
     """(stop, failed, elapsed) as all ranks decide them: any rank's stop or failure, the largest elapsed.
-    One small all-reduce per step, nothing next to the gradients' own."""
+    One small all-reduce per step, nothing next to the gradients' own. It runs on the control group:
+    after an evaluation the other ranks wait here while rank 0 evaluates, samples and saves."""
     if dist.world == 1:
         return stop, failed, elapsed
-    import torch.distributed as tdist
-
-    flags = torch.tensor([float(stop), float(failed), elapsed], dtype=torch.float64, device=device)
-    tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
+    flags = all_reduce_max(dist, torch.tensor([float(stop), float(failed), elapsed], dtype=torch.float64))
     stop_, failed_, elapsed_ = flags.tolist()
     return stop_ > 0, failed_ > 0, elapsed_
