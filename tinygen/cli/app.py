@@ -15,7 +15,19 @@ import typer
 import typer.core
 
 from tinygen import __version__
-from tinygen.cli import bench, chat, evaluate, info, inspect, sample, tokens, train, ui
+from tinygen.cli import (
+    bench,
+    chat,
+    convert,
+    evaluate,
+    export,
+    info,
+    inspect,
+    sample,
+    tokens,
+    train,
+    ui,
+)
 from tinygen.errors import TinygenError
 
 RICH_HELP = ui.is_tty() and not os.environ.get("NO_COLOR")
@@ -63,6 +75,8 @@ app.command(cls=_Command)(train.train)
 app.command("chat-data", cls=_Command)(train.chat_data)
 app.command("eval", cls=_Command)(evaluate.eval_cmd)
 app.command(cls=_Command)(bench.bench)
+app.command(cls=_Command)(export.export)
+app.command(cls=_Command)(convert.convert)
 
 
 def _version(value: bool) -> None:

@@ -47,22 +47,48 @@ def rows(meta: ModelInfo, tokenizer: Tokenizer) -> list[tuple[str, str]]:
 
     cfg = meta.config
     template = template_for(tokenizer)
+    shape = (f"n_layer={cfg.n_layer} n_head={cfg.n_head}" + (f" n_kv_head={cfg.kv_heads}" if cfg.n_kv_head else "")
+             + f" n_embd={cfg.n_embd} mlp={cfg.mlp_hidden} vocab_size={cfg.vocab_size}")
+    switches = [s for s, on in (("untied head", not cfg.tie_embeddings), ("q/k/v biases", cfg.qkv_bias),
+                                (f"rope theta {cfg.rope_theta:g}", cfg.arch == "rope"),
+                                ("llama3 rope scaling", cfg.rope_scaling is not None)) if on]
+    if template.name != "tinygen":  # a model's own Jinja template
+        chat = f"its own template: {template.name}" + (f"; default system prompt: {template.default_system}"
+                                                       if template.default_system else "")
+    elif template.tuned:
+        chat = "chat-tuned: " + " ".join(f"{r}={p}…{s}" for r, (p, s) in template.roles.items())
+    else:
+        chat = "not chat-tuned (`tinygen chat` uses a plain User:/Assistant: transcript)"
     shown = [
         ("path", str(meta.path)),
         ("kind", meta.kind + (f" (format v{meta.format_version})" if meta.format_version else "")),
-        ("architecture", cfg.arch),
-        ("shape", (f"n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd} "
-                   f"block_size={cfg.block_size} vocab_size={cfg.vocab_size}")),
+        ("architecture", ", ".join([cfg.arch, *switches])),
+        ("shape", shape),
+        ("context", f"{cfg.block_size:,} tokens"),
         ("parameters", f"{ui.human_count(meta.n_params)} ({meta.n_params:,})"),
         ("file size", decimal(meta.file_size)),
-        ("dtype", ", ".join(meta.dtypes)),
-        ("tokenizer", f"{tokenizer.name}, {tokenizer.n_vocab:,} tokens, special: {' '.join(tokenizer.special)}"),
-        ("chat", "chat-tuned: " + " ".join(f"{r}={p}…{s}" for r, (p, s) in template.roles.items())
-         if template.tuned else "not chat-tuned (`tinygen chat` uses a plain User:/Assistant: transcript)"),
+        ("dtype", types_by_kind(meta.tensors) if len(meta.dtypes) > 1 else ", ".join(meta.dtypes)),
+        ("tokenizer", f"{tokenizer.kind} ({tokenizer.name}), {tokenizer.n_vocab:,} tokens, special: "
+                      f"{' '.join(list(tokenizer.special)[:12])}{' …' if len(tokenizer.special) > 12 else ''}"),
+        ("chat", chat),
     ]
+    shown += [("note", note) for note in meta.notes]
     if meta.provenance:
         shown += [("provenance", "")] + [(f"  {k}", readable(v)) for k, v in meta.provenance.items()]
     return shown
+
+
+def types_by_kind(tensors: dict) -> str:
+    """Each storage type and the kinds of tensor held in it (q_proj, embed_tokens, norms, ...),
+    as a quantised file mixes them: `Q4_1: q_proj k_proj … · Q8_0: embed_tokens · F32: norms`."""
+    import re
+
+    kinds: dict[str, dict[str, None]] = {}
+    for name, (_, dtype) in tensors.items():
+        kind = re.sub(r"^.*\.(?:layers|h)\.\d+\.", "", name).removesuffix(".weight").removesuffix(".bias")
+        kind = "norms" if "norm" in kind or kind.startswith("ln_") else kind.rsplit(".", 1)[-1]
+        kinds.setdefault(dtype, {})[kind] = None
+    return " · ".join(f"{dtype}: {' '.join(k)}" for dtype, k in kinds.items())
 
 
 def readable(value) -> str:

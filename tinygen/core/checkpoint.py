@@ -2,9 +2,9 @@
 
 Metadata keys (all strings, as safetensors requires): format="tinygen", format_version, config
 (JSON of ModelConfig), tokenizer (JSON of Tokenizer.to_dict), provenance (JSON: steps, tokens,
-losses, data). A Hugging Face GPT-2 folder (config.json, model.safetensors, vocab.json,
-merges.txt) loads too. Reading the header needs no torch, so `info` and `tokenize` stay fast;
-only load_model imports it.
+losses, data). Models made elsewhere (Hugging Face GPT-2 and Llama-family folders, llama GGUF
+files) load too, through imported.py. Reading the header needs no torch, so `info` and
+`tokenize` stay fast; only load_model imports it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ HF_WEIGHTS = "model.safetensors"
 # GPT-2 stores these as Conv1D, whose weight is (in, out): the transpose of nn.Linear's.
 HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-LAYER_NAME = re.compile(r"(?:^|\.)h\.(\d+)\.")  # a block's tensors: transformer.h.3.attn... (h.3... in GPT-2 files)
+# A block's tensors: transformer.h.3.attn... (h.3... in GPT-2 files, model.layers.3... in Llama ones).
+LAYER_NAME = re.compile(r"(?:^|\.)(?:h|layers)\.(\d+)\.")
 
 
 @dataclass
@@ -38,17 +39,23 @@ class ModelInfo:
     """What the header says about a model, read without loading any weights."""
 
     path: Path
-    kind: str  # "tinygen" or "gpt2" (a Hugging Face GPT-2 folder)
+    kind: str  # "tinygen", "gpt2" (a Hugging Face GPT-2 folder), "llama" (a Llama-family folder) or "gguf"
     config: ModelConfig
     tokenizer_data: dict | None  # None for GPT-2 folders: their tokenizer lives in vocab.json/merges.txt
     provenance: dict = field(default_factory=dict)
     format_version: int | None = None
     file_size: int = 0
     tensors: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # name -> (shape, dtype) of each weight
+    shards: tuple[Path, ...] = ()  # a Hugging Face folder's weight files, when there are several
+    notes: tuple[str, ...] = ()  # what loading adapted, for stderr (a context limited to what tinygen allows)
 
     @property
     def weights_path(self) -> Path:
-        return self.path / HF_WEIGHTS if self.kind == "gpt2" else self.path
+        return self.path / HF_WEIGHTS if self.kind in ("gpt2", "llama") else self.path
+
+    @property
+    def weight_files(self) -> tuple[Path, ...]:
+        return self.shards or (self.weights_path,)
 
     @property
     def n_params(self) -> int:
@@ -128,8 +135,12 @@ def read_info(model: str | os.PathLike | None) -> ModelInfo:
     if not path.exists():
         hint = "pass --model or set TINYGEN_MODEL" if model is None else "check the path"
         raise TinygenError(f"no model at {path}; train one with `tinygen train` or {hint}")
+    from tinygen.core import imported
+
     if path.is_dir():
-        return _read_hf_info(path)
+        return imported.read_hf_info(path)
+    if imported.is_gguf(path):
+        return imported.read_gguf_info(path)
     meta, tensors = _read_header(path)
     if meta.get("format") != FORMAT:
         raise TinygenError(
@@ -161,50 +172,28 @@ def _config(fields: dict, path: Path) -> ModelConfig:
         raise TinygenError(f"{path}: {e}") from None
 
 
-def _read_hf_info(path: Path) -> ModelInfo:
-    cfg_path = path / "config.json"
-    if not cfg_path.exists():
-        raise TinygenError(f"{path} is a folder without config.json: not a tinygen file or a Hugging Face GPT-2 folder")
-    if not (path / HF_WEIGHTS).exists():
-        raise TinygenError(f"{path} has no {HF_WEIGHTS}; tinygen loads safetensors weights only (never pickle)")
-    try:
-        hf = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:
-        raise TinygenError(f"{cfg_path} is not valid JSON: {_one_line(e)}") from e
-    if not isinstance(hf, dict):
-        raise TinygenError(f"{cfg_path} is not a JSON object, so not a Hugging Face config")
-    if hf.get("model_type") != "gpt2":
-        raise TinygenError(f"{path} holds a {hf.get('model_type')!r} model; tinygen loads GPT-2 folders only")
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise TinygenError(f"{path}: activation {hf['activation_function']!r} is not supported (GPT-2 uses gelu_new)")
-    try:
-        fields = {"n_layer": hf["n_layer"], "n_head": hf["n_head"], "n_embd": hf["n_embd"],
-                  "block_size": hf.get("n_positions", hf.get("n_ctx", 1024)), "vocab_size": hf["vocab_size"],
-                  "arch": "gpt2", "norm_eps": hf.get("layer_norm_epsilon", 1e-5)}
-    except KeyError as e:
-        raise TinygenError(f"{cfg_path} has no {e.args[0]!r}; it is not a complete GPT-2 config") from None
-    config = _config(fields, cfg_path)
-    _, tensors = _read_header(path / HF_WEIGHTS)
-    weights = {k: v for k, v in tensors.items() if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
-    return ModelInfo(
-        path=path,
-        kind="gpt2",
-        config=config,
-        tokenizer_data=None,
-        provenance={"source": "Hugging Face GPT-2 folder"},
-        file_size=sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
-        tensors=weights,
-    )
-
-
 def load_tokenizer(model: str | os.PathLike | None = None, info: ModelInfo | None = None) -> Tokenizer:
     """The tokenizer of a model (checkpoint or GPT-2 folder), without importing torch."""
     info = info or read_info(model)
-    if info.kind == "gpt2":
+    if info.kind == "gpt2" and (info.path / "tokenizer.json").exists():
+        # What `tinygen export --format hf` writes for a gpt2 model: its own split pattern, which
+        # vocab.json + merges.txt could not carry.
+        from tinygen.core import imported
+
+        tokenizer = imported.hf_tokenizer(info.path)
+    elif info.kind == "gpt2":
         vocab, merges = info.path / "vocab.json", info.path / "merges.txt"
         if not (vocab.exists() and merges.exists()):
             raise TinygenError(f"{info.path} has no vocab.json + merges.txt, so its tokenizer is unknown")
         tokenizer = Tokenizer.from_gpt2_files(vocab, merges)
+    elif info.kind == "llama":
+        from tinygen.core import imported
+
+        tokenizer = imported.hf_tokenizer(info.path)
+    elif info.kind == "gguf":
+        from tinygen.core import imported
+
+        tokenizer = imported.gguf_tokenizer(info)
     else:
         try:
             tokenizer = Tokenizer.from_dict(info.tokenizer_data)
@@ -233,28 +222,46 @@ def load_tokenizer_source(source: str | os.PathLike) -> Tokenizer:
 
 
 def load_model(model: str | os.PathLike | None = None, device="cpu", dtype=None):
-    """(GPT in eval mode on device, Tokenizer, ModelInfo) from a checkpoint or GPT-2 folder."""
-    import torch
+    """(GPT in eval mode on device, Tokenizer, ModelInfo) from a checkpoint, a Hugging Face GPT-2 or
+    Llama-family folder, or a llama GGUF."""
     from safetensors.torch import load_file
 
-    from tinygen.core.model import GPT
+    from tinygen.core import imported
 
+    path = resolve_model_path(model)
+    if path.is_file() and imported.is_gguf(path):
+        return imported.load_gguf(path, device, dtype)
     info = read_info(model)
     tokenizer = load_tokenizer(info=info)
     _check_fits(info)
-    try:
-        state = load_file(str(info.weights_path), device=str(device))
-    except Exception as e:  # safetensors raises its own error types for bad data
-        raise TinygenError(f"cannot load weights from {info.weights_path}: {_one_line(e)}") from e
+    state = {}
+    for weights in info.weight_files:
+        try:
+            state.update(load_file(str(weights), device=str(device)))
+        except Exception as e:  # safetensors raises its own error types for bad data
+            raise TinygenError(f"cannot load weights from {weights}: {_one_line(e)}") from e
     if info.kind == "gpt2":
-        state = _from_hf_gpt2(state)
+        state = imported.from_hf_gpt2(state)
+    elif info.kind == "llama":
+        from tinygen.core.llama import state_from_hf
+
+        state = state_from_hf(state, info.config, str(info.path))
+    return _build(info, tokenizer, state, device, dtype), tokenizer, info
+
+
+def _build(info: ModelInfo, tokenizer: Tokenizer, state: dict, device, dtype):
+    """The model of this config holding these weights (tinygen names), on device in dtype."""
+    import torch
+
+    from tinygen.core.model import GPT
+
     broken = next((k for k, v in state.items() if not torch.isfinite(v).all()), None)
     if broken is not None:  # a flipped exponent bit; sampling would fail on NaN probabilities later
         raise TinygenError(f"{info.path}: tensor {broken} holds NaN or infinite values; the file is corrupt")
     # Built straight on the target device (a meta-device model would cost a second of imports).
     with torch.device(device):
         net = GPT(info.config, init=False)
-    expected = {k: v for k, v in net.state_dict().items() if k != "lm_head.weight"}
+    expected = {k: v for k, v in net.state_dict().items() if k != "lm_head.weight" or not info.config.tie_embeddings}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -265,42 +272,30 @@ def load_model(model: str | os.PathLike | None = None, device="cpu", dtype=None)
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise TinygenError(f"{info.path}: tensor {k} has shape {tuple(v.shape)}, config says {tuple(expected[k].shape)}")
-    net.load_state_dict(state, strict=False)  # lm_head is tied to wte, so it is never stored
-    net = net.to(dtype=dtype or state["transformer.wte.weight"].dtype)
-    return net.eval(), tokenizer, info
+    net.load_state_dict(state, strict=False)  # a tied lm_head is wte, so it is never stored
+    return net.to(dtype=dtype or state["transformer.wte.weight"].dtype).eval()
 
 
 def _check_fits(info: ModelInfo) -> None:
     """Refuse, from the header alone, a config that the stored weights cannot fill. The model is
     sized by the config and the weights by the file, so without this a corrupt header could make
     load_model build a model of gigabytes (or of a million blocks) before the shapes are compared.
-    Every block holds at least its four n_embd x n_embd attention matrices, so a true checkpoint
-    always passes."""
+    Every block holds at least its query and output matrices, n_embd x n_embd each, so a true
+    checkpoint always passes."""
     cfg = info.config
     if any(dtype not in FLOAT_DTYPES for dtype in info.dtypes):
         raise TinygenError(f"{info.path}: weights of type {', '.join(info.dtypes)}; tinygen loads {', '.join(FLOAT_DTYPES)}")
-    wte = next((shape for name, (shape, _) in info.tensors.items() if name.endswith("wte.weight")), None)
+    wte = next((shape for name, (shape, _) in info.tensors.items() if name.endswith(("wte.weight", "embed_tokens.weight"))),
+               None)
     if wte != (cfg.vocab_size, cfg.n_embd):
         found = f"has shape {wte}" if wte else "is missing"
         raise TinygenError(f"{info.path}: tensor wte.weight {found}, config says {(cfg.vocab_size, cfg.n_embd)}")
     blocks = {int(m.group(1)) for name in info.tensors if (m := LAYER_NAME.search(name))}
     if len(blocks) != cfg.n_layer or blocks != set(range(cfg.n_layer)):
         raise TinygenError(f"{info.path}: the config has n_layer={cfg.n_layer} but the file stores {len(blocks)} blocks")
-    if cfg.vocab_size * cfg.n_embd + 4 * cfg.n_layer * cfg.n_embd ** 2 > info.n_params:
+    if cfg.vocab_size * cfg.n_embd + 2 * cfg.n_layer * cfg.n_embd ** 2 > info.n_params:
         raise TinygenError(f"{info.path}: the config (n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, "
                            f"vocab_size={cfg.vocab_size}) needs more weights than the file's {info.n_params:,}")
-
-
-def _from_hf_gpt2(state: dict) -> dict:
-    out = {}
-    for key, value in state.items():
-        name = key.removeprefix("transformer.")
-        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-            continue  # causal-mask buffers and the tied head
-        if name.endswith(HF_CONV1D):
-            value = value.t().contiguous()
-        out["transformer." + name] = value
-    return out
 
 
 def update_provenance(path: str | os.PathLike, extra: dict) -> None:
@@ -325,7 +320,7 @@ def save_checkpoint(path: str | os.PathLike, model, tokenizer: Tokenizer, proven
     tensors = {
         k: v.detach().contiguous().cpu()
         for k, v in model.state_dict().items()
-        if k != "lm_head.weight"  # tied to wte; safetensors refuses shared storage anyway
+        if k != "lm_head.weight" or not model.config.tie_embeddings  # a tied head is wte; safetensors refuses shared storage
     }
     meta = {
         "format": FORMAT,

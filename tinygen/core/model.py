@@ -20,14 +20,15 @@ from tinygen.core.config import ModelConfig
 class KVCache:
     """Keys and values of every layer, preallocated to the full context so decoding never allocates.
 
-    k, v: (n_layer, B, n_head, max_len, head_dim). Slot s of a row holds the keys and values of
+    k, v: (n_layer, B, kv_heads, max_len, head_dim). Slot s of a row holds the keys and values of
     that row's token at position s, so rows of different lengths share one batch without left
     padding. The cache holds tensors only: which slots a pass writes and reads, and what each
     query may see, come with the pass (CacheSlots), as in gpt-fast's KVCache.update(input_pos, k, v).
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, device, dtype, max_len: int | None = None):
-        shape = (config.n_layer, batch_size, config.n_head, max_len or config.block_size, config.head_dim)
+        # Sized by the key/value heads: grouped-query attention shrinks the cache by n_head / kv_heads.
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len or config.block_size, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
 
@@ -70,9 +71,25 @@ def rotary_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch
     appears twice, once for each half of a head that it rotates together."""
     half = config.head_dim // 2
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float32, device=device) / half))
+    if config.rope_scaling is not None:
+        inv_freq = llama3_scaled(inv_freq, config.rope_scaling)
     angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32, device=device), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
+
+
+def llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3's long-context rotary frequencies: wavelengths longer than the original context
+    divided by factor, short ones kept, and a smooth blend between (as transformers'
+    _compute_llama3_parameters)."""
+    factor, low, high, old_len = (s[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                 "original_max_position_embeddings"))
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    middle = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(middle, blended, scaled)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -82,32 +99,42 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
 
 
+# torch 2.5 taught SDPA grouped-query attention; before it, k and v are repeated to every query head.
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         bias = config.arch == "gpt2"
         self.layer = layer
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=bias)  # q, k, v in one matmul
+        self.n_kv_head = config.kv_heads
+        # q, k, v in one matmul: n_head query heads, then kv_heads key heads and as many value heads.
+        width = (config.n_head + 2 * config.kv_heads) * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, width, bias=bias or config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
         self.dropout = config.dropout
 
     def forward(self, x, rope=None, slots: CacheSlots | None = None, need_weights: bool = False):
         B, T, C = x.shape
-        H = self.n_head
-        qkv = self.c_attn(x).view(B, T, 3 * H, C // H).transpose(1, 2)  # (B, 3H, T, D): q, k, v heads
+        H, G = self.n_head, self.n_kv_head
+        qkv = self.c_attn(x).view(B, T, H + 2 * G, C // H).transpose(1, 2)  # (B, H+2G, T, D): q, k, v heads
         if rope is not None:
             # q and k heads rotate by the same angles, so one call covers both.
-            qk = apply_rotary(qkv[:, : 2 * H], *rope)
+            qk = apply_rotary(qkv[:, : H + G], *rope)
             q, k = qk[:, :H], qk[:, H:]
         else:
-            q, k = qkv[:, :H], qkv[:, H : 2 * H]
-        v = qkv[:, 2 * H :]
+            q, k = qkv[:, :H], qkv[:, H : H + G]
+        v = qkv[:, H + G :]
         mask = None
         if slots is not None:
             k, v = slots.cache.update(self.layer, slots.pos, slots.kv_len, k, v)  # (B, H, S, D), S = kv_len
             mask = slots.mask
         att = None
+        if G != H and (need_weights or not _SDPA_GQA):
+            # Each key/value head serves H // G query heads, which sit next to each other.
+            k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
         if need_weights:
             # The explicit path: the same math as SDPA, keeping the probabilities.
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, S)
@@ -121,7 +148,8 @@ class CausalSelfAttention(nn.Module):
             # a path that materialises (B, H, T, T), several times slower; residual dropout below
             # regularises small-data training well enough.
             # is_causal aligns its mask top-left, so a single query must not use it: it would see key 0 only.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+            gqa = {"enable_gqa": True} if G != H and _SDPA_GQA else {}
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, **gqa)
         y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         if self.training and self.dropout:
             y = F.dropout(y, self.dropout)
@@ -187,7 +215,8 @@ class GPT(nn.Module):
         if config.arch == "gpt2":
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
         self.drop = nn.Dropout(config.dropout)
         if config.arch == "rope":
             cos, sin = rotary_tables(config)

@@ -28,10 +28,18 @@ class ChatTemplate:
     generation_prompt: str  # opens the assistant turn the model is asked to write
     stop: tuple[str, ...]  # ends a reply: special tokens stop on their id, other strings as text
     tuned: bool = True  # False for PLAIN: the model was never taught this format
+    # Set for a model's own Jinja template (from_jinja): the text before the first message (None:
+    # tinygen's convention, end-of-text), the system prompt it falls back on, and its name.
+    lead: str | None = None
+    default_system: str | None = None
+    name: str = "tinygen"
 
     def to_dict(self) -> dict:
-        return {"roles": {r: list(ps) for r, ps in self.roles.items()}, "generation_prompt": self.generation_prompt,
-                "stop": list(self.stop)}
+        d = {"roles": {r: list(ps) for r, ps in self.roles.items()}, "generation_prompt": self.generation_prompt,
+             "stop": list(self.stop)}
+        if self.lead is not None:  # a model's own template, taken apart (from_jinja)
+            d.update(lead=self.lead, default_system=self.default_system, name=self.name)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ChatTemplate":
@@ -47,7 +55,10 @@ class ChatTemplate:
                 raise ValueError("each role needs a [prefix, suffix] pair of strings")
             if not isinstance(d["generation_prompt"], str) or not strings(d["stop"]) or not d["stop"]:
                 raise ValueError("generation_prompt must be a string and stop a list of strings")
-            return cls({r: tuple(ps) for r, ps in roles.items()}, d["generation_prompt"], tuple(d["stop"]))
+            extra = {k: d[k] for k in ("lead", "default_system", "name") if k in d}
+            if not all(isinstance(v, str) for k, v in extra.items() if not (k == "default_system" and v is None)):
+                raise ValueError("lead, default_system and name must be strings")
+            return cls({r: tuple(ps) for r, ps in roles.items()}, d["generation_prompt"], tuple(d["stop"]), **extra)
         except (KeyError, TypeError, ValueError) as e:
             raise TinygenError(f"checkpoint chat template is malformed ({e})") from e
 
@@ -72,6 +83,10 @@ PLAIN = ChatTemplate(
 
 def template_for(tokenizer: Tokenizer) -> ChatTemplate:
     """The model's own template, or PLAIN when it was never chat-tuned."""
+    # A stored template first: a converted model keeps its Jinja template taken apart, so loading
+    # it needs no jinja2.
+    if tokenizer.chat_template is None and tokenizer.jinja_template is not None:
+        return from_jinja(tokenizer)
     if tokenizer.chat_template is None:
         return PLAIN
     template = ChatTemplate.from_dict(tokenizer.chat_template)
@@ -79,6 +94,73 @@ def template_for(tokenizer: Tokenizer) -> ChatTemplate:
     if missing:
         raise TinygenError(f"the chat template uses {', '.join(missing)}, which the tokenizer lacks")
     return template
+
+
+# Stand-ins for message text while a Jinja template is taken apart: plain words no template
+# rewrites, each unlike any template text.
+_PROBES = {"system": "Sys7tem5Probe", "user": "Us3rProbe", "assistant": "Ass1stantProbe"}
+
+
+def from_jinja(tokenizer: Tokenizer) -> ChatTemplate:
+    """A model's own Jinja chat template (tokenizer.jinja_template) as per-message prefixes and
+    suffixes, so that a conversation is rendered one message at a time (a message's ids never
+    change when later ones are added), and checked against the template itself on conversations
+    with and without a system prompt. A template that does not render messages that way (one that
+    changes earlier text as the conversation grows) is refused."""
+    from tinygen.core.jinja_template import JinjaChatTemplate
+
+    names = {i: n for n, i in tokenizer.special.items()}
+    jt = JinjaChatTemplate(tokenizer.jinja_template, names.get(tokenizer.bos_id), names.get(tokenizer.eos_id))
+    s, u, a = (_PROBES[r] for r in ROLES)
+    msgs = [{"role": "system", "content": s}, {"role": "user", "content": u}, {"role": "assistant", "content": a}]
+    full = jt.render(msgs, add_generation_prompt=False)
+    base = jt.render(msgs[:2], add_generation_prompt=False)
+    asked = jt.render(msgs[:2], add_generation_prompt=True)
+
+    def fail(why: str) -> TinygenError:
+        return TinygenError(f"the model's chat template ({jt.name}) cannot be rendered message by message: {why}")
+
+    if not (asked.startswith(base) and full.startswith(base) and all(p in full for p in (s, u, a))):
+        raise fail("adding messages changes what came before")
+    generation = asked[len(base):]
+    lead_sys, rest = full.split(s, 1)
+    between_su, rest = rest.split(u, 1)
+    between_ua, a_suffix = rest.split(a, 1)
+    if not between_ua.endswith(generation):
+        raise fail("the assistant's turn opens unlike its generation prompt")
+    u_suffix = between_ua[: len(between_ua) - len(generation)]
+    if not between_su.startswith(u_suffix):  # every role is assumed to close its turn alike; checked below
+        raise fail("the system turn closes unlike the user's")
+    s_suffix, u_prefix = u_suffix, between_su[len(u_suffix):]
+    # The lead is what sits before the first turn's role marker, e.g. BOS.
+    lead = ""
+    bos = names.get(tokenizer.bos_id)
+    if bos and lead_sys.startswith(bos) and not u_prefix.startswith(bos):  # BOS, not a role marker
+        lead, lead_sys = bos, lead_sys[len(bos):]
+    stops = [m for m in re.findall(r"<\|[^|<>]+\|>", a_suffix) if m in tokenizer.special][:1]
+    if not stops:
+        raise fail("no special token ends the assistant's turn")
+    template = ChatTemplate(
+        roles={"system": (lead_sys, s_suffix), "user": (u_prefix, u_suffix), "assistant": (generation, a_suffix)},
+        generation_prompt=generation, stop=tuple(stops), lead=lead, default_system=jt.default_system_prompt,
+        name=jt.name,
+    )
+    _check_against(template, jt, fail)
+    return template
+
+
+def _check_against(template: ChatTemplate, jt, fail) -> None:
+    """Per-message rendering equals the Jinja template's on conversations of several shapes."""
+    turns = [{"role": "user", "content": "Hi there!"}, {"role": "assistant", "content": "Hello. How can I help?"},
+             {"role": "user", "content": "Tell me\na story."}]
+    system = template.default_system
+    for convo in (turns, [{"role": "system", "content": "Be brief."}, *turns]):
+        shown = convo if convo[0]["role"] == "system" or system is None else \
+            [{"role": "system", "content": system}, *convo]
+        ours = template.lead + "".join(template.roles[m["role"]][0] + m["content"] + template.roles[m["role"]][1]
+                                       for m in shown) + template.generation_prompt
+        if ours != jt.render(convo, add_generation_prompt=True):
+            raise fail("its output differs from the per-message rendering")
 
 
 def with_chat_template(tokenizer: Tokenizer, template: ChatTemplate = SPECIAL) -> tuple[Tokenizer, int]:
@@ -91,7 +173,8 @@ def with_chat_template(tokenizer: Tokenizer, template: ChatTemplate = SPECIAL) -
         if token not in special:
             special[token] = tokenizer.n_vocab + added
             added += 1
-    out = Tokenizer(tokenizer.ranks, tokenizer.pattern, special, tokenizer.name, chat_template=template.to_dict())
+    # Through its serialised form, so every other setting (BOS, stop ids, ...) carries over.
+    out = Tokenizer.from_dict({**tokenizer.to_dict(), "special": special, "chat_template": template.to_dict()})
     return out, added
 
 
@@ -149,11 +232,15 @@ class Renderer:
                 mask.append(int(trained))
         return ids, mask
 
-    def generation_prompt(self) -> list[int]:
+    def fixed(self, text: str) -> list[int]:
+        """Ids of template text: its special tokens by id, the rest as plain text."""
         out: list[int] = []
-        for piece in self._pieces(self.template.generation_prompt):
+        for piece in self._pieces(text):
             out += [piece] if isinstance(piece, int) else self.tokenizer.encode(piece, special=False)
         return out
+
+    def generation_prompt(self) -> list[int]:
+        return self.fixed(self.template.generation_prompt)
 
     def conversation(self, messages: list[dict], train: bool = False) -> tuple[list[int], list[int]]:
         ids: list[int] = []

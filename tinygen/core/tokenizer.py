@@ -2,6 +2,8 @@
 
 A tokenizer is fully described by its mergeable ranks, split pattern and special tokens; that
 description is what a checkpoint stores, so a model always travels with its own tokenizer.
+Tokenizers imported from other tools (tokenizer_import.py) add what their models expect: special
+tokens among the ordinary ids, BOS/EOS/stop ids, NFC normalization, their Jinja chat template.
 Free of torch on purpose: `tinygen tokenize` must start fast.
 """
 
@@ -12,6 +14,7 @@ import binascii
 import codecs
 import copy
 import json
+import unicodedata
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -40,38 +43,111 @@ PATTERN_PROBE = "Once upon a time, Tom's 3 cats said: \"héllo 😀 日本語!\"
 class Tokenizer:
     """A tiktoken Encoding plus the data needed to rebuild it anywhere."""
 
-    def __init__(self, ranks: list[bytes], pattern: str, special: dict[str, int], name: str = "tinygen",
-                 chat_template: dict | None = None):
-        self.ranks = ranks  # ranks[i] is the byte string of token i; order is merge priority
+    kind = "byte-level BPE"  # what every tinygen tokenizer is; `name` tells them apart
+
+    def __init__(self, ranks: list[bytes | None], pattern: str, special: dict[str, int], name: str = "tinygen",
+                 chat_template: dict | None = None, *, bos_id: int | None = None, eos_id: int | None = None,
+                 stop_ids: Iterable[int] | None = None, add_bos: bool = False, normalization: str | None = None,
+                 drop_unknown_bytes: bool = False, jinja_template: str | None = None):
+        # ranks[i] is the byte string of token i; order is merge priority. None marks an id held by a
+        # special token, as imported vocabularies put them among the ordinary ids (SmolLM2's 0..16).
+        self.ranks = ranks
         self.pattern = pattern
         self.special = special
         self.name = name
         self.chat_template = chat_template  # set by chat fine-tuning; see template.py
-        _check(ranks, pattern, special, name)
+        # An imported model's own conventions; None means tinygen's defaults (see the properties).
+        self.bos_id = bos_id
+        self._eos_id = eos_id
+        self._stop_ids = None if stop_ids is None else tuple(stop_ids)
+        self.add_bos = add_bos  # whether the model expects bos_id before a plain prompt (Llama 3 does)
+        self.normalization = normalization  # "NFC" for Qwen2, whose Hugging Face tokenizer normalizes first
+        self.drop_unknown_bytes = drop_unknown_bytes
+        self.jinja_template = jinja_template  # the model's own chat template source; see jinja_template.py
+        _check(ranks, pattern, special, name, drop_unknown_bytes)
+        self._n_ids = len(ranks) + sum(1 for i in special.values() if i >= len(ranks))
+        self._check_settings()
+        mergeable = {b: i for i, b in enumerate(ranks) if b is not None}
+        # tiktoken panics on a byte without a rank. Some vocabularies lack a few (SmolLM2 has no 0x04),
+        # and llama.cpp leaves such bytes out after merging (Hugging Face before, so neighbours across
+        # them may merge there); ranks past every real id let encode() do as llama.cpp does.
+        missing = [bytes([b]) for b in range(256) if bytes([b]) not in mergeable]
+        mergeable.update((b, self._n_ids + k) for k, b in enumerate(missing))
         try:
             self.enc = tiktoken.Encoding(
                 name=name,
                 pat_str=pattern,
-                mergeable_ranks={b: i for i, b in enumerate(ranks)},
+                mergeable_ranks=mergeable,
                 special_tokens=special,
             )
         except (ValueError, TypeError, OverflowError) as e:  # e.g. a pattern `regex` takes and tiktoken does not
             raise TinygenError(f"invalid tokenizer data: {e}") from e
         self.special_ids = frozenset(special.values())
+        self._special_split = None  # the special tokens as one regex, to normalize only the text between them
+        if normalization and special:
+            names = sorted(special, key=len, reverse=True)  # longest first, as Hugging Face matches added tokens
+            self._special_split = regex.compile("(" + "|".join(map(regex.escape, names)) + ")")
+
+    def _check_settings(self) -> None:
+        """Refuse imported-model settings that would fail later, mid-generation, instead of now."""
+        def is_id(i) -> bool:
+            return isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_vocab
+
+        ids = [i for i in (self.bos_id, self._eos_id) if i is not None] + list(self._stop_ids or ())
+        if not all(is_id(i) for i in ids):
+            raise TinygenError(f"invalid tokenizer data: BOS, EOS and stop ids must be token ids "
+                               f"(0..{self.n_vocab - 1})")
+        if self.normalization not in (None, "NFC"):
+            raise TinygenError(f"invalid tokenizer data: normalization {self.normalization!r} is not supported "
+                               "(only NFC)")
+        if not isinstance(self.add_bos, bool) or not isinstance(self.drop_unknown_bytes, bool):
+            raise TinygenError("invalid tokenizer data: add_bos and drop_unknown_bytes must be true or false")
+        if not isinstance(self.jinja_template, (str, type(None))):
+            raise TinygenError("invalid tokenizer data: jinja_template must be a string")
 
     @property
     def n_vocab(self) -> int:
-        return self.enc.n_vocab
+        return self._n_ids
 
     @property
     def eot_id(self) -> int | None:
         return self.special.get(EOT)
 
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos_id if self._eos_id is not None else self.eot_id
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end a generation: an imported model's EOS, EOT and end-of-turn tokens, or
+        tinygen's end of text and end of chat turn."""
+        if self._stop_ids is not None:
+            return self._stop_ids
+        return tuple(t for t in (self.eot_id, self.special.get("<|end|>")) if t is not None)
+
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Encode text. With special=True, special-token text (`<|endoftext|>`) becomes its id."""
-        if special:
-            return self.enc.encode(text, allowed_special="all")
-        return self.enc.encode_ordinary(text)
+        if self.normalization:
+            ids = self._encode_normalized(text, special)
+        elif special:
+            ids = self.enc.encode(text, allowed_special="all")
+        else:
+            ids = self.enc.encode_ordinary(text)
+        if self.drop_unknown_bytes:
+            ids = [i for i in ids if i < self._n_ids]
+        return ids
+
+    def _encode_normalized(self, text: str, special: bool) -> list[int]:
+        # Hugging Face normalizes the text between special tokens, never across them: NFC would
+        # otherwise join a combining mark to the `>` that ends `<|im_end|>`.
+        pieces = self._special_split.split(text) if special and self._special_split else [text]
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                ids.append(self.special[piece])
+            elif piece:
+                ids += self.enc.encode_ordinary(unicodedata.normalize(self.normalization, piece))
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.enc.decode(list(ids), errors="replace")
@@ -94,13 +170,19 @@ class Tokenizer:
     # -- serialisation -------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
+        # Settings at their defaults are left out, so a tinygen tokenizer's data stays what it always was.
+        settings = {"bos_id": self.bos_id, "eos_id": self._eos_id,
+                    "stop_ids": None if self._stop_ids is None else list(self._stop_ids), "add_bos": self.add_bos,
+                    "normalization": self.normalization, "drop_unknown_bytes": self.drop_unknown_bytes,
+                    "jinja_template": self.jinja_template}
         return {
             "type": "tiktoken-bpe",
             "name": self.name,
             "pattern": self.pattern,
-            "ranks": [base64.b64encode(b).decode("ascii") for b in self.ranks],
+            "ranks": [None if b is None else base64.b64encode(b).decode("ascii") for b in self.ranks],
             "special": dict(self.special),  # copies: a caller may change the dict it gets
             **({"chat_template": copy.deepcopy(self.chat_template)} if self.chat_template else {}),
+            **{k: v for k, v in settings.items() if v is not None and v is not False},
         }
 
     @classmethod
@@ -110,8 +192,14 @@ class Tokenizer:
                 raise TypeError("want an object with a list of ranks and an object of special tokens")
             if not isinstance(d.get("chat_template"), (dict, type(None))):
                 raise TypeError("chat_template must be a JSON object")
-            ranks = [base64.b64decode(s, validate=True) for s in d["ranks"]]
-            return cls(ranks, d["pattern"], d["special"], d.get("name", "tinygen"), chat_template=d.get("chat_template"))
+            ranks = [None if s is None else base64.b64decode(s, validate=True) for s in d["ranks"]]
+            stop_ids = d.get("stop_ids")
+            if not isinstance(stop_ids, (list, type(None))):
+                raise TypeError("stop_ids must be a list")
+            return cls(ranks, d["pattern"], d["special"], d.get("name", "tinygen"),
+                       chat_template=d.get("chat_template"), bos_id=d.get("bos_id"), eos_id=d.get("eos_id"),
+                       stop_ids=stop_ids, add_bos=d.get("add_bos", False), normalization=d.get("normalization"),
+                       drop_unknown_bytes=d.get("drop_unknown_bytes", False), jinja_template=d.get("jinja_template"))
         except KeyError as e:
             raise TinygenError(f"checkpoint tokenizer metadata is malformed (no {e.args[0]!r})") from e
         except (TypeError, binascii.Error) as e:
@@ -179,22 +267,26 @@ class Tokenizer:
         return cls(ranks, GPT4_PATTERN, special)
 
 
-def _check(ranks: list[bytes], pattern: str, special: dict[str, int], name: str) -> None:
+def _check(ranks: list[bytes | None], pattern: str, special: dict[str, int], name: str,
+           drop_unknown_bytes: bool = False) -> None:
     """Refuse data that tiktoken would turn into a hang, a Rust panic or lost text (it checks little
-    itself): every byte has a token, tokens are distinct, special ids follow the ranks without a gap,
-    and the split pattern cuts text into non-empty pieces that cover all of it."""
+    itself): every byte has a token (unless the vocabulary drops bytes it lacks), tokens are
+    distinct, special ids fill the holes in the ranks and follow them without a gap, and the split
+    pattern cuts text into non-empty pieces that cover all of it."""
     if not isinstance(name, str) or not isinstance(pattern, str):
         raise TinygenError("invalid tokenizer data: name and pattern must be strings")
-    distinct = set(ranks)
-    if not all(isinstance(r, bytes) and r for r in ranks) or len(distinct) != len(ranks):
+    tokens = [r for r in ranks if r is not None]
+    distinct = set(tokens)
+    if not all(isinstance(r, bytes) and r for r in tokens) or len(distinct) != len(tokens):
         raise TinygenError("invalid tokenizer data: tokens must be distinct, non-empty byte strings")
-    if not {bytes([b]) for b in range(256)} <= distinct:
+    if not drop_unknown_bytes and not {bytes([b]) for b in range(256)} <= distinct:
         raise TinygenError("invalid tokenizer data: a byte-level BPE needs a token for each of the 256 bytes")
+    holes = [i for i, r in enumerate(ranks) if r is None]
     if (not all(isinstance(k, str) and k for k in special)
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in special.values())
-            or sorted(special.values()) != list(range(len(ranks), len(ranks) + len(special)))):
-        raise TinygenError(f"invalid tokenizer data: special tokens need names and the ids after the "
-                           f"{len(ranks)} ranks, one each")
+            or sorted(special.values()) != holes + list(range(len(ranks), len(ranks) + len(special) - len(holes)))):
+        raise TinygenError(f"invalid tokenizer data: special tokens need names and ids that fill the {len(holes)} "
+                           f"holes in the {len(ranks)} ranks and then follow them, one each")
     try:
         pieces = [m.group() for m in regex.finditer(pattern, PATTERN_PROBE, timeout=1.0)]
     except (regex.error, RecursionError) as e:

@@ -55,8 +55,8 @@ class ChatSession:
         self.messages: list[Message] = []  # user and assistant turns, oldest first
         self.last: Turn | None = None
         # A chat-tuned model may skip <|end|> and open the next turn itself; that ends the reply too.
-        self._stop_ids = self.renderer.stop_ids + tuple(
-            tokenizer.special[p] for p, _ in self.template.roles.values() if p in tokenizer.special)
+        self._stop_ids = tuple(dict.fromkeys(self.renderer.stop_ids + tokenizer.stop_ids + tuple(
+            tokenizer.special[p] for p, _ in self.template.roles.values() if p in tokenizer.special)))
         self.set_system(system)
 
     @property
@@ -69,6 +69,8 @@ class ChatSession:
         return Message(role, content, self.renderer.message(role, content)[0])
 
     def set_system(self, text: str | None) -> None:
+        # A model whose own template falls back on a system prompt gets it, as its template would.
+        text = text or self.template.default_system
         self.system = self._message("system", text) if text else None
 
     def reset(self) -> None:
@@ -113,8 +115,11 @@ class ChatSession:
         return len(raw)
 
     def prompt_ids(self) -> list[int]:
-        eot = [self.tokenizer.eot_id] if self.tokenizer.eot_id is not None else []
-        ids = eot + (self.system.ids if self.system else [])
+        if self.template.lead is not None:  # a model's own template: its lead (BOS, or nothing)
+            ids = self.renderer.fixed(self.template.lead)
+        else:  # tinygen's: a conversation starts a fresh document
+            ids = [self.tokenizer.eot_id] if self.tokenizer.eot_id is not None else []
+        ids = ids + (self.system.ids if self.system else [])
         for m in self.messages:
             ids += m.ids
         return ids + self.renderer.generation_prompt()

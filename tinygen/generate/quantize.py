@@ -53,8 +53,10 @@ def quantize(model: nn.Module, mode: str | None) -> nn.Module:
         raise TinygenError(f"--quantize {mode} is for CPUs; on a GPU, bf16 weights (the default there) are faster")
     if next(model.parameters()).dtype != torch.float32:
         raise TinygenError(f"--quantize {mode} starts from float32 weights; drop --dtype")
+    # The kernel reads rows in runs of 8: with another width it crashes (a segfault in torch
+    # 2.13), so such a layer, which only odd test shapes have, stays in float.
     targets = [(parent, name, child) for parent in model.modules()
-               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+               for name, child in parent.named_children() if isinstance(child, nn.Linear) and child.in_features % 8 == 0]
     for parent, name, child in targets:
         setattr(parent, name, Int8Linear(child))
     return model.eval()

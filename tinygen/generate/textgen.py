@@ -42,8 +42,9 @@ class TextGenerator:
         self.compiled = compiled  # a compiled.StaticDecoder for single streams, or None
         self.tokenizer = tokenizer
         self.device = model.device
-        # A base model stops at end-of-text; the reserved chat token <|end|> also ends a turn.
-        self.stop_ids = tuple(t for t in (tokenizer.eot_id, tokenizer.special.get("<|end|>")) if t is not None)
+        # A base model stops at end-of-text; the reserved chat token <|end|> also ends a turn, as do
+        # an imported model's own end-of-sequence and end-of-turn tokens (Tokenizer.stop_ids).
+        self.stop_ids = tokenizer.stop_ids
 
     @property
     def block_size(self) -> int:
@@ -52,6 +53,8 @@ class TextGenerator:
     def encode_prompt(self, prompt: str) -> list[int]:
         """Prompt ids; an empty prompt starts from end-of-text, i.e. a fresh document."""
         ids = self.tokenizer.encode(prompt)
+        if self.tokenizer.add_bos and self.tokenizer.bos_id is not None:  # Llama 3 expects BOS first
+            ids = [self.tokenizer.bos_id, *ids]
         if not ids:
             if self.tokenizer.eot_id is None:
                 raise TinygenError("empty prompt, and this tokenizer has no <|endoftext|> to start from")

@@ -1,0 +1,515 @@
+"""GGUF reading (tinygen.core.gguf_file): small llama GGUFs written here with gguf.GGUFWriter, permuted
+the way convert_hf_to_gguf.py does, round-trip to their Hugging Face weights; the SmolLM2 GGUF in
+../shared/models (skipped when absent) matches transformers' own GGUF loader; damaged or foreign files
+are one TinygenError each."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tinygen.core.gguf_file import read_gguf
+from tinygen.errors import TinygenError
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+
+SMOLLM2 = Path(__file__).resolve().parents[2] / "shared" / "models" / "smollm2-135m-instruct" / \
+    "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+HF_TO_GGUF = {
+    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+LAYER_HF_TO_GGUF = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def tiny_llama(n_layer=2, d=64, n_head=4, n_kv=2, ff=128, vocab=96, tied=True, bias=False, seed=0):
+    """A Hugging Face Llama config and random state dict, small enough to write in milliseconds."""
+    g = torch.Generator().manual_seed(seed)
+    hd = d // n_head
+    config = {"hidden_size": d, "intermediate_size": ff, "num_hidden_layers": n_layer,
+              "num_attention_heads": n_head, "num_key_value_heads": n_kv, "rms_norm_eps": 1e-5,
+              "rope_theta": 10000.0, "max_position_embeddings": 256, "vocab_size": vocab,
+              "tie_word_embeddings": tied}
+    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
+    if not tied:
+        shapes["lm_head.weight"] = (vocab, d)
+    for i in range(n_layer):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+                       p + "self_attn.q_proj.weight": (n_head * hd, d), p + "self_attn.k_proj.weight": (n_kv * hd, d),
+                       p + "self_attn.v_proj.weight": (n_kv * hd, d), p + "self_attn.o_proj.weight": (d, n_head * hd),
+                       p + "mlp.gate_proj.weight": (ff, d), p + "mlp.up_proj.weight": (ff, d),
+                       p + "mlp.down_proj.weight": (d, ff)})
+        if bias:
+            shapes.update({p + "self_attn.q_proj.bias": (n_head * hd,), p + "self_attn.k_proj.bias": (n_kv * hd,),
+                           p + "self_attn.v_proj.bias": (n_kv * hd,)})
+    state = {k: torch.randn(s, generator=g) * (0.02 if len(s) == 2 else 1.0) for k, s in shapes.items()}
+    return config, state
+
+
+def convert_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute, as llama.cpp writes it."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """transformers' LlamaTensorProcessor._reverse_permute_weights, an implementation apart from ours."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def gguf_name(hf: str) -> str:
+    if hf in HF_TO_GGUF:
+        return HF_TO_GGUF[hf]
+    _, _, i, *rest = hf.split(".")
+    module, suffix = ".".join(rest[:-1]), rest[-1]
+    return f"blk.{i}.{LAYER_HF_TO_GGUF[module]}.{suffix}"
+
+
+def stored(hf: str, w: torch.Tensor, config: dict) -> np.ndarray:
+    """The float32 array convert_hf_to_gguf.py would store for a Hugging Face weight."""
+    w = w.numpy()
+    if ".q_proj." in hf:
+        return convert_permute(w, config["num_attention_heads"])
+    if ".k_proj." in hf:
+        return convert_permute(w, config["num_key_value_heads"])
+    return w
+
+
+def write_gguf(path: Path, config: dict, state: dict, qtype=Q.F32, arch="llama", meta=None, drop=(), extra=None):
+    """A llama GGUF of `state`: matrices in `qtype`, vectors in F32, as llama.cpp
+    writes them. `meta` adds or overrides metadata keys (None leaves one out); `extra` adds tensors,
+    as arrays or (bytes array, GGUF type)."""
+    keys = {
+        "llama.block_count": config["num_hidden_layers"], "llama.context_length": config["max_position_embeddings"],
+        "llama.embedding_length": config["hidden_size"], "llama.feed_forward_length": config["intermediate_size"],
+        "llama.attention.head_count": config["num_attention_heads"],
+        "llama.attention.head_count_kv": config["num_key_value_heads"],
+        "llama.attention.layer_norm_rms_epsilon": float(config["rms_norm_eps"]),
+        "llama.rope.freq_base": float(config["rope_theta"]), "llama.vocab_size": config["vocab_size"],
+        "llama.rope.dimension_count": config["hidden_size"] // config["num_attention_heads"],
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": [f"t{i}" for i in range(config["vocab_size"])],
+        "tokenizer.ggml.merges": ["t 1", "t 2"], "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2, "tokenizer.chat_template": "{{ messages }}",
+        **(meta or {}),
+    }
+    w = gguf.GGUFWriter(path, arch)
+    for key, value in keys.items():
+        if value is None:
+            continue
+        add = {str: w.add_string, bool: w.add_bool, float: w.add_float32, int: w.add_uint32, list: w.add_array}
+        add[type(value)](key, value)
+    for hf, tensor in state.items():
+        name = gguf_name(hf)
+        if name in drop:
+            continue
+        data = stored(hf, tensor, config)
+        qt = qtype if data.ndim == 2 else Q.F32
+        if qt == Q.F32:
+            w.add_tensor(name, data)
+        elif qt == Q.F16:
+            w.add_tensor(name, data.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(data, qt), raw_dtype=qt)
+    for name, data in (extra or {}).items():
+        data, raw_dtype = data if isinstance(data, tuple) else (data, None)
+        w.add_tensor(name, data, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    config, state = tiny_llama()
+    return write_gguf(tmp_path / "tiny.gguf", config, state), config, state
+
+
+# --- round trips -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_f32_round_trip_is_exact_and_undoes_the_qk_permutation(tmp_path, tied):
+    config, state = tiny_llama(tied=tied)
+    path = write_gguf(tmp_path / "m.gguf", config, state)
+    m = read_gguf(path)
+    assert set(m.tensors) == set(state)
+    for name, w in state.items():
+        assert torch.equal(m.tensors[name], w), name
+    # The file really holds permuted rows (n_kv_head 2 != n_head 4, so k tests the kv count).
+    raw = {t.name: t.data for t in gguf.GGUFReader(path).tensors}
+    for proj in ("attn_q", "attn_k"):
+        hf = "model.layers.0.self_attn." + proj[-1] + "_proj.weight"
+        assert not np.array_equal(raw[f"blk.0.{proj}.weight"], state[hf].numpy())
+    assert m.config["tie_word_embeddings"] is tied
+    assert ("lm_head.weight" in m.tensors) is not tied
+
+
+def test_config_in_llamaconfig_keys(tiny):
+    path, config, _ = tiny
+    m = read_gguf(path)
+    for key, value in config.items():
+        assert m.config[key] == pytest.approx(value), key
+    assert "head_dim" not in m.config and "rope_scaling" not in m.config
+    assert m.rope_freqs is None
+
+
+def test_config_and_weights_run_in_transformers_as_the_original(tiny):
+    transformers = pytest.importorskip("transformers")
+    path, config, state = tiny
+    m = read_gguf(path)
+    ours = transformers.LlamaForCausalLM(transformers.LlamaConfig(**m.config)).eval()
+    original = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
+    for model, weights in ((ours, m.tensors), (original, state)):
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        assert set(missing) <= {"lm_head.weight"} and not unexpected
+        model.tie_weights()
+    ids = torch.randint(0, config["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, original(ids).logits)
+
+
+def test_transformers_reads_the_written_file_the_same(tiny):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path, config, _ = tiny
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    theirs = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    ours = read_gguf(path).tensors
+    assert set(theirs) == set(ours)
+    for name, w in ours.items():
+        assert torch.equal(theirs[name], w), name
+
+
+@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1])
+def test_quantized_round_trip(tmp_path, qtype):
+    config, state = tiny_llama()
+    path = write_gguf(tmp_path / "m.gguf", config, state, qtype=qtype)
+    m = read_gguf(path)
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    for name, w in state.items():
+        if w.ndim == 1:
+            assert torch.equal(m.tensors[name], w), name
+            continue
+        # What gguf itself dequantizes from the stored (permuted, quantized) rows, unpermuted apart from ours.
+        expected = gguf.quants.dequantize(gguf.quants.quantize(stored(name, w, config), qtype), qtype)
+        n_head = next((n for proj, n in heads.items() if f".{proj}." in name), 0)
+        if n_head:
+            expected = hf_unpermute(expected, n_head)
+        assert torch.equal(m.tensors[name], torch.from_numpy(np.ascontiguousarray(expected))), name
+        assert (m.tensors[name] - w).abs().max() <= 0.2 * w.abs().max(), name  # near the original weights
+
+
+@pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K])
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # random scales include NaNs
+def test_k_quants_dequantize_like_gguf(tmp_path, qtype):
+    """gguf cannot quantize k-quants, so their blocks are random bytes here; the reader must dequantize
+    and unpermute them as gguf and transformers do."""
+    config, state = tiny_llama(d=256, n_head=4, n_kv=2, ff=256, n_layer=1)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(0)
+    names = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+             "model.layers.0.mlp.up_proj.weight")
+    raw = {hf: rng.integers(0, 256, (state[hf].shape[0], 256 // block * size), dtype=np.uint8) for hf in names}
+    path = write_gguf(tmp_path / "k.gguf", config, state, drop={gguf_name(hf) for hf in names},
+                      extra={gguf_name(hf): (data, qtype) for hf, data in raw.items()})
+    m = read_gguf(path)
+    for hf, data in raw.items():
+        expected = gguf.quants.dequantize(data, qtype)
+        n_head = 4 if "q_proj" in hf else 2 if "k_proj" in hf else 0
+        if n_head:
+            expected = hf_unpermute(expected, n_head)
+        torch.testing.assert_close(m.tensors[hf], torch.from_numpy(np.ascontiguousarray(expected)),
+                                   rtol=0, atol=0, equal_nan=True)
+    assert m.report.counts["attn_q"] == {qtype.name: 1}
+
+
+def test_dtype_and_biases(tmp_path):
+    config, state = tiny_llama(bias=True)
+    path = write_gguf(tmp_path / "b.gguf", config, state, qtype=Q.F16)
+    m = read_gguf(path, dtype=torch.bfloat16)
+    assert m.config["attention_bias"] and not m.config["mlp_bias"]
+    for name, w in state.items():
+        assert m.tensors[name].dtype == torch.bfloat16
+        assert torch.equal(m.tensors[name], w.half().to(torch.bfloat16) if w.ndim == 2 else w.to(torch.bfloat16))
+    with pytest.raises(TinygenError, match="floating-point"):
+        read_gguf(path, dtype=torch.int8)
+
+
+def test_keep_q8_0_holds_int8_blocks_that_dequantize_to_the_same_weights(tmp_path):
+    config, state = tiny_llama()
+    path = write_gguf(tmp_path / "q.gguf", config, state, qtype=Q.Q8_0)
+    full = read_gguf(path).tensors
+    m = read_gguf(path, keep_q8_0=True)
+    assert set(m.q8_0) == {k for k, w in state.items() if w.ndim == 2}
+    assert set(m.tensors) == set(state) - set(m.q8_0)
+    for name, q in m.q8_0.items():
+        assert q.qweight.dtype == torch.int8 and q.scales.dtype == torch.float16
+        assert q.scales.shape == (q.qweight.shape[0], q.qweight.shape[1] // 32)
+        assert torch.equal(q.dequantize(), full[name]), name
+    assert m.report.bytes_out < read_gguf(path).report.bytes_out / 3
+
+
+def test_fields_and_report(tiny):
+    path, config, _ = tiny
+    m = read_gguf(path)
+    assert m.fields["general.architecture"] == "llama"
+    assert m.fields["tokenizer.ggml.tokens"][:3] == ["t0", "t1", "t2"]
+    assert m.fields["tokenizer.ggml.merges"] == ["t 1", "t 2"]
+    assert m.fields["tokenizer.ggml.bos_token_id"] == 1 and m.fields["tokenizer.ggml.eos_token_id"] == 2
+    assert m.fields["tokenizer.chat_template"] == "{{ messages }}"
+    assert not any(k.startswith("GGUF.") for k in m.fields)
+    r = m.report
+    assert r.counts["attn_q"] == {"F32": 2} and r.counts["token_embd"] == {"F32": 1}
+    assert "attn_q: F32 x2" in r.lines() and "token_embd: F32" in r.lines()
+    n = 2 + 9 * config["num_hidden_layers"]
+    assert r.summary().startswith(f"converted {n} tensors (F32 x{n}; ") and " to float32 (" in r.summary()
+    assert r.bytes_in == r.bytes_out == sum(w.nbytes for w in m.tensors.values())
+
+
+def test_import_stays_free_of_gguf():
+    code = "import sys, tinygen.core.gguf_file; print('gguf' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# --- Llama 3 rope scaling ----------------------------------------------------------------------------
+
+
+def llama3_rope_freqs(theta, dim, factor, low, high, context=8192):
+    """convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors, float32 as there."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < context / high:
+            out.append(1)
+        elif wavelen > context / low:
+            out.append(factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32).numpy()
+
+
+@pytest.mark.parametrize(("theta", "head_dim", "factor", "low", "high"), [
+    (500000.0, 128, 8.0, 1.0, 4.0),  # Llama 3.1 8B
+    (500000.0, 64, 32.0, 1.0, 4.0),  # Llama 3.2 1B
+    (500000.0, 64, 8.0, 2.0, 8.0),
+    (10000.0, 64, 16.0, 1.0, 4.0),
+])
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path, theta, head_dim, factor, low, high):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config, state = tiny_llama(d=2 * head_dim, n_head=2, n_kv=1, n_layer=1)
+    config["rope_theta"] = theta
+    freqs = llama3_rope_freqs(theta, head_dim, factor, low, high)
+    path = write_gguf(tmp_path / "r.gguf", config, state, extra={"rope_freqs.weight": freqs})
+    m = read_gguf(path)
+    s = m.config["rope_scaling"]
+    assert s["rope_type"] == "llama3" and s["original_max_position_embeddings"] == 8192
+    assert (s["factor"], s["low_freq_factor"], s["high_freq_factor"]) == pytest.approx((factor, low, high))
+    assert torch.equal(m.rope_freqs, torch.from_numpy(freqs))
+    assert m.report.counts["rope_freqs"] == {"F32": 1}
+    # transformers' llama3 rope on the reconstructed parameters divides the base frequencies as llama.cpp does.
+    hf = transformers.LlamaConfig(**{k: v for k, v in m.config.items() if k != "rope_scaling"},
+                                  rope_scaling=s)
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    base = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    torch.testing.assert_close(inv_freq, base / m.rope_freqs, rtol=1e-5, atol=0)
+
+
+def test_rope_freqs_of_ones_is_no_scaling_and_other_shapes_are_refused(tmp_path):
+    config, state = tiny_llama(d=128, n_head=2, n_kv=1, n_layer=1)
+    ones = write_gguf(tmp_path / "ones.gguf", config, state, extra={"rope_freqs.weight": np.ones(32, np.float32)})
+    assert "rope_scaling" not in read_gguf(ones).config
+    odd = np.linspace(1, 5, 32, dtype=np.float32)[::-1].copy()
+    path = write_gguf(tmp_path / "odd.gguf", config, state, extra={"rope_freqs.weight": odd})
+    with pytest.raises(TinygenError, match="not Llama 3 rope scaling"):
+        read_gguf(path)
+
+
+# --- refusals -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("meta", "match"), [
+    ({"llama.expert_count": 8}, "llama.expert_count = 8 is not supported"),
+    ({"llama.rope.scaling.type": "yarn"}, "llama.rope.scaling.type = 'yarn'"),
+    ({"llama.rope.scaling.factor": 4.0}, "llama.rope.scaling.factor = 4.0"),
+    ({"llama.attn_logit_softcapping": 50.0}, "llama.attn_logit_softcapping"),
+    ({"llama.attention.scale": 0.5}, "llama.attention.scale"),
+    ({"llama.some_new_switch": 3}, "metadata llama.some_new_switch = 3 is not supported"),
+    ({"llama.rope.dimension_count": 8}, "rotary embeddings on 8 of each head's 16 dimensions"),
+    ({"llama.rope.freq_base": "fast"}, r"llama.rope.freq_base = 'fast' is not supported \(expected one float\)"),
+    ({"llama.attention.key_length": 16, "llama.attention.value_length": 32}, r"apart from the keys' \(16\)"),
+    ({"llama.feed_forward_length": 100}, r"blk.0.ffn_gate.weight has shape \(128, 64\) but the metadata makes it "
+                                         r"\(100, 64\)"),
+    ({"llama.vocab_size": 97}, "token_embd.weight has shape"),
+    ({"llama.block_count": 1}, "blk.1.attn_norm.weight is not part of a 1-layer Llama"),
+    ({"llama.block_count": 3}, r"lacks 9 tensor\(s\) of a 3-layer Llama \(blk.2.attn_norm.weight"),
+    ({"llama.attention.head_count_kv": 3}, "4 query heads cannot share 3"),
+    ({"llama.attention.layer_norm_rms_epsilon": None}, "has no llama.attention.layer_norm_rms_epsilon"),
+    ({"llama.attention.head_count": [4, 4, 2]}, r"llama.attention.head_count = \[4, 4, 2\] is not supported"),
+    ({"split.count": 3}, "split GGUF"),
+])
+def test_refuses_what_plain_llama_does_not_have(tmp_path, meta, match):
+    config, state = tiny_llama()
+    path = write_gguf(tmp_path / "m.gguf", config, state, meta=meta)
+    with pytest.raises(TinygenError, match=match) as e:
+        read_gguf(path)
+    assert "\n" not in str(e.value)
+
+
+def test_uniform_per_layer_arrays_and_neutral_switches_are_accepted(tmp_path):
+    config, state = tiny_llama()
+    meta = {"llama.attention.head_count": [4, 4], "llama.expert_count": 0, "llama.rope.scaling.type": "none",
+            "llama.attention.causal": True, "general.name": "tiny"}
+    m = read_gguf(write_gguf(tmp_path / "m.gguf", config, state, meta=meta))
+    assert m.config["num_attention_heads"] == 4
+
+
+def test_missing_tensor(tmp_path):
+    config, state = tiny_llama()
+    path = write_gguf(tmp_path / "m.gguf", config, state, drop={"blk.1.ffn_up.weight"})
+    with pytest.raises(TinygenError, match=r"lacks 1 tensor\(s\) of a 2-layer Llama \(blk.1.ffn_up.weight\)"):
+        read_gguf(path)
+
+
+def test_unknown_tensor(tmp_path):
+    config, state = tiny_llama()
+    path = write_gguf(tmp_path / "m.gguf", config, state, extra={"blk.0.ffn_gate_exps.weight": np.zeros((2, 4), np.float32)})
+    with pytest.raises(TinygenError, match="blk.0.ffn_gate_exps.weight is not part of a 2-layer Llama"):
+        read_gguf(path)
+
+
+def test_other_architecture(tmp_path):
+    config, state = tiny_llama()
+    path = write_gguf(tmp_path / "g.gguf", config, state, arch="gpt2")
+    with pytest.raises(TinygenError, match="architecture 'gpt2' is not supported; tinygen reads llama GGUFs only"):
+        read_gguf(path)
+
+
+def test_unsupported_quant_type_names_tensor_and_type(tmp_path):
+    config, state = tiny_llama()
+    # Q8_1 is a real ggml type (llama.cpp's activation format) that gguf-py cannot dequantize.
+    block, size = gguf.GGML_QUANT_SIZES[Q.Q8_1]
+    q8_1 = (np.zeros((128, 64 // block * size), np.uint8), Q.Q8_1)
+    path = write_gguf(tmp_path / "q.gguf", config, state, drop={"blk.0.ffn_up.weight"},
+                      extra={"blk.0.ffn_up.weight": q8_1})
+    with pytest.raises(TinygenError, match="tensor blk.0.ffn_up.weight is Q8_1, which the gguf package cannot"):
+        read_gguf(path)
+
+
+def test_type_unknown_to_gguf(tiny, tmp_path):
+    path, _, _ = tiny
+    data = path.read_bytes()
+    name = b"blk.0.attn_q.weight"
+    at = data.index(name) + len(name) + 4 + 2 * 8  # after n_dims and two dims comes the type
+    assert int.from_bytes(data[at:at + 4], "little") == Q.F32
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data[:at] + (99).to_bytes(4, "little") + data[at + 4:])
+    with pytest.raises(TinygenError, match="tensor type the installed gguf package does not know .*99"):
+        read_gguf(bad)
+
+
+# --- damaged or foreign files ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 0.02, 6])
+def test_truncated(tiny, tmp_path, keep):
+    path, _, _ = tiny
+    data = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:int(len(data) * keep) if keep < 1 else keep])
+    with pytest.raises(TinygenError, match="cut.gguf is truncated or damaged .*download it again") as e:
+        read_gguf(cut)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"GG", b"\x00" * 100, bytes(range(256)) * 40])
+def test_not_a_gguf(tmp_path, content):
+    path = tmp_path / "x.gguf"
+    path.write_bytes(content)
+    with pytest.raises(TinygenError, match="x.gguf is not a GGUF file"):
+        read_gguf(path)
+
+
+def test_random_bytes_after_the_magic(tmp_path):
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"GGUF" + np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    with pytest.raises(TinygenError, match="truncated or damaged"):
+        read_gguf(path)
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(TinygenError, match="cannot read .*nope.gguf"):
+        read_gguf(tmp_path / "nope.gguf")
+    with pytest.raises(TinygenError, match="is a folder; pass the .gguf file inside it"):
+        read_gguf(tmp_path)
+
+
+# --- the real SmolLM2 file against transformers ------------------------------------------------------
+
+needs_smollm2 = pytest.mark.skipif(not SMOLLM2.exists(), reason=f"{SMOLLM2} is absent")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return read_gguf(SMOLLM2)
+
+
+@needs_smollm2
+def test_smollm2_matches_transformers(smollm2):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    with torch.device("meta"):  # transformers maps GGUF names through a model's parameter names
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**smollm2.config))
+    parsed = load_gguf_checkpoint(str(SMOLLM2), return_tensors=True, model_to_load=model)
+    theirs, hf = parsed["tensors"], parsed["config"]
+    ours = smollm2.config
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings", "vocab_size",
+                "tie_word_embeddings"):
+        assert ours[key] == hf[key], key
+    assert ours.get("head_dim", ours["hidden_size"] // ours["num_attention_heads"]) == hf["head_dim"]
+    assert set(theirs) == set(smollm2.tensors)
+    for name, w in smollm2.tensors.items():
+        torch.testing.assert_close(w, theirs[name], rtol=0, atol=1e-6, msg=name)
+
+
+@needs_smollm2
+def test_smollm2_report_and_fields(smollm2):
+    r = smollm2.report
+    assert r.by_type() == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    assert r.counts["token_embd"] == {"Q8_0": 1} and r.counts["attn_q"] == {"Q4_1": 30}
+    assert r.summary().startswith("converted 272 tensors (Q4_1 x210, F32 x61, Q8_0 x1; ")
+    assert smollm2.config["tie_word_embeddings"] and "lm_head.weight" not in smollm2.tensors
+    f = smollm2.fields
+    assert len(f["tokenizer.ggml.tokens"]) == 49152 and f["tokenizer.ggml.tokens"][1] == "<|im_start|>"
+    assert f["tokenizer.ggml.pre"] == "smollm" and "<|im_start|>" in f["tokenizer.chat_template"]
+
+
+@needs_smollm2
+def test_smollm2_truncated(tmp_path):
+    cut = tmp_path / "cut.gguf"
+    with open(SMOLLM2, "rb") as src:
+        cut.write_bytes(src.read(SMOLLM2.stat().st_size // 2))
+    with pytest.raises(TinygenError, match="truncated or damaged"):
+        read_gguf(cut)

@@ -1,0 +1,138 @@
+"""A real model nobody here trained: SmolLM2-135M-Instruct from its Q4_1 GGUF, run by tinygen and by
+transformers on the same dequantized weights; and broken GGUF files at the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_one_line_error
+
+SMOLLM2 = Path(__file__).resolve().parents[2] / "shared" / "models" / "smollm2-135m-instruct" / \
+    "SmolLM2-135M-Instruct.Q4_1.gguf"
+needs_smollm2 = pytest.mark.skipif(not SMOLLM2.exists(), reason="no SmolLM2 GGUF in ../shared/models")
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, a little dog"]
+
+
+@pytest.fixture(scope="module")
+def both():
+    """tinygen's model and transformers' LlamaForCausalLM, each from the same file, in float32."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from tinygen.core.checkpoint import load_model
+
+    from tinygen.core.gguf_file import read_gguf_header
+
+    ours, tok, info = load_model(SMOLLM2)
+    # The config as tinygen reads it (test_gguf_file checks it against transformers' own); the
+    # weights as transformers dequantizes them.
+    config = transformers.LlamaConfig(**read_gguf_header(SMOLLM2).config)
+    with torch.device("meta"):
+        skeleton = transformers.LlamaForCausalLM(config)
+    tensors = load_gguf_checkpoint(str(SMOLLM2), return_tensors=True, model_to_load=skeleton)["tensors"]
+    hf = transformers.LlamaForCausalLM(config)
+    missing, unexpected = hf.load_state_dict(tensors, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
+    hf.tie_weights()
+    return ours, hf.eval(), tok, info
+
+
+@needs_smollm2
+def test_smollm2_greedy_tokens_equal_transformers(both):
+    from tinygen.generate.engine import stream
+    from tinygen.generate.sampling import SamplingParams
+
+    ours, hf, tok, info = both
+    assert info.config.kv_heads == 3 and info.config.n_head == 9 and info.config.tie_embeddings
+    assert info.notes and info.notes[-1].startswith("converted 272 tensors")
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False, pad_token_id=0,
+                               eos_token_id=None)[0, len(ids):].tolist()
+            logits = ours(torch.tensor([ids]))[0, -1]
+            torch.testing.assert_close(logits, hf(torch.tensor([ids])).logits[0, -1], rtol=0, atol=1e-3)
+        got = list(stream(ours, ids, SamplingParams(temperature=0), 64))
+        assert got == want, (prompt, tok.decode(got), tok.decode(want))
+
+
+@needs_smollm2
+def test_smollm2_writes_french_capitals(cli):
+    r = cli("sample", "-m", SMOLLM2, "The capital of France is", "-n", "4", "-t", "0", "--device", "cpu", timeout=180)
+    assert r.rc == 0, r.err
+    assert "Paris" in r.out and "converted 272 tensors" in r.err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "other-arch"])
+def test_a_broken_gguf_is_one_line(cli, tmp_path, damage):
+    path = tmp_path / "m.gguf"
+    if damage == "random":
+        path.write_bytes(b"GGUF" + bytes(range(256)) * 40)
+    elif damage == "truncated":
+        if not SMOLLM2.exists():
+            pytest.skip("no SmolLM2 GGUF in ../shared/models")
+        with open(SMOLLM2, "rb") as f:
+            path.write_bytes(f.read(3_000_000))
+    else:
+        gguf = pytest.importorskip("gguf")
+        writer = gguf.GGUFWriter(str(path), "gpt2")
+        writer.add_block_count(1)
+        writer.add_tensor("token_embd.weight", torch.zeros(8, 4).numpy())
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    r = cli("sample", "-m", path, "x", "-n", "1", "--device", "cpu", timeout=120)
+    assert_one_line_error(r, "gguf" if damage != "other-arch" else "gpt2")
+
+
+@needs_smollm2
+def test_smollm2_chats_in_its_own_template_and_stops_at_end_of_turn(both):
+    """Its ChatML template, default system prompt included, rendered one message at a time, gives the
+    ids of the template itself (as transformers renders it); a reply ends on <|im_end|>."""
+    from tinygen.core.jinja_template import JinjaChatTemplate
+    from tinygen.generate.chat import ChatSession
+    from tinygen.generate.sampling import SamplingParams
+
+    ours, _, tok, _ = both
+    session = ChatSession(ours, tok, SamplingParams(temperature=0), max_tokens=120)
+    assert session.template.name == "ChatML" and "SmolLM" in session.template.default_system
+    reply = "".join(session.reply("What is the capital of France? Answer in one short sentence."))
+    assert "Paris" in reply and session.last.completion.finish_reason == "stop", reply
+    jt = JinjaChatTemplate(tok.jinja_template)
+    rendered = jt.render(session.transcript() + [{"role": "user", "content": "Thanks!"}])
+    session.messages.append(session._message("user", "Thanks!"))
+    assert session.prompt_ids() == tok.encode(rendered)
+
+
+@needs_smollm2
+def test_chat_cli_on_smollm2_tells_a_story(cli):
+    r = cli("chat", "-m", SMOLLM2, "--prompt", "Tell me a short story about a dog who finds a ball.", "--seed", "1",
+            "-n", "300", "--device", "cpu", timeout=300)
+    assert r.rc == 0, r.err
+    words = r.out.split()
+    assert len(words) > 40 and any(w.strip(".,!").lower() in ("dog", "ball") for w in words), r.out
+    assert "<|im_end|>" not in r.out and "<|im_start|>" not in r.out
+
+
+@needs_smollm2
+def test_a_converted_gguf_loads_without_gguf_or_jinja2(cli, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "smol.safetensors"
+    r = cli("convert", SMOLLM2, "-o", out, "--dtype", "bfloat16", timeout=300)
+    assert r.rc == 0, r.err
+    assert "wrote" in r.err and out.stat().st_size < 300e6
+    assert_one_line_error(cli("convert", SMOLLM2, "-o", out), "--force")
+    probe = ("import sys; from tinygen.core.checkpoint import load_model; from tinygen.generate.chat import ChatSession; "
+             f"net, tok, info = load_model({str(out)!r}); s = ChatSession(net, tok); "
+             "assert s.template.name == 'ChatML' and tok.stop_ids, tok.stop_ids; "
+             "print(sorted(m for m in ('gguf', 'jinja2') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    r = cli("sample", "-m", out, "The capital of France is", "-n", "4", "-t", "0", "--device", "cpu", timeout=180)
+    assert r.rc == 0 and "Paris" in r.out, r.err
