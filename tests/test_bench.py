@@ -6,13 +6,12 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_ok, assert_one_line_error, clean_env, make_model
 
 from tinygen.bench.measure import interleave, paired_ratio
 from tinygen.core.config import ModelConfig
 from tinygen.generate.engine import generate_batch
 from tinygen.generate.sampling import SamplingParams
-
-from conftest import assert_ok, assert_one_line_error, clean_env, make_model
 
 transformers = pytest.importorskip("transformers")
 

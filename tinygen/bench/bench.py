@@ -16,9 +16,18 @@ a busy machine has moved it.
 
 from __future__ import annotations
 
+import json
+
 import torch
 
-from tinygen.bench.ceilings import decode_bytes, decode_context, flops_ceiling, read_bandwidth
+from tinygen.bench.ceilings import (
+    cache_bytes,
+    decode_bytes,
+    decode_context,
+    flops_ceiling,
+    free_memory,
+    read_bandwidth,
+)
 from tinygen.bench.generation import batch_section, decode_section
 from tinygen.bench.training import train_section
 from tinygen.core.config import PRESETS, ModelConfig
@@ -26,6 +35,10 @@ from tinygen.core.hardware import datasheet
 from tinygen.errors import TinygenError
 
 SECTIONS = ("decode", "batch", "train")
+# Kinds of model file whose training bench leaves out unless asked for: Llama-family models made
+# elsewhere, far larger than what tinygen trains on a CPU.
+IMPORTED = ("llama", "gguf")
+TRAIN_WINDOW = 1024  # the longest training window bench times (GPT-2's context)
 # A ratio whose per-repeat values differ by more than this factor cannot be told from noise.
 WIDE_SPREAD = 1.25
 
@@ -41,6 +54,7 @@ def shape_config(name: str) -> ModelConfig:
 
 
 def _build(model: str | None, shape: str | None, device, dtype):
+    """(model, its label, the kind of file it came from: None for a shape's random weights)."""
     from tinygen.core.checkpoint import load_model
     from tinygen.core.model import GPT
 
@@ -49,26 +63,53 @@ def _build(model: str | None, shape: str | None, device, dtype):
         torch.manual_seed(0)
         with torch.device(device):
             net = GPT(config)
-        return net.to(dtype).eval(), f"{shape} (random weights)"
+        return net.to(dtype).eval(), f"{shape} (random weights)", None
     net, _, info = load_model(model, device=device, dtype=dtype)
-    return net, str(info.path)
+    return net, str(info.path), info.kind
 
 
-def run(model=None, shape=None, sections=SECTIONS, prompt_tokens=128, new_tokens=64, repeats=3,
+def _training_net(model: str | None, shape: str | None):
+    """The model to train, in float32 on the CPU (training moves it), with its context cut to
+    TRAIN_WINDOW tokens: training reads windows of the whole context, and an imported model's
+    (8,192 tokens for SmolLM2) would make one step of batch 8 take minutes and gigabytes of logits."""
+    from dataclasses import replace
+
+    from tinygen.core.model import GPT
+
+    net, _, _ = _build(model, shape, torch.device("cpu"), torch.float32)
+    if net.config.block_size <= TRAIN_WINDOW:
+        return net
+    short = GPT(replace(net.config, block_size=TRAIN_WINDOW), init=False)
+    # Rotary tables are derived from the config; learned positions (gpt2) keep their first rows.
+    short.load_state_dict({k: v[:TRAIN_WINDOW] if k == "transformer.wpe.weight" else v
+                           for k, v in net.state_dict().items()})
+    return short
+
+
+def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64, repeats=3,
         batch_sizes=(1, 8, 32, 64), batch_new_tokens=32, steps=6, train_batch=8, compare=False, threads=None,
         device="auto", dtype="auto", quantize=None, compile=False, say=lambda message: None) -> dict:
-    """The figures of the sections asked for, as a JSON-ready dict; say(message) hears of progress."""
+    """The figures of the sections asked for, as a JSON-ready dict; say(message) hears of progress.
+    sections=None runs every section that applies: an imported model's training only when asked
+    for. What was left out, and why, is under "skipped"."""
     from tinygen.core.device import inference_dtype, resolve_device, training_dtype
     from tinygen.generate.fastlinear import decoding_layers
 
-    unknown = set(sections) - set(SECTIONS)
-    if unknown or not sections:
+    unknown = set(sections or SECTIONS) - set(SECTIONS)
+    if unknown or (sections is not None and not sections):
         raise TinygenError(f"unknown section {', '.join(sorted(unknown)) or '(none)'}; choose from {', '.join(SECTIONS)}")
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device, quantize and f"--quantize {quantize}")
-    net, label = _build(model, shape, dev, inference_dtype(dev, dtype))
+    net, label, kind = _build(model, shape, dev, inference_dtype(dev, dtype))
     cfg = net.config
+    skipped = {}
+    if sections is None:
+        sections = SECTIONS
+        if kind in IMPORTED:
+            sections = tuple(s for s in SECTIONS if s != "train")
+            skipped["train"] = (f"not timed by default for an imported model ({net.num_params() / 1e6:.1f}M params); "
+                                f"--only train times it, on windows of at most {TRAIN_WINDOW:,} tokens")
     longest = prompt_tokens + max(new_tokens, batch_new_tokens)
     if longest > cfg.block_size:
         raise TinygenError(f"prompt + new tokens ({longest}) exceed the context ({cfg.block_size})")
@@ -85,7 +126,7 @@ def run(model=None, shape=None, sections=SECTIONS, prompt_tokens=128, new_tokens
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "dtype": str(net.dtype).removeprefix("torch."), "quantize": quantize,
         "threads": torch.get_num_threads(), "params": params, "repeats": repeats,
-        "config": {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "arch")},
+        "config": json.loads(cfg.to_json()),  # the shape, and the Llama switches that are not at their defaults
         "torch": torch.__version__, "compile": compile,
     }
     if compare:
@@ -103,6 +144,8 @@ def run(model=None, shape=None, sections=SECTIONS, prompt_tokens=128, new_tokens
                 decoder = StaticDecoder(net)
                 result["compile_seconds"] = decoder.warm_up()
             section = decode_section(net, hf, prompt.tolist(), new_tokens, repeats, dev, say, decoder)
+            # What each prefill allocates (and zeroes): a row's cache for the whole context.
+            section["cache_bytes_per_row"] = cache_bytes(cfg, 1, net.dtype) if decoder is None else None
             say("memory read bandwidth")
             bandwidth = read_bandwidth(dev)
             per_token = decode_bytes(net, decode_context(prompt_tokens, new_tokens, decoder))
@@ -114,16 +157,36 @@ def run(model=None, shape=None, sections=SECTIONS, prompt_tokens=128, new_tokens
                                            peak_kind=f"datasheet ({sheet.name})")
             result["decode"] = section
         if "batch" in sections:
-            rows = batch_section(net, hf, prompt_tokens, batch_new_tokens, batch_sizes, repeats, dev, say)
+            sizes = _fitting(batch_sizes, cfg, net.dtype, dev, skipped)
+            rows = batch_section(net, hf, prompt_tokens, batch_new_tokens, sizes, repeats, dev, say)
             result["batch"] = {"prompt_tokens": prompt_tokens, "new_tokens": batch_new_tokens, "rows": rows}
     if "train" in sections:
         del hf, net  # free their memory for training's
         compute = training_dtype(dev, dtype)
         peak, peak_kind = flops_ceiling(dev, compute, say)
-        net, _ = _build(model, shape, torch.device("cpu"), torch.float32)
+        net = _training_net(model, shape)
         result["train"] = train_section(net, steps, repeats, train_batch, compare, dev, peak, say, compile, compute)
         result["train"].update(peak_flops=peak, peak_kind=peak_kind, dtype=str(compute).removeprefix("torch."))
+    if skipped:
+        result["skipped"] = skipped
     return result
+
+
+def _fitting(batch_sizes, cfg, dtype, dev, skipped: dict) -> list[int]:
+    """The batch sizes whose KV cache fits in half the memory free now; the others go into skipped.
+    The engine allocates each row's cache for the whole context, so a model with a long one
+    (8,192 tokens) cannot batch 64 rows in 24 GB, however short the prompts."""
+    free = free_memory(dev)
+    fits = []
+    for b in batch_sizes:
+        need = cache_bytes(cfg, b, dtype)
+        if free is not None and need > free / 2:
+            skipped[f"batch {b}"] = (f"its KV cache would take {need / 1e9:.1f} GB ({cache_bytes(cfg, 1, dtype) / 1e6:,.0f} "
+                                     f"MB a row, for the whole {cfg.block_size:,}-token context) of the "
+                                     f"{free / 1e9:.1f} GB free")
+        else:
+            fits.append(b)
+    return fits
 
 
 def wide_spreads(result: dict, limit: float = WIDE_SPREAD) -> list[tuple[str, list[float]]]:

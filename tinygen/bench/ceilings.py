@@ -48,12 +48,34 @@ def decode_context(prompt_tokens: int, new_tokens: int, decoder=None) -> int:
 
 def decode_bytes(net, context: int) -> int:
     """Bytes read to decode one token that attends over context cache slots (decode_context):
-    every weight but the embedding table (a lookup reads one row), and those slots' keys and values."""
+    every weight but the embedding table (a lookup reads one row), the output head (the table
+    again when tied, else its own matrix), and those slots' keys and values, kv_heads of them
+    per layer (grouped-query attention stores fewer than n_head)."""
     tensors = [*net.named_parameters(), *net.named_buffers()]
     weights = sum(t.numel() * t.element_size() for name, t in tensors
                   if not name.startswith(("transformer.wte", "transformer.wpe", "rope_")))
     if not any(name.startswith("lm_head") for name, _ in tensors):
         weights += net.transformer.wte.weight.numel() * net.transformer.wte.weight.element_size()  # the tied head
     cfg = net.config
-    kv = 2 * cfg.n_layer * context * cfg.n_embd * net.dtype.itemsize
+    kv = 2 * cfg.n_layer * context * cfg.kv_heads * cfg.head_dim * net.dtype.itemsize
     return weights + kv
+
+
+def cache_bytes(config, rows: int, dtype: torch.dtype) -> int:
+    """Bytes of the KV cache the engine allocates for rows prompts: every layer's keys and values
+    for the whole context (block_size), however short the prompts."""
+    from tinygen.core.model import KVCache
+
+    cache = KVCache(config, rows, "meta", dtype)
+    return 2 * cache.k.numel() * cache.k.element_size()
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that new tensors can take on device now; None where this cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None)
+    except OSError:
+        return None

@@ -8,7 +8,14 @@ import time
 
 import torch
 
-from tinygen.bench.measure import Clock, decode_rates, interleave, paired_ratio, sync_for, timer
+from tinygen.bench.measure import (
+    Clock,
+    decode_rates,
+    interleave,
+    paired_ratio,
+    sync_for,
+    timer,
+)
 
 
 def decode_section(net, hf, prompt: list[int], new_tokens: int, repeats: int, dev, say, decoder=None) -> dict:

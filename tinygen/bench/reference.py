@@ -2,14 +2,19 @@
 
 Used by the tests and by `tinygen bench --compare` as an independent reference implementation:
 "gpt2" maps onto GPT2LMHeadModel, "rope" onto LlamaForCausalLM (rotate-half rotary, RMSNorm,
-SwiGLU, no biases, tied head: the same math). transformers is a dev dependency; nothing else
-in tinygen imports this module.
+SwiGLU: the same math), with the Llama family's switches carried over: grouped-query attention,
+the MLP width, an untied head, the rotary base and Llama 3's rotary scaling. Biases on q, k and v
+alone are Qwen2's (Llama's attention_bias also puts one on o_proj), so that config maps onto
+Qwen2ForCausalLM. transformers is a dev dependency; nothing else in tinygen imports this module.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
+from tinygen.core.config import ModelConfig
 from tinygen.core.model import GPT
 from tinygen.errors import TinygenError
 
@@ -31,33 +36,46 @@ def to_transformers(model: GPT):
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         state = {k: (v.t() if k.endswith(conv1d) else v) for k, v in sd.items() if k != "lm_head.weight"}
     else:
-        hf_cfg = transformers.LlamaConfig(
-            hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
-            num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head, max_position_embeddings=cfg.block_size,
-            vocab_size=cfg.vocab_size, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-            tie_word_embeddings=True, attention_bias=False, mlp_bias=False, hidden_act="silu",
-            bos_token_id=None, eos_token_id=None, pad_token_id=None,
-        )
-        hf = transformers.LlamaForCausalLM(hf_cfg)
-        state = {"model.embed_tokens.weight": sd["transformer.wte.weight"], "model.norm.weight": sd["transformer.ln_f.weight"]}
-        for i in range(cfg.n_layer):
-            p, q = f"transformer.h.{i}.", f"model.layers.{i}."
-            wq, wk, wv = sd[p + "attn.c_attn.weight"].chunk(3, dim=0)
-            gate, up = sd[p + "mlp.c_fc.weight"].chunk(2, dim=0)
-            state.update({
-                q + "self_attn.q_proj.weight": wq, q + "self_attn.k_proj.weight": wk, q + "self_attn.v_proj.weight": wv,
-                q + "self_attn.o_proj.weight": sd[p + "attn.c_proj.weight"],
-                q + "mlp.gate_proj.weight": gate, q + "mlp.up_proj.weight": up,
-                q + "mlp.down_proj.weight": sd[p + "mlp.c_proj.weight"],
-                q + "input_layernorm.weight": sd[p + "ln_1.weight"],
-                q + "post_attention_layernorm.weight": sd[p + "ln_2.weight"],
-            })
+        from tinygen.core.llama import hf_names
+
+        hf = _llama_like(transformers, cfg)
+        # Each fused tinygen matrix splits back into the reference's own, at the reference's sizes
+        # (q, k and v differ under grouped-query attention).
+        rows = {k: v.shape[0] for k, v in hf.state_dict().items()}
+        state = {}
+        for ours, theirs in hf_names(cfg).items():
+            state.update(zip(theirs, sd[ours].split([rows[n] for n in theirs])))
     missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith(("lm_head.weight", ".attn.bias", ".attn.masked_bias"))]
+    missing = [k for k in missing if not (k.endswith((".attn.bias", ".attn.masked_bias"))
+                                          or (k == "lm_head.weight" and cfg.tie_embeddings))]
     if missing or unexpected:
         raise RuntimeError(f"reference mapping is incomplete: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    hf.tie_weights()
+    if cfg.tie_embeddings:
+        hf.tie_weights()
     return hf.to(dtype=model.dtype, device=model.device).eval()
+
+
+def _llama_like(transformers, cfg: ModelConfig):
+    """An empty LlamaForCausalLM (or Qwen2ForCausalLM, for q/k/v biases) of cfg's shape."""
+    name = "Qwen2" if cfg.qkv_bias else "Llama"
+    config_class = getattr(transformers, f"{name}Config")
+    fields = dict(
+        hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads, max_position_embeddings=cfg.block_size,
+        vocab_size=cfg.vocab_size, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+        hidden_act="silu", bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    if cfg.qkv_bias:
+        fields.update(use_sliding_window=False)
+    else:
+        fields.update(attention_bias=False, mlp_bias=False, head_dim=cfg.head_dim)
+    scaling = {k: v for k, v in (cfg.rope_scaling or {}).items() if k not in ("type", "rope_type")}
+    rope_type = "llama3" if cfg.rope_scaling else "default"
+    if "rope_parameters" in inspect.signature(config_class).parameters:  # transformers 5
+        fields["rope_parameters"] = {"rope_type": rope_type, "rope_theta": cfg.rope_theta, **scaling}
+    else:
+        fields.update(rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling and {"rope_type": rope_type, **scaling})
+    return getattr(transformers, f"{name}ForCausalLM")(config_class(**fields))
 
 
 @torch.inference_mode()

@@ -23,7 +23,8 @@ def bench(
                                                    "medium or gpt2 (124M).", show_default=False)] = None,
     only: Annotated[Optional[str], typer.Option("--only", metavar="SECTIONS", help="Comma-separated sections to run: "
                                                 "decode (batch-1 decode, prefill, bandwidth), batch (batched "
-                                                "generation), train. Default: all.", show_default=False)] = None,
+                                                "generation), train. Default: all (training only when asked for on an "
+                                                "imported Llama-family model).", show_default=False)] = None,
     prompt_tokens: Annotated[int, typer.Option(metavar="N", min=1, help="Prompt length.")] = 128,
     new_tokens: Annotated[int, typer.Option(metavar="N", min=2, help="Tokens to decode per batch-1 "
                                             "measurement.")] = 64,
@@ -60,7 +61,7 @@ def bench(
         sizes = ()
     if not sizes or min(sizes) < 1:
         raise TinygenError(f"--batch-sizes takes positive integers separated by commas, got {batch_sizes!r}")
-    sections = tuple(s.strip() for s in only.split(",")) if only else bench_lib.SECTIONS
+    sections = tuple(s.strip() for s in only.split(",")) if only else None
     result = bench_lib.run(model=model, shape=shape and shape.value, sections=sections, prompt_tokens=prompt_tokens,
                            new_tokens=new_tokens, repeats=repeats, batch_sizes=sizes, batch_new_tokens=batch_new_tokens,
                            steps=steps, train_batch=train_batch, compare=compare, threads=threads, device=device,
@@ -141,5 +142,12 @@ def print_table(result: dict, console) -> None:
         notes.append(f"greedy agreement with transformers: {d['greedy_agreement']}")
     if d and d["roofline"]["of_measured"] > 1:
         notes.append("above 100% of the measured bandwidth: the weights fit in the CPU's caches")
+    if d and (row_bytes := d.get("cache_bytes_per_row")) and cfg["block_size"] > 4 * (d["prompt_tokens"] + d["new_tokens"]):
+        notes.append(f"each prefill allocates and zeroes a KV cache for the whole {cfg['block_size']:,}-token context: "
+                     f"{row_bytes / 1e6:,.0f} MB a row, in the time to first token")
+    if (tr := result.get("train")) and tr["batch"][1] < cfg["block_size"]:
+        notes.append(f"training windows: {tr['batch'][1]:,} of the model's {cfg['block_size']:,} tokens of context")
+    for name, why in result.get("skipped", {}).items():
+        notes.append(f"skipped {name}: {why}")
     for note in notes:
         console.print(f"[dim]{note}[/dim]")
