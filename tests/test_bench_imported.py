@@ -68,6 +68,7 @@ def test_decode_bytes_count_kv_heads_and_an_untied_head():
     assert decode_bytes(tied, 10) == body + matrix + 10 * kv_per_slot
     assert decode_bytes(untied, 10) == decode_bytes(tied, 10)  # the same bytes, read from another matrix
     assert cache_bytes(tied.config, 3, torch.float32) == 3 * 64 * kv_per_slot  # the whole context, per row
+    assert cache_bytes(tied.config, 3, torch.float32, 10) == 3 * 10 * kv_per_slot
     int8 = decode_bytes(quantize(untied, "int8"), 10)
     assert int8 < decode_bytes(tied, 10) / 3  # int8 matrices and their scales; the lookup table is not read
 
@@ -110,7 +111,8 @@ def test_bench_compares_a_saved_llama_folder_with_transformers(gqa_folder, cli):
     # Every weight but the lookup table, the untied head included, and the keys and values of 2 kv heads.
     params = result["params"]
     assert decode["roofline"]["bytes_per_token"] == (params - 300 * 48) * 4 + 2 * 2 * 20 * 2 * 8 * 4
-    assert decode["cache_bytes_per_row"] == 2 * 2 * 2 * 2048 * 8 * 4
+    # The engine's cache holds the prompt and the new tokens, not the 2,048-token context.
+    assert decode["cache_bytes_per_row"] == 2 * 2 * 2 * (16 + 8) * 8 * 4
     assert "skipped" not in result  # --only decode asked for nothing else
 
 
@@ -135,8 +137,10 @@ def test_batches_whose_cache_would_not_fit_are_skipped_with_the_reason(monkeypat
     cpu = torch.device("cpu")
     monkeypatch.setattr(bench_lib, "free_memory", lambda dev: 23 * 10**9)
     skipped = {}
-    assert bench_lib._fitting([1, 8, 32, 64], config, torch.float32, cpu, skipped) == [1, 8]
+    assert bench_lib._fitting([1, 8, 32, 64], config, torch.float32, cpu, skipped, 8192) == [1, 8]
     assert list(skipped) == ["batch 32", "batch 64"]
-    assert "24.2 GB (377 MB a row, for the whole 8,192-token context) of the 23.0 GB free" in skipped["batch 64"]
+    assert "24.2 GB (377 MB a row, for 8,192 tokens) of the 23.0 GB free" in skipped["batch 64"]
+    # The rows a bench generates hold only their prompt and new tokens: 64 of them fit.
+    assert bench_lib._fitting([1, 64], config, torch.float32, cpu, {}, 128 + 32) == [1, 64]
     monkeypatch.setattr(bench_lib, "free_memory", lambda dev: None)  # cannot tell: every size is tried
-    assert bench_lib._fitting([1, 64], config, torch.float32, cpu, {}) == [1, 64]
+    assert bench_lib._fitting([1, 64], config, torch.float32, cpu, {}, 8192) == [1, 64]

@@ -216,6 +216,29 @@ def test_continuous_batching_refills_slots_and_matches_unbatched(model):
         assert made[row] == naive_generate(model, prompt, limits.get(row, 12)), row
 
 
+def test_the_cache_holds_what_the_longest_request_reaches(model, monkeypatch):
+    from tinygen.generate import engine
+
+    sizes = []
+
+    class Recorded(engine.KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            sizes.append(self.k.size(3))
+
+    monkeypatch.setattr(engine, "KVCache", Recorded)
+    prompts = [[1, 2, 3], [4] * 9, [5, 6]]
+    limits = [4, 6, 20]  # the last row, admitted into a slot later, reaches 22 slots
+    assert generate_batch(model, prompts, GREEDY, limits, batch_size=1) == \
+        [naive_generate(model, p, n) for p, n in zip(prompts, limits)]
+    assert sizes[0] == 22  # the batch's cache; refills prefill into caches of their own prompt's size
+    assert sizes[1:] == [8, 1]
+    sizes.clear()
+    block = model.config.block_size
+    out = list(stream(model, [1, 2], GREEDY, 2 * block))  # past the context: the cache is the whole context
+    assert sizes[0] == block and len(out) == 2 * block
+
+
 @pytest.fixture
 def split_everything(monkeypatch):
     """Send every decode matmul through the split product, on two threads."""
@@ -275,9 +298,11 @@ def _can_build_cpu_kernels() -> bool:
 
 
 @pytest.mark.skipif(not _can_build_cpu_kernels(), reason="torch.compile on a CPU needs a C++ compiler and Python's headers")
-def test_compiled_static_decoder_equals_the_dynamic_path(model, tmp_path, monkeypatch):
+def test_compiled_static_decoder_equals_the_dynamic_path(model, tmp_path, monkeypatch, split_everything):
     # Inductor's own variable, so that the decoder's setdefault leaves it alone and it is restored after.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    # With the split layers that a CPU decodes with (the crash: get_num_threads breaks the graph).
+    split_everything.split_linears(model)
     _static_greedy_matches(model, compile=True)  # fullgraph=True: a graph break would fail here
 
 

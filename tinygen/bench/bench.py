@@ -144,8 +144,8 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
                 decoder = StaticDecoder(net)
                 result["compile_seconds"] = decoder.warm_up()
             section = decode_section(net, hf, prompt.tolist(), new_tokens, repeats, dev, say, decoder)
-            # What each prefill allocates (and zeroes): a row's cache for the whole context.
-            section["cache_bytes_per_row"] = cache_bytes(cfg, 1, net.dtype) if decoder is None else None
+            # What each prefill allocates (and zeroes); a StaticDecoder holds one for the whole context.
+            section["cache_bytes_per_row"] = cache_bytes(cfg, 1, net.dtype, None if decoder else prompt_tokens + new_tokens)
             say("memory read bandwidth")
             bandwidth = read_bandwidth(dev)
             per_token = decode_bytes(net, decode_context(prompt_tokens, new_tokens, decoder))
@@ -157,7 +157,7 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
                                            peak_kind=f"datasheet ({sheet.name})")
             result["decode"] = section
         if "batch" in sections:
-            sizes = _fitting(batch_sizes, cfg, net.dtype, dev, skipped)
+            sizes = _fitting(batch_sizes, cfg, net.dtype, dev, skipped, prompt_tokens + batch_new_tokens)
             rows = batch_section(net, hf, prompt_tokens, batch_new_tokens, sizes, repeats, dev, say)
             result["batch"] = {"prompt_tokens": prompt_tokens, "new_tokens": batch_new_tokens, "rows": rows}
     if "train" in sections:
@@ -172,18 +172,16 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
     return result
 
 
-def _fitting(batch_sizes, cfg, dtype, dev, skipped: dict) -> list[int]:
-    """The batch sizes whose KV cache fits in half the memory free now; the others go into skipped.
-    The engine allocates each row's cache for the whole context, so a model with a long one
-    (8,192 tokens) cannot batch 64 rows in 24 GB, however short the prompts."""
+def _fitting(batch_sizes, cfg, dtype, dev, skipped: dict, slots: int) -> list[int]:
+    """The batch sizes whose KV cache, of slots positions a row, fits in half the memory free now;
+    the others go into skipped."""
     free = free_memory(dev)
     fits = []
     for b in batch_sizes:
-        need = cache_bytes(cfg, b, dtype)
+        need = cache_bytes(cfg, b, dtype, slots)
         if free is not None and need > free / 2:
-            skipped[f"batch {b}"] = (f"its KV cache would take {need / 1e9:.1f} GB ({cache_bytes(cfg, 1, dtype) / 1e6:,.0f} "
-                                     f"MB a row, for the whole {cfg.block_size:,}-token context) of the "
-                                     f"{free / 1e9:.1f} GB free")
+            skipped[f"batch {b}"] = (f"its KV cache would take {need / 1e9:.1f} GB ({cache_bytes(cfg, 1, dtype, slots) / 1e6:,.0f} "
+                                     f"MB a row, for {slots:,} tokens) of the {free / 1e9:.1f} GB free")
         else:
             fits.append(b)
     return fits

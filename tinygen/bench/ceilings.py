@@ -61,12 +61,13 @@ def decode_bytes(net, context: int) -> int:
     return weights + kv
 
 
-def cache_bytes(config, rows: int, dtype: torch.dtype) -> int:
-    """Bytes of the KV cache the engine allocates for rows prompts: every layer's keys and values
-    for the whole context (block_size), however short the prompts."""
+def cache_bytes(config, rows: int, dtype: torch.dtype, slots: int | None = None) -> int:
+    """Bytes of a KV cache of rows rows: every layer's keys and values for slots positions (the
+    engine's: prompt + new tokens, at most the context), or for the whole context when None (a
+    StaticDecoder's)."""
     from tinygen.core.model import KVCache
 
-    cache = KVCache(config, rows, "meta", dtype)
+    cache = KVCache(config, rows, "meta", dtype, slots)
     return 2 * cache.k.numel() * cache.k.element_size()
 
 

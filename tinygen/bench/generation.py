@@ -33,7 +33,9 @@ def decode_section(net, hf, prompt: list[int], new_tokens: int, repeats: int, de
             out.append(tok)
         return decode_rates(stamps, start, new_tokens), out
 
-    ours_prefill = timer(lambda: engine.prefill(net, [prompt]), sync)
+    # The cache the engine sizes for this request (a StaticDecoder brings its own, allocated once).
+    ours_prefill = timer(lambda: engine.prefill(net, [prompt], decoder and decoder.cache,
+                                                None if decoder else len(prompt) + new_tokens), sync)
     hf_prefill = hf_decode = None
     if hf is not None:
         from tinygen.bench.reference import hf_greedy

@@ -53,7 +53,9 @@ def compiled_decoder(net, compile: bool):
     from tinygen.generate.compiled import StaticDecoder, cache_dir
 
     if net.device.type == "cpu":
-        ui.warn("--compile pays off on a GPU; on a CPU the plain decode step is as fast")
+        # Measured: SmolLM2-135M 1.7 tok/s compiled against 22 plain, the bundled model about even.
+        ui.warn(f"--compile pays off on a GPU; on a CPU the plain decode step is as fast or faster (the compiled "
+                f"one reads its whole {net.config.block_size:,}-token cache every token)")
     decoder = StaticDecoder(net)
     ui.note(f"compiling the decode step (cached in {cache_dir()})…")
     ui.note(f"ready in {decoder.warm_up():.1f} s")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tinygen.core import llama  # plain Python, no torch: cheap to import here
 from tinygen.core.checkpoint import (
     HF_CONV1D,
     HF_WEIGHTS,
@@ -40,8 +41,6 @@ def read_hf_info(path: Path) -> ModelInfo:
     if not cfg_path.exists():
         raise TinygenError(f"{path} is a folder without config.json: not a tinygen file or a Hugging Face model folder")
     hf = _read_json(cfg_path, "a Hugging Face config")
-    from tinygen.core import llama
-
     if hf.get("model_type") in llama.SUPPORTED:
         return _read_llama_info(path, hf)
     if not (path / HF_WEIGHTS).exists():
@@ -99,8 +98,6 @@ def gguf_tokenizer(info: ModelInfo) -> Tokenizer:
 
 
 def gguf_info(path: Path, hf: dict, fields: dict, tensors: dict) -> ModelInfo:
-    from tinygen.core import llama
-
     config, notes = llama.config_from_hf(hf, path.name)
     name = fields.get("general.name")
     return ModelInfo(
@@ -116,8 +113,6 @@ def gguf_info(path: Path, hf: dict, fields: dict, tensors: dict) -> ModelInfo:
 
 
 def _read_llama_info(path: Path, hf: dict) -> ModelInfo:
-    from tinygen.core import llama
-
     config, notes = llama.config_from_hf(hf, str(path / "config.json"))
     if (path / HF_WEIGHTS).exists():
         shards = (path / HF_WEIGHTS,)
@@ -172,14 +167,13 @@ def load_gguf(path: Path, device, dtype):
     import torch
 
     from tinygen.core.gguf_file import read_gguf
-    from tinygen.core.llama import state_from_hf
 
     gguf = read_gguf(path, dtype=dtype or torch.float32)
     shapes = {name: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in gguf.tensors.items()}
     info = gguf_info(path, gguf.config, gguf.fields, shapes)
     info.notes = (*info.notes, gguf.report.summary())
     tokenizer = load_tokenizer(info=info)
-    state = state_from_hf(gguf.tensors, info.config, path.name)
+    state = llama.state_from_hf(gguf.tensors, info.config, path.name)
     return _build(info, tokenizer, {k: v.to(device) for k, v in state.items()}, device, dtype), tokenizer, info
 
 

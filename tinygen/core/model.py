@@ -38,7 +38,8 @@ class KVCache:
 
         Under autocast the projections that make k and v come out in the autocast dtype (bf16), not
         the cache's: they are stored in the cache's dtype, which is the one attention then reads."""
-        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # no-ops when they already match
+        if k.dtype != self.k.dtype:  # asked, not cast: even a no-op cast costs a decode step per layer
+            k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if pos.dim() == 1:  # rows in step (prefill, and batch 1): one in-place copy, no index tensors
             self.k[layer].index_copy_(2, pos, k)
             self.v[layer].index_copy_(2, pos, v)
@@ -67,15 +68,18 @@ class CacheSlots:
 
 
 def rotary_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape (block_size, head_dim) for rotary position embeddings: each angle
-    appears twice, once for each half of a head that it rotates together."""
+    """cos and signed sin of shape (block_size, head_dim) for rotary position embeddings: each
+    angle appears twice, once for each half of a head that it rotates together, and the first
+    half's sin is negated (see apply_rotary)."""
     half = config.head_dim // 2
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float32, device=device) / half))
     if config.rope_scaling is not None:
         inv_freq = llama3_scaled(inv_freq, config.rope_scaling)
     angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32, device=device), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
+    sign = torch.ones(config.head_dim, device=device)
+    sign[:half] = -1
+    return angles.cos(), angles.sin() * sign
 
 
 def llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
@@ -94,13 +98,17 @@ def llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x1, x2) = (x[..., i], x[..., i + D/2]) of each head by position-dependent
-    angles: (x1 cos - x2 sin, x2 cos + x1 sin). x (B, H, T, D); cos, sin (T, D) or (B, 1, T, D)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).type_as(x)
+    angles: (x1 cos - x2 sin, x2 cos + x1 sin). x (B, H, T, D); cos, sin (T, D) or (B, 1, T, D),
+    sin signed as rotary_tables makes it.
+
+    Rolling x by half a head gives (x2, x1), and the signed sin turns that into (-x2 sin, x1 sin):
+    four operations where chunk, negate and concatenate took seven, which a decode step, made of
+    many small operations, feels in every layer."""
+    return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin).type_as(x)
 
 
 # torch 2.5 taught SDPA grouped-query attention; before it, k and v are repeated to every query head.
-_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+_SDPA_GQA = torch.__version__ >= "2.5"  # TorchVersion compares as a version, not as a string
 
 
 class CausalSelfAttention(nn.Module):

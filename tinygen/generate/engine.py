@@ -51,13 +51,13 @@ class Batch:
     """The rows decoding together, slot by slot, and the tensors that follow them."""
 
     def __init__(self, model: GPT, rows: list[Row], track_seen: bool, shared_generator: torch.Generator | None,
-                 cache: KVCache | None = None):
+                 cache: KVCache | None = None, cache_len: int | None = None):
         self.model = model
         self.device = model.device
         self.rows = rows
         self.shared_generator = shared_generator  # one stream for every row, when the caller gave one
         windows = [self.window(r) for r in rows]
-        self.cache, self.logits = prefill(model, windows, cache)
+        self.cache, self.logits = prefill(model, windows, cache, cache_len)
         for row, w in zip(rows, windows):
             row.cached = len(w)
         self.seen = None  # (B, V) tokens each row has seen, kept when some row has a repetition penalty
@@ -111,7 +111,7 @@ class Batch:
     def refill(self, slot: int, tokens: list[int]) -> None:
         """Fill one slot's cache from these tokens (from position 0); other slots are untouched."""
         if tokens:
-            fresh, _ = prefill(self.model, [tokens])
+            fresh, _ = prefill(self.model, [tokens], max_len=len(tokens))
             n = len(tokens)
             self.cache.k[:, slot, :, :n] = fresh.k[:, 0, :, :n]
             self.cache.v[:, slot, :, :n] = fresh.v[:, 0, :, :n]
@@ -181,9 +181,13 @@ def generate(
     if decoder is not None and width != 1:
         raise ValueError("a StaticDecoder decodes one row at a time")
     track_seen = any(r.params.repetition_penalty != 1.0 for r in waiting)
+    # The cache holds what the longest request can reach, not the whole context: a model with an
+    # 8,192-token context would otherwise zero 377 MB a row (SmolLM2) before a 20-token reply.
+    # A row that reaches the context's end still slides, since then the cache is the context.
+    cache_len = min(model.config.block_size, max(len(r.tokens) + r.max_new_tokens for r in waiting))
     # Rows leave `waiting` as they start; a finished row is dropped from memory with its tokens.
     batch = Batch(model, [waiting.popleft() for _ in range(width)], track_seen, shared,
-                  decoder.cache if decoder is not None else None)
+                  decoder.cache if decoder is not None else None, cache_len)
     step = decoder or (lambda cache, tokens, cached: decode(model, cache, tokens, cached))
     stop_ids = frozenset(stop_ids)
 
@@ -237,9 +241,11 @@ def _rows(prompts: list[list[int]], params, max_new_tokens, generators, seeds) -
                 seeded=seeds is not None) for i, p in enumerate(prompts)]
 
 
-def prefill(model: GPT, windows: list[list[int]], into: KVCache | None = None) -> tuple[KVCache, torch.Tensor]:
+def prefill(model: GPT, windows: list[list[int]], into: KVCache | None = None,
+            max_len: int | None = None) -> tuple[KVCache, torch.Tensor]:
     """Run the prompts (right-padded to one length) through the model in one pass, into a new cache
-    or the one given (a StaticDecoder's, which must keep its address).
+    of max_len slots (the whole context when None) or the one given (a StaticDecoder's, which must
+    keep its address).
 
     Returns the cache and the logits (B, V) at each row's last real token. Padding sits after each
     row's tokens, so causal attention keeps it out of every real position; decoding later
@@ -255,7 +261,7 @@ def prefill(model: GPT, windows: list[list[int]], into: KVCache | None = None) -
         idx[i, : len(w)] = torch.tensor(w, dtype=torch.long)
     if into is not None and into.k.size(1) != len(unique):
         raise ValueError("a cache to prefill into needs one row per distinct prompt")
-    cache = into if into is not None else KVCache(model.config, len(unique), device, model.dtype)
+    cache = into if into is not None else KVCache(model.config, len(unique), device, model.dtype, max_len)
     h, _ = model.hidden(idx.to(device), CacheSlots(cache, torch.arange(T, device=device), T))
     last = torch.tensor([len(w) - 1 for w in unique], device=device)
     logits = model.lm_head(h[torch.arange(len(unique), device=device), last])

@@ -17,19 +17,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # Below this many weights, one matmul call is as fast as any split (the matrix sits in cache).
-SPLIT_MIN_WEIGHTS = 1 << 20
+SPLIT_MIN_WEIGHTS = 1 << 18
 # Above this many rows (prefill, batches) the plain matmul already uses every core well.
 SPLIT_MAX_ROWS = 4
 
 
-def split_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threads: int) -> torch.Tensor:
-    """x Wᵀ + b for a few rows of x, with W's rows split into one contiguous block per thread."""
+def weight_blocks(weight: torch.Tensor, threads: int) -> torch.Tensor:
+    """W's rows that divide evenly by threads, as one (K, rows) block per thread: a free view."""
+    N, K = weight.shape
+    n = N - N % threads  # a vocabulary of 50257 leaves a few rows for a plain matmul
+    return weight[:n].view(threads, n // threads, K).transpose(1, 2)
+
+
+def split_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threads: int,
+                 blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """x Wᵀ + b for a few rows of x, with W's rows split into one contiguous block per thread
+    (blocks: weight_blocks(weight, threads), when the caller keeps it)."""
     N, K = weight.shape
     rows = x.numel() // K
-    n = N - N % threads  # rows that divide evenly; a vocabulary of 50257 leaves a few for a plain matmul
+    if blocks is None:
+        blocks = weight_blocks(weight, threads)
+    n = blocks.size(0) * blocks.size(2)
     flat = x.reshape(rows, K)
-    y = torch.bmm(flat.expand(threads, rows, K), weight[:n].view(threads, n // threads, K).transpose(1, 2))
-    y = y.transpose(0, 1).reshape(rows, n)
+    y = torch.bmm(flat.expand(threads, rows, K), blocks)  # (threads, rows, n / threads)
+    y = y.view(1, n) if rows == 1 else y.transpose(0, 1).reshape(rows, n)
     if n < N:
         y = torch.cat((y, flat @ weight[n:].t()), dim=-1)
     if bias is not None:
@@ -44,13 +55,22 @@ class SplitLinear(nn.Module):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        # A decode step is hundreds of small calls, each paying for its views: the blocks view is
+        # made once per thread count (and weight), not once per call.
+        self._blocks: tuple[int, int, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        threads = torch.get_num_threads()
-        # Compiled code picks its own kernels; the thread count can change after loading.
-        if torch.compiler.is_compiling() or threads < 2 or x.numel() // x.size(-1) > SPLIT_MAX_ROWS:
+        # Compiled code picks its own kernels (and cannot trace get_num_threads, so ask it first);
+        # the thread count can change after loading.
+        if torch.compiler.is_compiling():
             return F.linear(x, self.weight, self.bias)
-        return split_matmul(x, self.weight, self.bias, threads)
+        threads = torch.get_num_threads()
+        if threads < 2 or x.numel() // self.in_features > SPLIT_MAX_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        key = (threads, self.weight.data_ptr())
+        if self._blocks is None or self._blocks[:2] != key:
+            self._blocks = (*key, weight_blocks(self.weight, threads))
+        return split_matmul(x, self.weight, self.bias, threads, self._blocks[2])
 
 
 def split_linears(model: nn.Module) -> nn.Module:
