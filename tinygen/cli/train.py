@@ -20,6 +20,11 @@ Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
 Arch = Enum("Arch", {name: name for name in ARCHES}, type=str)
 
 
+class Optimizer(str, Enum):  # training.optim.OPTIMIZERS, which --help must not wait for torch to import
+    adamw = "adamw"
+    muon = "muon"
+
+
 class ChatKind(str, Enum):  # the keys of training.chatdata.CONVERTERS, which --help must not wait to import
     topical_chat = "topical-chat"
     dolly = "dolly"
@@ -92,8 +97,11 @@ def train(
                                                         show_default=False)] = None,
     lr: Annotated[float, typer.Option(metavar="X", help="Peak learning rate.")] = 1e-3,
     warmup_steps: Annotated[int, typer.Option(metavar="N", min=0, help="Linear warmup steps.")] = 100,
-    weight_decay: Annotated[float, typer.Option(metavar="X", min=0.0, help="AdamW weight decay (matrices "
-                                                "only).")] = 0.1,
+    weight_decay: Annotated[float, typer.Option(metavar="X", min=0.0, help="Weight decay (matrices only, "
+                                                "Muon's too).")] = 0.1,
+    optimizer: Annotated[Optimizer, typer.Option(help="adamw, or muon: Muon for the matrices inside the blocks and "
+                                                 "AdamW for the embeddings, head, norms and biases, both at "
+                                                 "--lr.")] = Optimizer.adamw,
     grad_clip: Annotated[float, typer.Option(metavar="X", min=0.0, help="Clip the gradient norm to this; 0 is "
                                              "off.")] = 1.0,
     eval_every: Annotated[int, typer.Option(metavar="N", min=1, help="Evaluate, sample and save every this many "
@@ -132,8 +140,9 @@ def train(
         separator=separator, resume=resume, force=force, given=typed,
         train=dict(max_steps=max_steps, max_tokens=max_tokens, max_time=_parse_duration(max_time),
                    batch_size=batch_size, batch_tokens=batch_tokens, lr=lr, warmup_steps=warmup_steps,
-                   weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every, eval_tokens=eval_tokens,
-                   seed=seed, compile=compile, dtype=Dtype(dtype).value),
+                   weight_decay=weight_decay, optimizer=Optimizer(optimizer).value, grad_clip=grad_clip,
+                   eval_every=eval_every, eval_tokens=eval_tokens, seed=seed, compile=compile,
+                   dtype=Dtype(dtype).value),
     )
     dist, dev = init_distributed(resolve_device(device))
     if dist.master and dtype == Dtype.bfloat16 and dev.type == "cpu":
@@ -147,6 +156,12 @@ def train(
                     if dist.master else None)
     try:
         run = prepare(recipe, dist=dist)
+        if dist.master and run.settings.optimizer == "muon" and dev.type == "cpu":
+            from tinygen.core.hardware import cpu_has_bf16
+
+            if cpu_has_bf16() is False:  # measured: a 768x768 orthogonalization took 9 s, 20x float32
+                ui.warn("Muon orthogonalizes each matrix in bf16, and this CPU has no bf16 instructions (AVX512-BF16 "
+                        "or AMX): its steps get slow as the model widens; --optimizer adamw does not pay this")
         events = train_loop(run.model, run.tokenizer, run.train_data, run.val_data, out, run.settings, device=dev,
                             dist=dist, resume=resume, val_bytes=run.val_bytes, provenance=run.provenance,
                             recipe=run.recipe, chat=run.chat, should_stop=stop)

@@ -1,4 +1,4 @@
-"""The training loop: next-token cross-entropy, AdamW, warmup + cosine decay, resumable.
+"""The training loop: next-token cross-entropy, AdamW or Muon (optim.py), warmup + cosine decay, resumable.
 
 `train` is a generator of events (Start, Step, Eval, Saved); it never prints. Only rank 0
 yields events and writes files: the checkpoint, its state and the metrics (metrics.py).
@@ -29,7 +29,8 @@ from tinygen.core.tokenizer import Tokenizer
 from tinygen.errors import TinygenError
 from tinygen.training.distributed import Dist
 from tinygen.training.metrics import MetricsLog
-from tinygen.training.state import load_state, remove_state, rng_states, save_state
+from tinygen.training.optim import OPTIMIZERS, make_optimizer
+from tinygen.training.state import load_state, read_state_meta, remove_state, rng_states, save_state
 from tinygen.training.stopping import PeerFailed, agree
 
 
@@ -43,7 +44,8 @@ class TrainSettings:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
     warmup_steps: int = 100
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # decoupled, on matrices and the embedding; Muon's matrices too
+    optimizer: str = "adamw"  # or "muon": Muon for the blocks' matrices, AdamW for the rest (optim.py)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     eval_every: int = 250
@@ -61,6 +63,8 @@ class TrainSettings:
                 raise TinygenError(f"--{name.replace('_', '-')} must be at least 1")
         if not self.lr > 0:
             raise TinygenError(f"--lr must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise TinygenError(f"unknown --optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
 
 
 # -- events ---------------------------------------------------------------------------------------
@@ -106,14 +110,6 @@ class Saved:
 
 
 # -- pieces of the loop ---------------------------------------------------------------------------
-
-def make_optimizer(model: GPT, s: TrainSettings, device: torch.device) -> torch.optim.AdamW:
-    """Weight decay on matrices (and the embedding) only: decaying gains and biases just hurts."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, fused=device.type == "cuda")
-
 
 def lr_at(step: int, progress: float, s: TrainSettings) -> float:
     """Linear warmup, then cosine from lr down to lr * min_lr_ratio over the rest of the budget."""
@@ -208,6 +204,11 @@ def train(
     # is in the metrics JSONL, so the state file keeps only this one.
     step, tokens_seen, elapsed_before, last = 0, 0, 0.0, {}
     if resume:
+        # Another optimizer's moments do not fit this one (runs from before --optimizer used AdamW).
+        trained_with = read_state_meta(out).get("settings", {}).get("optimizer", "adamw")
+        if trained_with != s.optimizer:
+            raise TinygenError(f"the run at {out} was trained with --optimizer {trained_with}; resume it with "
+                               f"the same optimizer, or start a new run with --force")
         meta = load_state(out, optimizer, batch_rng, dist.rank, device)
         step, tokens_seen, elapsed_before = meta["step"], meta["tokens_seen"], meta["elapsed"]
         last = meta.get("last", {})
@@ -251,7 +252,8 @@ def train(
 
     def save(reason: str, rngs: dict) -> Saved:
         nonlocal saved_at
-        prov = {**(provenance or {}), "steps": step, "tokens_seen": tokens_seen, "train_seconds": round(elapsed, 1)}
+        prov = {**(provenance or {}), "optimizer": s.optimizer, "steps": step, "tokens_seen": tokens_seen,
+                "train_seconds": round(elapsed, 1)}
         prov.update({k: last[k] for k in ("train_loss", "val_loss", "val_bpb") if last.get(k) is not None})
         save_checkpoint(out, model, tokenizer, prov)
         save_state(out, optimizer, batch_rng, rngs, {"step": step, "tokens_seen": tokens_seen, "elapsed": elapsed,

@@ -1,10 +1,11 @@
 """What `--resume` may change, and what it must keep.
 
 A resumed run continues exactly only if everything that decides its data, its validation split,
-its model and its batches is what it was: those come from the state file, and a flag typed again
-with another value is refused, naming the flag and the saved value. The stop limits, evaluation,
-the learning rate, --compile and --dtype may change; what changed is reported. Only flags the user typed
-count (`Recipe.given`), never a default that differs from the saved value.
+its model, its batches and its optimizer is what it was: those come from the state file, and a
+flag typed again with another value is refused, naming the flag and the saved value. The stop
+limits, evaluation, the learning rate, --compile and --dtype may change; what changed is
+reported. Only flags the user typed count (`Recipe.given`), never a default that differs from the
+saved value.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def resumed(recipe: Recipe, meta: dict, config: ModelConfig, provenance: dict) -
             raise refuse(show(name, getattr(recipe, name)), show(name, saved[name]))
     settings = {f.name: meta["settings"][f.name] for f in fields(TrainSettings) if f.name in meta["settings"]}
     settings["betas"] = tuple(settings["betas"])
+    settings.setdefault("optimizer", "adamw")  # a run saved before --optimizer: so that typing it is checked
     notes = []
     for name in sorted(recipe.given & set(settings)):
         typed, before = recipe.train[name], settings[name]
