@@ -10,12 +10,12 @@ import torch
 from tinygen.cli.train import Optimizer
 from tinygen.core.checkpoint import load_model
 from tinygen.core.config import ModelConfig
-from tinygen.core.hardware import cpu_has_bf16
 from tinygen.core.model import GPT
 from tinygen.errors import TinygenError
 from tinygen.training import data as data_lib
+from tinygen.training import optim
 from tinygen.training.loop import Saved, Start, Step, TrainSettings, train
-from tinygen.training.optim import OPTIMIZERS, Combined, make_optimizer
+from tinygen.training.optim import OPTIMIZERS, Combined, Float32Muon, make_optimizer, orthogonalized
 from tinygen.training.state import load_state, save_state, state_paths
 
 from conftest import STORY_LINES, assert_ok, assert_one_line_error
@@ -154,7 +154,7 @@ def test_the_optimizer_is_recorded_and_resume_keeps_it(cli, corpus, tmp_path):
     r = cli("train", corpus, "--out", fine, "--init", base, "--optimizer", "muon", "--max-steps", "2",
             "--warmup-steps", "1", "--device", "cpu", timeout=120)
     assert_ok(r)
-    assert ("no bf16 instructions" in r.err) == (cpu_has_bf16() is False)  # Muon orthogonalizes in bf16
+    assert "bf16" not in r.err  # a CPU without bf16 instructions orthogonalizes in float32, unwarned
 
     def state(out):
         return json.loads(state_paths(out)[1].read_text())
@@ -176,3 +176,43 @@ def test_the_optimizer_is_recorded_and_resume_keeps_it(cli, corpus, tmp_path):
     state_paths(base)[1].write_text(json.dumps(old))
     assert_one_line_error(cli("train", corpus, "--out", base, "--resume", "--optimizer", "muon", "--device", "cpu"),
                           "--optimizer muon", "has --optimizer adamw;", "--force")
+
+
+def test_float32_muon_steps_as_torchs_muon_would_in_float32(monkeypatch):
+    """Float32Muon is torch's update rule (momentum, Nesterov, decoupled decay, the AdamW-matching
+    lr scale) with only the orthogonalization's precision changed: with torch's own bf16
+    orthogonalization swapped for the float32 one, both give the same weights, step after step,
+    and their states are interchangeable."""
+    monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", orthogonalized)
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 48), (32, 32)]  # tall, wide and square
+    ours = [torch.nn.Parameter(torch.randn(*shape)) for shape in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kw = dict(lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    a, b = Float32Muon(ours, **kw), torch.optim.Muon(theirs, **kw)
+    for _ in range(3):
+        grads = [torch.randn(*shape) for shape in shapes]
+        for opt, params in ((a, ours), (b, theirs)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    b.load_state_dict(a.state_dict())  # the same "momentum_buffer" state
+    assert all(torch.equal(a.state[p]["momentum_buffer"], b.state[q]["momentum_buffer"]) for p, q in zip(ours, theirs))
+
+
+def test_orthogonalized_is_nearly_orthogonal():
+    torch.manual_seed(1)
+    for shape in ((64, 16), (16, 64)):
+        x = orthogonalized(torch.randn(*shape), (3.4445, -4.775, 2.0315), 5, 1e-7)
+        assert x.dtype == torch.float32 and x.shape == shape
+        s = torch.linalg.svdvals(x)
+        assert s.min() > 0.5 and s.max() < 1.5  # the quintic's band around 1, as torch documents
+
+
+@pytest.mark.parametrize("has_bf16", [False, True, None])
+def test_a_cpu_without_bf16_instructions_gets_the_float32_orthogonalization(monkeypatch, has_bf16, tokenizer):
+    monkeypatch.setattr(optim, "cpu_has_bf16", lambda: has_bf16)
+    muon = make_optimizer(GPT(_config(tokenizer)), TrainSettings(max_steps=1, optimizer="muon"), CPU).optimizers[1]
+    assert (type(muon) is Float32Muon) == (has_bf16 is False)

@@ -156,12 +156,6 @@ def train(
                     if dist.master else None)
     try:
         run = prepare(recipe, dist=dist)
-        if dist.master and run.settings.optimizer == "muon" and dev.type == "cpu":
-            from tinygen.core.hardware import cpu_has_bf16
-
-            if cpu_has_bf16() is False:  # measured: a 768x768 orthogonalization took 9 s, 20x float32
-                ui.warn("Muon orthogonalizes each matrix in bf16, and this CPU has no bf16 instructions (AVX512-BF16 "
-                        "or AMX): its steps get slow as the model widens; --optimizer adamw does not pay this")
         events = train_loop(run.model, run.tokenizer, run.train_data, run.val_data, out, run.settings, device=dev,
                             dist=dist, resume=resume, val_bytes=run.val_bytes, provenance=run.provenance,
                             recipe=run.recipe, chat=run.chat, should_stop=stop)

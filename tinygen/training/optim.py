@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tinygen.core.hardware import cpu_has_bf16
+from tinygen.errors import TinygenError
+
 if TYPE_CHECKING:
     from tinygen.core.model import GPT
     from tinygen.training.loop import TrainSettings
@@ -67,6 +70,49 @@ class Combined:
             offset += len(ids)
 
 
+def orthogonalized(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
+                   eps: float) -> torch.Tensor:
+    """The Newton-Schulz quintic torch's Muon runs (Keller Jordan's), in float32 rather than bf16:
+    roughly U Vᵀ of update's SVD, with singular values left somewhere near 1."""
+    a, b, c = coefficients
+    x = update.float()
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)  # the spectral norm is at most the Frobenius norm: now at most 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Float32Muon(torch.optim.Muon if hasattr(torch.optim, "Muon") else torch.optim.Optimizer):
+    """torch's Muon (its groups, defaults and state: a "momentum_buffer" per matrix, so state files
+    are interchangeable), with the orthogonalization in float32.
+
+    torch's step always orthogonalizes in bf16. A CPU without bf16 instructions emulates those
+    matmuls: on an AVX2-only EPYC one 768x768 orthogonalization took 9.3 s in bf16 against 0.45 s
+    in float32. Only the update's lr scale "match_rms_adamw" is implemented, the one
+    make_optimizer asks for."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            if group["adjust_lr_fn"] != "match_rms_adamw":
+                raise ValueError("Float32Muon scales its updates as match_rms_adamw only")
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = orthogonalized(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                p.mul_(1 - lr * group["weight_decay"])
+                # As torch's _adjust_lr: an orthogonal update's RMS is 1/sqrt(max(A, B)); AdamW's is about 0.2.
+                p.add_(update, alpha=-lr * 0.2 * max(p.shape) ** 0.5)
+
+
 def make_optimizer(model: GPT, s: TrainSettings, device: torch.device) -> torch.optim.Optimizer | Combined:
     """AdamW over everything, or (s.optimizer "muon") Muon over the blocks' matrices and AdamW over
     the rest. A tied head is the embedding's own parameter, which model.parameters() yields once."""
@@ -78,7 +124,12 @@ def make_optimizer(model: GPT, s: TrainSettings, device: torch.device) -> torch.
     # each matrix's orthogonalized update to the RMS an AdamW update has, so the lr and weight decay
     # tuned for AdamW carry over and the warmup and decay apply to both alike. The alternative, a
     # second lr near nanochat's 0.02, would be one more flag to tune and to keep on --resume.
-    muon = torch.optim.Muon(hidden, lr=s.lr, weight_decay=s.weight_decay, adjust_lr_fn="match_rms_adamw")
+    if not hasattr(torch.optim, "Muon"):
+        raise TinygenError(f"--optimizer muon needs torch 2.9 or newer (this is {torch.__version__})")
+    muon_class = torch.optim.Muon
+    if device.type == "cpu" and cpu_has_bf16() is False:
+        muon_class = Float32Muon
+    muon = muon_class(hidden, lr=s.lr, weight_decay=s.weight_decay, adjust_lr_fn="match_rms_adamw")
     return Combined(_adamw([p for p in model.parameters() if id(p) not in taken], s, device), muon)
 
 
