@@ -25,6 +25,9 @@ def to_transformers(model: GPT):
     except ImportError:
         raise TinygenError("this needs transformers: pip install 'tinygen[dev]'") from None
     cfg = model.config
+    if cfg.unportable:
+        raise TinygenError(f"transformers has no model with {', '.join(cfg.unportable)}, which this model uses; "
+                           f"bench it without --compare")
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
     if cfg.arch == "gpt2":
         hf_cfg = transformers.GPT2Config(

@@ -51,7 +51,10 @@ def rows(meta: ModelInfo, tokenizer: Tokenizer) -> list[tuple[str, str]]:
              + f" n_embd={cfg.n_embd} mlp={cfg.mlp_hidden} vocab_size={cfg.vocab_size}")
     switches = [s for s, on in (("untied head", not cfg.tie_embeddings), ("q/k/v biases", cfg.qkv_bias),
                                 (f"rope theta {cfg.rope_theta:g}", cfg.arch == "rope"),
-                                ("llama3 rope scaling", cfg.rope_scaling is not None)) if on]
+                                ("llama3 rope scaling", cfg.rope_scaling is not None), ("qk-norm", cfg.qk_norm),
+                                ("relu² MLP", cfg.mlp == "relu2"),
+                                (f"logit soft-cap {cfg.logit_softcap:g}" if cfg.logit_softcap else "", cfg.logit_softcap),
+                                (f"value embeddings ×{cfg.value_embeds}", cfg.value_embeds)) if on]
     if template.name != "tinygen":  # a model's own Jinja template
         chat = f"its own template: {template.name}" + (f"; default system prompt: {template.default_system}"
                                                        if template.default_system else "")

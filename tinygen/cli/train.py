@@ -25,6 +25,16 @@ class Optimizer(str, Enum):  # training.optim.OPTIMIZERS, which --help must not 
     muon = "muon"
 
 
+class Schedule(str, Enum):  # training.loop.SCHEDULES
+    cosine = "cosine"
+    wsd = "wsd"
+
+
+class Mlp(str, Enum):  # core.config.MLPS
+    swiglu = "swiglu"
+    relu2 = "relu2"
+
+
 class ChatKind(str, Enum):  # the keys of training.chatdata.CONVERTERS, which --help must not wait to import
     topical_chat = "topical-chat"
     dolly = "dolly"
@@ -72,6 +82,16 @@ def train(
     arch: Annotated[Arch, typer.Option(help="rope (rotary, RMSNorm, SwiGLU) or gpt2.")] = Arch.rope,
     dropout: Annotated[float, typer.Option(metavar="X", min=0.0, max=1.0, help="Dropout; 0.1-0.2 helps on small "
                                            "data.")] = 0.0,
+    qk_norm: Annotated[bool, _flag("RMSNorm on each query and key head (rope arch).", "--qk-norm")] = False,
+    mlp: Annotated[Optional[Mlp], typer.Option(help="The rope arch's MLP: swiglu, or relu2 (ReLU squared).",
+                                               show_default=False)] = None,
+    untied_head: Annotated[bool, _flag("An output head of its own instead of the token embedding's.",
+                                       "--untied-head")] = False,
+    logit_softcap: Annotated[Optional[float], typer.Option(metavar="X", min=0.0, help="Soft-cap "
+                                                           "the logits at X: X * tanh(logits / X) (rope arch).",
+                                                           show_default=False)] = None,
+    value_embeds: Annotated[int, typer.Option(metavar="N", min=0, help="Token embeddings added to the attention "
+                                              "values of the first N and last N blocks (rope arch).")] = 0,
     vocab_size: Annotated[int, typer.Option(metavar="N", help="Size of the BPE vocabulary to train, special tokens "
                                             "included.")] = 4096,
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", metavar="MODEL", help="Reuse this checkpoint's "
@@ -97,6 +117,11 @@ def train(
                                                         show_default=False)] = None,
     lr: Annotated[float, typer.Option(metavar="X", help="Peak learning rate.")] = 1e-3,
     warmup_steps: Annotated[int, typer.Option(metavar="N", min=0, help="Linear warmup steps.")] = 100,
+    schedule: Annotated[Schedule, typer.Option(help="After warmup: cosine decay to a tenth of --lr, or wsd (hold "
+                                               "--lr, then decay linearly to 0 over the last --cooldown of the "
+                                               "budget).")] = Schedule.cosine,
+    cooldown: Annotated[float, typer.Option(metavar="X", min=0.0, max=1.0, help="With --schedule "
+                                            "wsd: the share of the budget spent decaying.")] = 0.2,
     weight_decay: Annotated[float, typer.Option(metavar="X", min=0.0, help="Weight decay (matrices only, "
                                                 "Muon's too).")] = 0.1,
     optimizer: Annotated[Optimizer, typer.Option(help="adamw, or muon: Muon for the matrices inside the blocks and "
@@ -132,14 +157,18 @@ def train(
     from tinygen.training.stopping import PeerFailed, StopFlag
 
     # What the user typed, as click saw it: on --resume only these are checked against the saved run.
-    typed = frozenset(name for name in ctx.params if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP"))
+    typed = frozenset("tie_embeddings" if name == "untied_head" else name for name in ctx.params
+                      if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP"))
     recipe = Recipe(
         data=data, out=out, preset=preset and preset.value, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-        block_size=block_size, arch=arch.value, dropout=dropout, vocab_size=vocab_size,
+        block_size=block_size, arch=arch.value, dropout=dropout, vocab_size=vocab_size, qk_norm=qk_norm,
+        mlp=mlp and Mlp(mlp).value, tie_embeddings=not untied_head, logit_softcap=logit_softcap,
+        value_embeds=value_embeds,
         tokenizer=tokenizer and str(tokenizer), init=init and str(init), chat=chat, val_fraction=val_fraction,
         separator=separator, resume=resume, force=force, given=typed,
         train=dict(max_steps=max_steps, max_tokens=max_tokens, max_time=_parse_duration(max_time),
                    batch_size=batch_size, batch_tokens=batch_tokens, lr=lr, warmup_steps=warmup_steps,
+                   schedule=Schedule(schedule).value, cooldown=cooldown,
                    weight_decay=weight_decay, optimizer=Optimizer(optimizer).value, grad_clip=grad_clip,
                    eval_every=eval_every, eval_tokens=eval_tokens, seed=seed, compile=compile,
                    dtype=Dtype(dtype).value),

@@ -33,6 +33,13 @@ PRESETS = {
 # The Llama family's config fields and the defaults that mean "as before they existed".
 LLAMA_SWITCHES = {"n_kv_head": None, "mlp_hidden_size": None, "tie_embeddings": True, "qkv_bias": False,
                   "rope_scaling": None}
+# Switches from the speedrun literature (modded-nanogpt, nanochat), for tinygen's own rope models;
+# at these defaults a model is what it was before they existed. No outside format (Hugging Face's
+# Llama, llama.cpp's GGUF) has them, so exports and transformers comparisons refuse a model that
+# uses one (ModelConfig.unportable).
+SPEEDRUN_SWITCHES = {"qk_norm": False, "mlp": None, "logit_softcap": None, "value_embeds": 0}
+OMITTED = {**LLAMA_SWITCHES, **SPEEDRUN_SWITCHES}
+MLPS = ("swiglu", "relu2")  # the rope arch's MLPs; gpt2's is GELU, always
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,13 @@ class ModelConfig:
     # Llama 3's rotary scaling: {"rope_type": "llama3", "factor", "low_freq_factor",
     # "high_freq_factor", "original_max_position_embeddings"}; None: plain rotary angles.
     rope_scaling: dict | None = None
+    # The speedrun switches (SPEEDRUN_SWITCHES).
+    qk_norm: bool = False  # RMSNorm over each query and key head before rotary: bounds attention logits
+    mlp: str | None = None  # "relu2": relu(x W1)^2 W2, two matrices; None: the arch's own (SwiGLU, or GELU)
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap): no logit grows past cap
+    # Token embeddings added to the values: value_embeds tables, used by the first value_embeds
+    # blocks and, mirrored, by the last ones (modded-nanogpt's U shape); 0 is none.
+    value_embeds: int = 0
 
     def __post_init__(self) -> None:
         # Checked field by field because configs come from files (checkpoint headers, config.json),
@@ -87,7 +101,7 @@ class ModelConfig:
             raise TinygenError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.arch == "rope" and self.head_dim % 2:
             raise TinygenError(f"rotary positions need an even head size, got {self.head_dim}")
-        for name in ("tie_embeddings", "qkv_bias"):
+        for name in ("tie_embeddings", "qkv_bias", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise TinygenError(f"{name} must be true or false, got {_show(getattr(self, name))}")
         if self.n_head % self.kv_heads:
@@ -97,6 +111,20 @@ class ModelConfig:
             raise TinygenError("the gpt2 arch has none of the Llama switches (n_kv_head, mlp_hidden_size, an untied "
                                "head, qkv_bias, rope_scaling)")
         _check_rope_scaling(self.rope_scaling)
+        if self.mlp is not None and self.mlp not in MLPS:
+            raise TinygenError(f"unknown mlp {_show(self.mlp)}; expected one of {', '.join(MLPS)}")
+        if self.mlp == "swiglu" and self.arch == "rope":
+            object.__setattr__(self, "mlp", None)  # the rope arch's own: one spelling, so configs compare equal
+        if self.logit_softcap is not None and (not isinstance(self.logit_softcap, Real) or isinstance(self.logit_softcap, bool)
+                                               or not math.isfinite(self.logit_softcap) or self.logit_softcap <= 0):
+            raise TinygenError(f"logit_softcap must be a positive number or null, got {_show(self.logit_softcap)}")
+        if (not isinstance(self.value_embeds, Integral) or isinstance(self.value_embeds, bool)
+                or not 0 <= self.value_embeds <= self.n_layer):
+            raise TinygenError(f"value_embeds must be a whole number from 0 to n_layer ({self.n_layer}), "
+                               f"got {_show(self.value_embeds)}")
+        if self.arch == "gpt2" and (self.unportable or self.mlp is not None):
+            used = self.unportable or [f"mlp {self.mlp}"]
+            raise TinygenError(f"the gpt2 arch has none of the rope arch's switches ({', '.join(used)})")
 
     @property
     def head_dim(self) -> int:
@@ -108,19 +136,34 @@ class ModelConfig:
         return self.n_kv_head or self.n_head
 
     @property
+    def unportable(self) -> list[str]:
+        """The speedrun switches this model uses, by name: what other tools' formats cannot hold."""
+        return [name for name, on in (("qk-norm", self.qk_norm), ("relu² MLP", self.mlp == "relu2"),
+                                      ("logit soft-cap", self.logit_softcap is not None),
+                                      ("value embeddings", self.value_embeds > 0)) if on]
+
+    def value_table(self, layer: int) -> int | None:
+        """Which value-embedding table block `layer` adds to its values, if any."""
+        if layer < self.value_embeds:
+            return layer
+        if layer >= self.n_layer - self.value_embeds:
+            return self.n_layer - 1 - layer
+        return None
+
+    @property
     def mlp_hidden(self) -> int:
         if self.mlp_hidden_size is not None:
             return self.mlp_hidden_size
-        if self.arch == "gpt2":
+        if self.arch == "gpt2" or self.mlp == "relu2":  # two matrices of 4x: a SwiGLU's parameters
             return 4 * self.n_embd
         # SwiGLU has three matrices, so 8/3 * n_embd keeps the parameter count of a 4x GELU MLP;
         # rounding to 32 keeps matmuls aligned.
         return 32 * -(-(8 * self.n_embd // 3) // 32)
 
     def to_json(self) -> str:
-        # The Llama switches are left out at their defaults, so a tinygen model's header reads as it
-        # did before they existed (and older tinygens still load it).
-        d = {k: v for k, v in asdict(self).items() if not (k in LLAMA_SWITCHES and v == LLAMA_SWITCHES[k])}
+        # The Llama and speedrun switches are left out at their defaults, so a tinygen model's header
+        # reads as it did before they existed (and older tinygens still load it).
+        d = {k: v for k, v in asdict(self).items() if not (k in OMITTED and v == OMITTED[k])}
         return json.dumps(d, sort_keys=True)
 
     @classmethod

@@ -37,6 +37,9 @@ def write_gguf(model, tokenizer: Tokenizer, path: Path, kind: str = "f16", name:
     if cfg.qkv_bias:
         raise TinygenError("GGUF export of a model with q/k/v biases (Qwen2's) is not supported; "
                            "export it with --format hf")
+    if cfg.unportable:
+        raise TinygenError(f"llama.cpp's llama architecture has no {', '.join(cfg.unportable)}, which this model "
+                           f"uses; it runs in tinygen only")
     pre = gguf_pre(tokenizer)
     qtype = gguf.GGMLQuantizationType[kind.upper()]
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,

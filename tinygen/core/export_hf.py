@@ -23,6 +23,7 @@ from tinygen.core.export import (
 )
 from tinygen.core.llama import hf_names
 from tinygen.core.tokenizer import Tokenizer
+from tinygen.errors import TinygenError
 
 
 def write_hf(model, tokenizer: Tokenizer, folder: Path) -> str:
@@ -30,6 +31,9 @@ def write_hf(model, tokenizer: Tokenizer, folder: Path) -> str:
     generation_config.json into a new folder; returns the architecture and dtype written."""
     from safetensors.torch import save_file
 
+    if model.config.unportable:
+        raise TinygenError(f"transformers' Llama has no {', '.join(model.config.unportable)}, which this model "
+                           f"uses; it runs in tinygen only")
     folder.mkdir()
     config = hf_config(model.config, tokenizer, str(model.dtype).removeprefix("torch."))
     save_file(hf_state(model), str(folder / HF_WEIGHTS), metadata={"format": "pt"})

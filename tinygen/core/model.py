@@ -123,11 +123,21 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, width, bias=bias or config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
         self.dropout = config.dropout
+        if config.qk_norm:
+            self.q_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
+            self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
 
-    def forward(self, x, rope=None, slots: CacheSlots | None = None, need_weights: bool = False):
+    def forward(self, x, rope=None, slots: CacheSlots | None = None, need_weights: bool = False,
+                ve: torch.Tensor | None = None):
         B, T, C = x.shape
         H, G = self.n_head, self.n_kv_head
         qkv = self.c_attn(x).view(B, T, H + 2 * G, C // H).transpose(1, 2)  # (B, H+2G, T, D): q, k, v heads
+        if hasattr(self, "q_norm"):
+            # Normed before rotary, which keeps norms: a query-key product can then never exceed
+            # the gains times the head size, whatever the weights grow to (Qwen3, modded-nanogpt).
+            qkv = torch.cat((self.q_norm(qkv[:, :H]), self.k_norm(qkv[:, H : H + G]), qkv[:, H + G :]), dim=1)
+        if ve is not None:  # (B, T, G*D): this block's value embedding of each token, one part per kv head
+            qkv = torch.cat((qkv[:, : H + G], qkv[:, H + G :] + ve.view(B, T, G, C // H).transpose(1, 2)), dim=1)
         if rope is not None:
             # q and k heads rotate by the same angles, so one call covers both.
             qk = apply_rotary(qkv[:, : H + G], *rope)
@@ -167,7 +177,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gated = config.arch == "rope"
+        self.gated = config.arch == "rope" and config.mlp is None
+        self.relu2 = config.mlp == "relu2"
         bias = config.arch == "gpt2"
         hidden = config.mlp_hidden
         # SwiGLU packs gate and up projections into one matmul.
@@ -180,6 +191,8 @@ class MLP(nn.Module):
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.relu2:  # modded-nanogpt's: sparse like ReLU, smooth at zero, cheaper than a gate
+            h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
         h = self.c_proj(h)
@@ -202,8 +215,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, slots=None, need_weights=False):
-        a, att = self.attn(self.ln_1(x), rope, slots, need_weights)
+    def forward(self, x, rope=None, slots=None, need_weights=False, ve=None):
+        a, att = self.attn(self.ln_1(x), rope, slots, need_weights, ve)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, att
@@ -222,6 +235,9 @@ class GPT(nn.Module):
         )
         if config.arch == "gpt2":
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        if config.value_embeds:
+            self.transformer["ve"] = nn.ModuleList(nn.Embedding(config.vocab_size, config.kv_heads * config.head_dim)
+                                                   for _ in range(config.value_embeds))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
@@ -265,8 +281,10 @@ class GPT(nn.Module):
             rope = (cos, sin) if pos.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
         x = self.drop(x)
         atts = [] if need_weights else None
-        for block in self.transformer.h:
-            x, att = block(x, rope, slots, need_weights)
+        ves = [table(idx) for table in self.transformer.ve] if self.config.value_embeds else []
+        for i, block in enumerate(self.transformer.h):
+            table = self.config.value_table(i) if ves else None
+            x, att = block(x, rope, slots, need_weights, None if table is None else ves[table])
             if need_weights:
                 atts.append(att)
         return self.transformer.ln_f(x), atts
@@ -277,15 +295,25 @@ class GPT(nn.Module):
         Targets of -1 are ignored, which is how padding and masked tokens stay out of the loss.
         """
         h, _ = self.hidden(idx)
-        logits = self.lm_head(h)
+        logits = self.head(h)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from final hidden states: the output head, then the soft cap if the model has one."""
+        logits = self.lm_head(h)
+        cap = self.config.logit_softcap
+        if cap is None:
+            return logits
+        # In float32: tanh saturates early in bf16. Capping keeps a small model from buying confidence
+        # with ever larger logits (Gemma 2, modded-nanogpt).
+        return (cap * torch.tanh(logits.float() / cap)).to(logits.dtype)
+
     def attention(self, idx):
         """Logits and per-layer attention probabilities [(B, H, T, T)] through the explicit path."""
         h, atts = self.hidden(idx, need_weights=True)
-        return self.lm_head(h), atts
+        return self.head(h), atts
 
 
 @torch.no_grad()

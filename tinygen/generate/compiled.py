@@ -47,7 +47,7 @@ class StaticDecoder:
     def _eager(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         mask = (self.slots <= pos[:, None])[:, None, None, :]  # (1, 1, 1, max_len): slots up to pos
         h, _ = self.model.hidden(tokens[:, None], CacheSlots(self.cache, pos, self.max_len, mask))
-        return self.model.lm_head(h[:, -1])
+        return self.model.head(h[:, -1])
 
     def __call__(self, cache: KVCache, tokens: torch.Tensor, cached: list[int]) -> torch.Tensor:
         """The engine's decode step: tokens (1,) at position cached[0] -> logits (1, V)."""

@@ -264,7 +264,7 @@ def prefill(model: GPT, windows: list[list[int]], into: KVCache | None = None,
     cache = into if into is not None else KVCache(model.config, len(unique), device, model.dtype, max_len)
     h, _ = model.hidden(idx.to(device), CacheSlots(cache, torch.arange(T, device=device), T))
     last = torch.tensor([len(w) - 1 for w in unique], device=device)
-    logits = model.lm_head(h[torch.arange(len(unique), device=device), last])
+    logits = model.head(h[torch.arange(len(unique), device=device), last])
     _check_finite(logits)
     if len(unique) < len(windows):
         rows = torch.tensor([where[tuple(w)] for w in windows], device=device)
@@ -291,7 +291,7 @@ def decode(model: GPT, cache: KVCache, tokens: torch.Tensor, cached: list[int]) 
         mask = torch.arange(kv_len, device=device)[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, 1, S)
         slots = CacheSlots(cache, pos, kv_len, mask)
     h, _ = model.hidden(tokens[:, None], slots)
-    return model.lm_head(h[:, -1])
+    return model.head(h[:, -1])
 
 
 def stream(model: GPT, prompt: list[int], params: SamplingParams, max_new_tokens: int, **kw) -> Iterator[int]:

@@ -1,4 +1,5 @@
-"""The training loop: next-token cross-entropy, AdamW or Muon (optim.py), warmup + cosine decay, resumable.
+"""The training loop: next-token cross-entropy, AdamW or Muon (optim.py), warmup then cosine or
+warmup-stable-decay, resumable.
 
 `train` is a generator of events (Start, Step, Eval, Saved); it never prints. Only rank 0
 yields events and writes files: the checkpoint, its state and the metrics (metrics.py).
@@ -33,6 +34,8 @@ from tinygen.training.optim import OPTIMIZERS, make_optimizer
 from tinygen.training.state import load_state, read_state_meta, remove_state, rng_states, save_state
 from tinygen.training.stopping import PeerFailed, agree
 
+SCHEDULES = ("cosine", "wsd")
+
 
 @dataclass
 class TrainSettings:
@@ -44,6 +47,8 @@ class TrainSettings:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
     warmup_steps: int = 100
+    schedule: str = "cosine"  # or "wsd": warmup, stable at lr, then a linear cooldown to 0 (lr_at)
+    cooldown: float = 0.2  # wsd: the share of the budget spent cooling down
     weight_decay: float = 0.1  # decoupled, on matrices and the embedding; Muon's matrices too
     optimizer: str = "adamw"  # or "muon": Muon for the blocks' matrices, AdamW for the rest (optim.py)
     betas: tuple[float, float] = (0.9, 0.95)
@@ -63,6 +68,10 @@ class TrainSettings:
                 raise TinygenError(f"--{name.replace('_', '-')} must be at least 1")
         if not self.lr > 0:
             raise TinygenError(f"--lr must be positive, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise TinygenError(f"unknown --schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if not 0 < self.cooldown <= 1:
+            raise TinygenError(f"--cooldown is a share of the budget, above 0 and at most 1; got {self.cooldown}")
         if self.optimizer not in OPTIMIZERS:
             raise TinygenError(f"unknown --optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
 
@@ -112,9 +121,16 @@ class Saved:
 # -- pieces of the loop ---------------------------------------------------------------------------
 
 def lr_at(step: int, progress: float, s: TrainSettings) -> float:
-    """Linear warmup, then cosine from lr down to lr * min_lr_ratio over the rest of the budget."""
+    """Linear warmup, then either cosine from lr down to lr * min_lr_ratio over the rest of the
+    budget, or (wsd) lr held until the last `cooldown` of the budget and from there straight down to 0.
+
+    Warmup-stable-decay (Hu et al., MiniCPM; Hägele et al., 2024) matches cosine at the end and
+    spends longer at the full lr; progress is a share of steps or of time, so under --time the
+    cooldown starts when 1 - cooldown of the time is gone."""
     if step < s.warmup_steps:
         return s.lr * (step + 1) / s.warmup_steps
+    if s.schedule == "wsd":
+        return s.lr * min(1.0, max(0.0, (1 - progress) / s.cooldown))
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * cosine)
 

@@ -45,6 +45,12 @@ class Recipe:
     block_size: int | None = None
     arch: str = "rope"
     dropout: float = 0.0
+    # The speedrun switches, named as ModelConfig's fields (resume.SWITCH_FIELDS).
+    qk_norm: bool = False
+    mlp: str | None = None
+    tie_embeddings: bool = True
+    logit_softcap: float | None = None
+    value_embeds: int = 0
     vocab_size: int = 4096
     tokenizer: str | None = None
     init: str | None = None
@@ -115,8 +121,9 @@ def prepare(recipe: Recipe, *, dist: Dist) -> Run:
         model = _continued(base, recipe.dropout)
     else:
         shape = {k: getattr(recipe, k) for k in resume_lib.SHAPE_FIELDS if getattr(recipe, k) is not None}
+        switches = {k: getattr(recipe, k) for k in resume_lib.SWITCH_FIELDS}
         config = ModelConfig(**{**PRESETS[recipe.preset or "tiny"], **shape}, vocab_size=tokenizer.n_vocab,
-                             arch=recipe.arch, dropout=recipe.dropout)
+                             arch=recipe.arch, dropout=recipe.dropout, **switches)
         torch.manual_seed(settings.seed)
         model = GPT(config)
     if tokenizer.n_vocab > model.config.vocab_size:

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 STOPS = ("max_steps", "max_tokens", "max_time")
 CHANGEABLE = (*STOPS, "eval_every", "eval_tokens", "lr", "compile", "dtype")
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size")
-MODEL_FIELDS = (*SHAPE_FIELDS, "arch")
+SWITCH_FIELDS = ("qk_norm", "mlp", "tie_embeddings", "logit_softcap", "value_embeds")
+MODEL_FIELDS = (*SHAPE_FIELDS, "arch", *SWITCH_FIELDS)
 # What the state file keeps of a run's recipe, beside its TrainSettings and its checkpoint's config.
 SAVED_FIELDS = ("val_fraction", "separator", "vocab_size", "tokenizer", "init", "chat")
 FLAGS = {"max_tokens": "--tokens", "max_time": "--time"}
@@ -37,6 +38,10 @@ def flag(name: str) -> str:
 
 def show(name: str, value) -> str:
     """A setting as the user would type it."""
+    if name == "tie_embeddings":
+        return "a tied head" if value else "--untied-head"
+    if name == "mlp" and value is None:
+        return "--mlp swiglu"
     if isinstance(value, bool):
         return flag(name) if value else f"no {flag(name)}"
     if value is None:
@@ -57,8 +62,11 @@ def portable(path: str | os.PathLike, out: Path) -> str:
 def model_mismatch(recipe: Recipe, config: ModelConfig) -> tuple[str, str] | None:
     """The first typed model flag that the model being continued contradicts, and what the model has."""
     for name in MODEL_FIELDS:
-        if name in recipe.given and getattr(recipe, name) is not None and getattr(recipe, name) != getattr(config, name):
-            return show(name, getattr(recipe, name)), show(name, getattr(config, name))
+        typed = getattr(recipe, name)
+        if name == "mlp" and typed == "swiglu" and config.arch == "rope":
+            typed = None  # the rope arch's own MLP, which its config spells None
+        if name in recipe.given and (typed is not None or name in SWITCH_FIELDS) and typed != getattr(config, name):
+            return show(name, typed), show(name, getattr(config, name))
     if recipe.preset is not None and any(getattr(config, k) != v for k, v in PRESETS[recipe.preset].items()):
         return f"--preset {recipe.preset}", " ".join(f"{k}={getattr(config, k)}" for k in PRESETS[recipe.preset])
     return None
