@@ -240,3 +240,17 @@ def test_formats_without_the_switches_refuse_them_in_one_line(cli, tmp_path, tok
         assert not (tmp_path / f"out-{fmt}").exists()
     assert_one_line_error(cli("bench", "-m", path, "--compare", "--only", "decode", "--device", "cpu"),
                           "qk-norm, logit soft-cap", "without --compare")
+
+
+def test_a_chat_fine_tune_grows_every_table_with_a_row_per_token():
+    """New special tokens get a row in the embedding, an untied head and each value embedding."""
+    from tinygen.training.recipe import _continued
+
+    base = make_model(_config(tie_embeddings=False, value_embeds=2), seed=7)
+    grown = _continued(base, 0.1, vocab_size=101)
+    assert grown.config.vocab_size == 101 and grown.config.dropout == 0.1
+    old, new = base.state_dict(), grown.state_dict()
+    for k in ("transformer.wte.weight", "lm_head.weight", "transformer.ve.0.weight", "transformer.ve.1.weight"):
+        assert new[k].shape == (101, 64)
+        assert torch.equal(new[k][:97], old[k]) and torch.allclose(new[k][97:], old[k].mean(0).expand(4, -1)), k
+    assert not torch.equal(new["lm_head.weight"], new["transformer.wte.weight"])

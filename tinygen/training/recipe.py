@@ -197,14 +197,16 @@ def _listing(items) -> str:
 
 def _continued(base: GPT, dropout: float, vocab_size: int | None = None) -> GPT:
     """A trainable copy of base with this run's dropout. Rows added to the vocabulary (new special
-    tokens) start at the mean embedding, a neutral point the fine-tune moves from."""
+    tokens) start at the mean of their table's rows, a neutral point the fine-tune moves from."""
     config = replace(base.config, dropout=dropout, vocab_size=vocab_size or base.config.vocab_size)
     model = GPT(config)
     weights = base.state_dict()
-    wte = weights["transformer.wte.weight"]
-    if config.vocab_size > len(wte):
-        extra = wte.mean(0, keepdim=True).expand(config.vocab_size - len(wte), -1)
-        weights["transformer.wte.weight"] = weights["lm_head.weight"] = torch.cat([wte, extra])
+    grow = config.vocab_size - base.config.vocab_size
+    if grow > 0:
+        # Every table with a row per token: the embedding, the head (tied or not), the value embeddings.
+        for k in ("transformer.wte.weight", "lm_head.weight", *(f"transformer.ve.{i}.weight"
+                                                              for i in range(config.value_embeds))):
+            weights[k] = torch.cat([weights[k], weights[k].mean(0, keepdim=True).expand(grow, -1)])
     model.load_state_dict(weights)
     return model
 
