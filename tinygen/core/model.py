@@ -132,19 +132,16 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H, G = self.n_head, self.n_kv_head
         qkv = self.c_attn(x).view(B, T, H + 2 * G, C // H).transpose(1, 2)  # (B, H+2G, T, D): q, k, v heads
+        qk, v = qkv[:, : H + G], qkv[:, H + G :]  # query heads then key heads; value heads
         if hasattr(self, "q_norm"):
             # Normed before rotary, which keeps norms: a query-key product can then never exceed
             # the gains times the head size, whatever the weights grow to (Qwen3, modded-nanogpt).
-            qkv = torch.cat((self.q_norm(qkv[:, :H]), self.k_norm(qkv[:, H : H + G]), qkv[:, H + G :]), dim=1)
+            qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1)
         if ve is not None:  # (B, T, G*D): this block's value embedding of each token, one part per kv head
-            qkv = torch.cat((qkv[:, : H + G], qkv[:, H + G :] + ve.view(B, T, G, C // H).transpose(1, 2)), dim=1)
+            v = v + ve.view(B, T, G, C // H).transpose(1, 2)
         if rope is not None:
-            # q and k heads rotate by the same angles, so one call covers both.
-            qk = apply_rotary(qkv[:, : H + G], *rope)
-            q, k = qk[:, :H], qk[:, H:]
-        else:
-            q, k = qkv[:, :H], qkv[:, H : H + G]
-        v = qkv[:, H + G :]
+            qk = apply_rotary(qk, *rope)  # q and k heads rotate by the same angles, so one call covers both
+        q, k = qk[:, :H], qk[:, H:]
         mask = None
         if slots is not None:
             k, v = slots.cache.update(self.layer, slots.pos, slots.kv_len, k, v)  # (B, H, S, D), S = kv_len
