@@ -89,6 +89,7 @@ def models(tmp_path_factory, tokenizer, model_path, gpt2_arch_path) -> dict[str,
         "gqa-untied": _saved(tmp_path_factory, tokenizer, "gqa", n_kv_head=2, tie_embeddings=False,
                              mlp_hidden_size=96, rope_theta=5e5, norm_eps=1e-6),
         "qkv-bias": _saved(tmp_path_factory, tokenizer, "qkv", n_kv_head=1, qkv_bias=True),
+        "qk-norm": _saved(tmp_path_factory, tokenizer, "qknorm", n_kv_head=2, qk_norm=True, tie_embeddings=False),
         # head_dim 64, so that several frequencies fall in the smooth band (GGUF keeps only the divisors)
         "llama3-scaling": _saved(tmp_path_factory, tokenizer, "llama3", n_head=2, n_embd=128, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -108,8 +109,8 @@ def hf_exports(models, tmp_path_factory) -> dict[str, Path]:
 
 # -- Hugging Face --------------------------------------------------------------------------------
 
-HF_CASES = ["bundled", "tiny", "gqa-untied", "qkv-bias", "llama3-scaling", "gpt2"]
-ARCHITECTURES = {"qkv-bias": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+HF_CASES = ["bundled", "tiny", "gqa-untied", "qkv-bias", "qk-norm", "llama3-scaling", "gpt2"]
+ARCHITECTURES = {"qkv-bias": "Qwen2ForCausalLM", "qk-norm": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
 
 @pytest.mark.parametrize("case", HF_CASES)
@@ -146,15 +147,15 @@ def test_autotokenizer_gives_tinygens_ids(case, models, hf_exports):
     assert auto.eos_token == "<|endoftext|>"
 
 
-@pytest.mark.parametrize("case", ["tiny", "gqa-untied", "qkv-bias", "gpt2"])
+@pytest.mark.parametrize("case", ["tiny", "gqa-untied", "qkv-bias", "qk-norm", "gpt2"])
 def test_tinygen_loads_its_own_hf_export_back(case, models, hf_exports):
     net, ours, _ = load_model(models[case])
     back, tok, info = load_model(hf_exports[case])
     assert info.kind == ("gpt2" if case == "gpt2" else "llama")
     text = "Spot's 12 cats ran  fast.\n\n\tThe end 😀"
     assert tok.encode(text) == ours.encode(text)  # the gpt2 folder's tokenizer.json, with tinygen's pattern
-    assert (back.config.kv_heads, back.config.mlp_hidden, back.config.qkv_bias, back.config.tie_embeddings) == (
-        net.config.kv_heads, net.config.mlp_hidden, net.config.qkv_bias, net.config.tie_embeddings)
+    shape = ("kv_heads", "mlp_hidden", "qkv_bias", "qk_norm", "tie_embeddings")
+    assert [getattr(back.config, k) for k in shape] == [getattr(net.config, k) for k in shape]
     ids = torch.randint(0, tok.n_vocab, (1, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(back(ids), net(ids))
@@ -272,17 +273,38 @@ def test_the_q8_0_gguf_stays_close(bundled_gguf):
     assert bundled_gguf["q8_0"].stat().st_size < 0.3 * bundled_gguf["f32"].stat().st_size
 
 
-@pytest.mark.parametrize("case", ["gqa-untied", "llama3-scaling"])
+@pytest.mark.parametrize("case", ["gqa-untied", "llama3-scaling", "qk-norm"])
 def test_a_gguf_of_the_llama_switches_loads_back(case, models, tmp_path):
     net = load_model(models[case])[0]
     path = export(models[case], "gguf", tmp_path / "m.gguf", "f32").path
-    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    reader = gguf.GGUFReader(path)
+    names = {t.name for t in reader.tensors}
     assert ("output.weight" in names) == (not net.config.tie_embeddings)
     assert ("rope_freqs.weight" in names) == (net.config.rope_scaling is not None)
+    assert reader.fields["general.architecture"].contents() == ("qwen3" if net.config.qk_norm else "llama")
+    assert ("blk.1.attn_k_norm.weight" in names) == net.config.qk_norm
     back = load_model(path)[0]
+    assert back.config.qk_norm == net.config.qk_norm
     ids = torch.randint(0, net.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (back(ids) - net(ids)).abs().max().item() <= 1e-5
+
+
+def test_transformers_runs_the_qwen3_gguf_of_a_qk_norm_model_as_tinygen_does(models, tmp_path):
+    """transformers' GGUF reader is an implementation apart from ours: it must find Qwen3, with q and
+    k unpermuted (llama.cpp's qwen3 rotates Hugging Face's halves) and the per-head norms in place."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from tinygen.core.export_hf import hf_config
+
+    net, tok, _ = load_model(models["qk-norm"])
+    path = export(models["qk-norm"], "gguf", tmp_path / "m.gguf", "f32").path
+    parsed = load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    assert (parsed["model_type"], parsed["num_key_value_heads"]) == ("qwen3", net.config.kv_heads)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**hf_config(net.config, tok, "float32")))
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=hf)["tensors"]
+    assert not hf.load_state_dict(tensors, strict=False).missing_keys
+    assert logits_diff(net, hf.eval(), net.config.vocab_size) <= 1e-4
 
 
 def test_the_chat_models_gguf_renders_chats_as_tinygen_does(tmp_path, chat_model_path):

@@ -361,8 +361,8 @@ def test_rope_freqs_of_ones_is_no_scaling_and_other_shapes_are_refused(tmp_path)
     ({"llama.feed_forward_length": 100}, r"blk.0.ffn_gate.weight has shape \(128, 64\) but the metadata makes it "
                                          r"\(100, 64\)"),
     ({"llama.vocab_size": 97}, "token_embd.weight has shape"),
-    ({"llama.block_count": 1}, "blk.1.attn_norm.weight is not part of a 1-layer Llama"),
-    ({"llama.block_count": 3}, r"lacks 9 tensor\(s\) of a 3-layer Llama \(blk.2.attn_norm.weight"),
+    ({"llama.block_count": 1}, "blk.1.attn_norm.weight is not part of a 1-layer llama model"),
+    ({"llama.block_count": 3}, r"lacks 9 tensor\(s\) of a 3-layer llama model \(blk.2.attn_norm.weight"),
     ({"llama.attention.head_count_kv": 3}, "4 query heads cannot share 3"),
     ({"llama.attention.layer_norm_rms_epsilon": None}, "has no llama.attention.layer_norm_rms_epsilon"),
     ({"llama.attention.head_count": [4, 4, 2]}, r"llama.attention.head_count = \[4, 4, 2\] is not supported"),
@@ -387,21 +387,23 @@ def test_uniform_per_layer_arrays_and_neutral_switches_are_accepted(tmp_path):
 def test_missing_tensor(tmp_path):
     config, state = tiny_llama()
     path = write_gguf(tmp_path / "m.gguf", config, state, drop={"blk.1.ffn_up.weight"})
-    with pytest.raises(TinygenError, match=r"lacks 1 tensor\(s\) of a 2-layer Llama \(blk.1.ffn_up.weight\)"):
+    with pytest.raises(TinygenError, match=r"lacks 1 tensor\(s\) of a 2-layer llama model \(blk.1.ffn_up.weight\)"):
         read_gguf(path)
 
 
-def test_unknown_tensor(tmp_path):
+@pytest.mark.parametrize("name, shape", [("blk.0.ffn_gate_exps.weight", (2, 4)),
+                                         ("blk.0.attn_q_norm.weight", (16,))])  # qwen3's, not llama's
+def test_unknown_tensor(tmp_path, name, shape):
     config, state = tiny_llama()
-    path = write_gguf(tmp_path / "m.gguf", config, state, extra={"blk.0.ffn_gate_exps.weight": np.zeros((2, 4), np.float32)})
-    with pytest.raises(TinygenError, match="blk.0.ffn_gate_exps.weight is not part of a 2-layer Llama"):
+    path = write_gguf(tmp_path / "m.gguf", config, state, extra={name: np.zeros(shape, np.float32)})
+    with pytest.raises(TinygenError, match=f"{name} is not part of a 2-layer llama model"):
         read_gguf(path)
 
 
 def test_other_architecture(tmp_path):
     config, state = tiny_llama()
     path = write_gguf(tmp_path / "g.gguf", config, state, arch="gpt2")
-    with pytest.raises(TinygenError, match="architecture 'gpt2' is not supported; tinygen reads llama GGUFs only"):
+    with pytest.raises(TinygenError, match="architecture 'gpt2' is not supported; tinygen reads llama and qwen3 GGUFs"):
         read_gguf(path)
 
 

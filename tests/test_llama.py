@@ -1,6 +1,6 @@
 """The Llama family in Hugging Face form: random small models built with transformers (grouped-query
 attention, untied heads, other rotary bases, odd MLP sizes, Llama 3 rope scaling, Qwen2's q/k/v
-biases) give tinygen the logits transformers gives, and folders with switches tinygen does not
+biases, Qwen3's qk-norm) give tinygen the logits transformers gives, and folders with switches tinygen does not
 implement are refused in one line."""
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ CASES = {
                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     "qwen2-biases": ("qwen2", dict(num_key_value_heads=3)),
     "mistral": ("mistral", dict(sliding_window=None)),
+    "qwen3-qk-norm": ("qwen3", dict(head_dim=8)),  # Qwen3Config's head_dim defaults to 128, not hidden / heads
 }
 
 
 def hf_model(kind: str, overrides: dict, seed: int = 0):
     classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-               "mistral": ("MistralConfig", "MistralForCausalLM")}
+               "mistral": ("MistralConfig", "MistralForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
     config_cls, model_cls = (getattr(transformers, name) for name in classes[kind])
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**BASE, **overrides}))
@@ -59,6 +60,7 @@ def test_a_transformers_llama_gives_the_same_logits_in_tinygen(case):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert config.kv_heads == hf.config.num_key_value_heads
     assert config.tie_embeddings == hf.config.tie_word_embeddings
+    assert config.qk_norm == (kind == "qwen3")
 
 
 def test_the_kv_cache_is_sized_by_the_kv_heads_and_decoding_matches_recompute():

@@ -230,16 +230,47 @@ def test_train_builds_the_switches_and_resume_keeps_them(cli, corpus, tmp_path):
 
 
 def test_formats_without_the_switches_refuse_them_in_one_line(cli, tmp_path, tokenizer):
+    """qk-norm alone is Qwen3's, so it exports; what no outside model has is refused by name."""
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, make_model(_config(vocab_size=tokenizer.n_vocab, block_size=256, qk_norm=True,
                                                      logit_softcap=15.0)),
                     tokenizer, {"data": "random weights (test)", "steps": 0})
     for fmt in ("hf", "gguf"):
-        assert_one_line_error(cli("export", path, "--format", fmt, "--out", tmp_path / f"out-{fmt}"),
-                              "qk-norm, logit soft-cap", "tinygen only")
+        r = cli("export", path, "--format", fmt, "--out", tmp_path / f"out-{fmt}")
+        assert_one_line_error(r, "logit soft-cap", "tinygen only")
+        assert "qk-norm" not in r.err
         assert not (tmp_path / f"out-{fmt}").exists()
     assert_one_line_error(cli("bench", "-m", path, "--compare", "--only", "decode", "--device", "cpu"),
-                          "qk-norm, logit soft-cap", "without --compare")
+                          "logit soft-cap", "without --compare")
+
+
+@pytest.mark.parametrize("fields, family, unportable", [
+    ({}, "llama", []),
+    ({"qkv_bias": True}, "qwen2", []),
+    ({"qk_norm": True, "n_kv_head": 2, "tie_embeddings": False}, "qwen3", []),
+    ({"qk_norm": True, "qkv_bias": True}, "qwen3", ["qk-norm with q/k/v biases"]),
+    ({"mlp": "relu2", "value_embeds": 1}, "llama", ["relu² MLP", "value embeddings"]),
+])
+def test_each_model_has_an_outside_family_and_says_what_it_cannot_hold(fields, family, unportable):
+    cfg = _config(**fields)
+    assert (cfg.family, cfg.unportable) == (family, unportable)
+
+
+def test_a_qk_norm_model_is_qwen3_in_transformers():
+    """transformers' Qwen3 (RMSNorm on each q and k head before rotary) computes what tinygen does."""
+    pytest.importorskip("transformers")
+    from tinygen.bench.reference import to_transformers
+
+    model = make_model(_config(qk_norm=True, n_kv_head=2, tie_embeddings=False), seed=5, scale=3.0)
+    with torch.no_grad():  # gains off 1, so a gain applied to the wrong head or half would show
+        for name, p in model.named_parameters():
+            if "_norm" in name:
+                p.normal_(1.0, 0.5)
+    hf = to_transformers(model)
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    idx = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(idx) - hf(idx).logits).abs().max().item() < 1e-4
 
 
 def test_a_chat_fine_tune_grows_every_table_with_a_row_per_token():

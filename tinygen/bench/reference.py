@@ -5,7 +5,7 @@ Used by the tests and by `tinygen bench --compare` as an independent reference i
 SwiGLU: the same math), with the Llama family's switches carried over: grouped-query attention,
 the MLP width, an untied head, the rotary base and Llama 3's rotary scaling. Biases on q, k and v
 alone are Qwen2's (Llama's attention_bias also puts one on o_proj), so that config maps onto
-Qwen2ForCausalLM. transformers is a dev dependency; nothing else in tinygen imports this module.
+Qwen2ForCausalLM, and qk-norm onto Qwen3ForCausalLM. transformers is a dev dependency; nothing else in tinygen imports this module.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def to_transformers(model: GPT):
 
 
 def _llama_like(transformers, cfg: ModelConfig):
-    """An empty LlamaForCausalLM (or Qwen2ForCausalLM, for q/k/v biases) of cfg's shape."""
-    name = "Qwen2" if cfg.qkv_bias else "Llama"
+    """An empty LlamaForCausalLM (Qwen2ForCausalLM for q/k/v biases, Qwen3ForCausalLM for qk-norm) of cfg's shape."""
+    name = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[cfg.family]
     config_class = getattr(transformers, f"{name}Config")
     fields = dict(
         hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,
@@ -68,8 +68,10 @@ def _llama_like(transformers, cfg: ModelConfig):
         vocab_size=cfg.vocab_size, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
         hidden_act="silu", bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )
-    if cfg.qkv_bias:
+    if name == "Qwen2":
         fields.update(use_sliding_window=False)
+    elif name == "Qwen3":
+        fields.update(use_sliding_window=False, attention_bias=False, head_dim=cfg.head_dim)
     else:
         fields.update(attention_bias=False, mlp_bias=False, head_dim=cfg.head_dim)
     scaling = {k: v for k, v in (cfg.rope_scaling or {}).items() if k not in ("type", "rope_type")}

@@ -34,9 +34,9 @@ PRESETS = {
 LLAMA_SWITCHES = {"n_kv_head": None, "mlp_hidden_size": None, "tie_embeddings": True, "qkv_bias": False,
                   "rope_scaling": None}
 # Switches from the speedrun literature (modded-nanogpt, nanochat), for tinygen's own rope models;
-# at these defaults a model is what it was before they existed. No outside format (Hugging Face's
-# Llama, llama.cpp's GGUF) has them, so exports and transformers comparisons refuse a model that
-# uses one (ModelConfig.unportable).
+# at these defaults a model is what it was before they existed. Of them only qk-norm has an outside
+# form (Qwen3, in transformers and llama.cpp); exports and transformers comparisons refuse a model
+# that uses another (ModelConfig.unportable).
 SPEEDRUN_SWITCHES = {"qk_norm": False, "mlp": None, "logit_softcap": None, "value_embeds": 0}
 OMITTED = {**LLAMA_SWITCHES, **SPEEDRUN_SWITCHES}
 MLPS = ("swiglu", "relu2")  # the rope arch's MLPs; gpt2's is GELU, always
@@ -122,8 +122,8 @@ class ModelConfig:
                 or not 0 <= self.value_embeds <= self.n_layer):
             raise TinygenError(f"value_embeds must be a whole number from 0 to n_layer ({self.n_layer}), "
                                f"got {_show(self.value_embeds)}")
-        if self.arch == "gpt2" and (self.unportable or self.mlp is not None):
-            used = self.unportable or [f"mlp {self.mlp}"]
+        if self.arch == "gpt2" and (self.switches or self.mlp is not None):
+            used = self.switches or [f"mlp {self.mlp}"]
             raise TinygenError(f"the gpt2 arch has none of the rope arch's switches ({', '.join(used)})")
 
     @property
@@ -136,11 +136,29 @@ class ModelConfig:
         return self.n_kv_head or self.n_head
 
     @property
-    def unportable(self) -> list[str]:
-        """The speedrun switches this model uses, by name: what other tools' formats cannot hold."""
+    def switches(self) -> list[str]:
+        """The speedrun switches this model uses, by name."""
         return [name for name, on in (("qk-norm", self.qk_norm), ("relu² MLP", self.mlp == "relu2"),
                                       ("logit soft-cap", self.logit_softcap is not None),
                                       ("value embeddings", self.value_embeds > 0)) if on]
+
+    @property
+    def family(self) -> str:
+        """The outside architecture with this model's math: gpt2, llama, qwen2 (biases on q, k and v
+        alone) or qwen3 (qk-norm). Exports write it; only `unportable` says whether it fits."""
+        if self.arch == "gpt2":
+            return "gpt2"
+        return "qwen3" if self.qk_norm else "qwen2" if self.qkv_bias else "llama"
+
+    @property
+    def unportable(self) -> list[str]:
+        """What this model uses that its family (and so transformers and llama.cpp) cannot hold."""
+        used = [name for name in self.switches if name != "qk-norm"]
+        if self.qk_norm and self.qkv_bias:  # Qwen3's attention_bias would put one on o_proj too
+            used.insert(0, "qk-norm with q/k/v biases")
+        if self.qk_norm and self.rope_scaling is not None:
+            used.insert(0, "qk-norm with Llama 3 rope scaling")
+        return used
 
     def value_table(self, layer: int) -> int | None:
         """Which value-embedding table block `layer` adds to its values, if any."""

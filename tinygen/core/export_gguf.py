@@ -1,8 +1,10 @@
-"""A tinygen "rope" model as a llama GGUF, for llama.cpp and ollama, written with gguf.GGUFWriter.
+"""A tinygen "rope" model as a llama GGUF (a qwen3 one with qk-norm), for llama.cpp and ollama,
+written with gguf.GGUFWriter.
 
 The file is what llama.cpp's convert_hf_to_gguf.py makes of the same model in Hugging Face form:
-the standard llama.* keys, llama.cpp's tensor names, the rows of q and k permuted for its rotary
-layout (gguf_file.py undoes it on reading), norms in F32 whatever the type, Llama 3's rope scaling
+the standard llama.* (or qwen3.*) keys, llama.cpp's tensor names, for llama the rows of q and k
+permuted for its rotary layout (gguf_file.py undoes it on reading; qwen3 rotates Hugging Face's
+halves as they are, so nothing is permuted), norms in F32 whatever the type, Llama 3's rope scaling
 as a rope_freqs tensor, and the tokenizer as a byte-level BPE ("gpt2") with a pre-tokenizer name
 llama.cpp knows for the split pattern.
 """
@@ -38,14 +40,15 @@ def write_gguf(model, tokenizer: Tokenizer, path: Path, kind: str = "f16", name:
         raise TinygenError("GGUF export of a model with q/k/v biases (Qwen2's) is not supported; "
                            "export it with --format hf")
     if cfg.unportable:
-        raise TinygenError(f"llama.cpp's llama architecture has no {', '.join(cfg.unportable)}, which this model "
+        raise TinygenError(f"llama.cpp has no architecture with {', '.join(cfg.unportable)}, which this model "
                            f"uses; it runs in tinygen only")
+    arch = cfg.family  # llama, or qwen3 for qk-norm: qwen2 (q/k/v biases) was refused above
     pre = gguf_pre(tokenizer)
     qtype = gguf.GGMLQuantizationType[kind.upper()]
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind]
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_name(name)
     w.add_context_length(cfg.block_size)
     w.add_embedding_length(cfg.n_embd)
@@ -78,7 +81,7 @@ def write_gguf(model, tokenizer: Tokenizer, path: Path, kind: str = "f16", name:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return f"llama, {kind}" + (f" ({fallback} tensors in f16: rows not whole 32-weight blocks)" if fallback else "") + \
+    return f"{arch}, {kind}" + (f" ({fallback} tensors in f16: rows not whole 32-weight blocks)" if fallback else "") + \
         f", tokenizer pre {pre!r}"
 
 
@@ -141,11 +144,11 @@ def _add_tokenizer(w, tokenizer: Tokenizer, pre: str, vocab_size: int) -> None:
 
 
 def _tensors(model):
-    """(GGUF name, tensor) for every weight, q and k permuted for llama.cpp's rotary layout."""
+    """(GGUF name, tensor) for every weight, q and k permuted for llama.cpp's llama rotary layout."""
     from tinygen.core.export_hf import hf_state
 
     cfg = model.config
-    heads = {"attn_q": cfg.n_head, "attn_k": cfg.kv_heads}
+    heads = {"attn_q": cfg.n_head, "attn_k": cfg.kv_heads} if cfg.family == "llama" else {}
     for hf_name, tensor in hf_state(model).items():
         if hf_name in TOP:
             yield TOP[hf_name], tensor

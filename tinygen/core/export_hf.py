@@ -1,7 +1,7 @@
 """A tinygen model as a Hugging Face folder that transformers loads with no custom code.
 
 "rope" models become LlamaForCausalLM (Qwen2ForCausalLM with q/k/v biases, which Llama's
-attention_bias would put on o_proj too), "gpt2" models GPT2LMHeadModel. Weights keep their dtype;
+attention_bias would put on o_proj too; Qwen3ForCausalLM with qk-norm), "gpt2" models GPT2LMHeadModel. Weights keep their dtype;
 fused matrices are split back with llama.hf_names, the inverse of loading. The tokenizer becomes
 a tokenizer.json that the `tokenizers` library runs as tiktoken does: tinygen's split regex, then
 byte-level BPE that looks a whole piece up before merging (ignore_merges), as tiktoken does.
@@ -25,6 +25,8 @@ from tinygen.core.llama import hf_names
 from tinygen.core.tokenizer import Tokenizer
 from tinygen.errors import TinygenError
 
+HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
 
 def write_hf(model, tokenizer: Tokenizer, folder: Path) -> str:
     """Write config.json, model.safetensors, tokenizer.json, tokenizer_config.json and
@@ -32,8 +34,8 @@ def write_hf(model, tokenizer: Tokenizer, folder: Path) -> str:
     from safetensors.torch import save_file
 
     if model.config.unportable:
-        raise TinygenError(f"transformers' Llama has no {', '.join(model.config.unportable)}, which this model "
-                           f"uses; it runs in tinygen only")
+        raise TinygenError(f"transformers has no model with {', '.join(model.config.unportable)}, which this "
+                           f"model uses; it runs in tinygen only")
     folder.mkdir()
     config = hf_config(model.config, tokenizer, str(model.dtype).removeprefix("torch."))
     save_file(hf_state(model), str(folder / HF_WEIGHTS), metadata={"format": "pt"})
@@ -77,9 +79,9 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: str) -> dict:
                 "activation_function": "gelu_new",  # GELU's tanh approximation, as tinygen's gpt2 arch
                 "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": 0.0,
                 "tie_word_embeddings": True, **ids}
-    kind = "qwen2" if cfg.qkv_bias else "llama"
+    kind = cfg.family
     config = {
-        "architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"], "model_type": kind,
+        "architectures": [HF_CLASSES[kind]], "model_type": kind,
         "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
         "max_position_embeddings": cfg.block_size, "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps,
@@ -93,6 +95,9 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: str) -> dict:
                   rope_parameters={"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta})
     if kind == "qwen2":
         config.update(use_sliding_window=False, sliding_window=None)
+    elif kind == "qwen3":
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer,
+                      attention_bias=False)
     else:
         config.update(attention_bias=False, mlp_bias=False)
     return config

@@ -1,10 +1,12 @@
 """GGUF files (llama.cpp's and ollama's format) read into Hugging Face Llama form: a config dict in
 LlamaConfig keys and a state dict with Hugging Face names, so that llama.py maps GGUF files and
-Hugging Face folders the same way.
+Hugging Face folders the same way. Two architectures: llama, and qwen3 (Llama with an RMSNorm on
+each query and key head).
 
 The gguf package (llama.cpp's gguf-py) parses and dequantizes; this module names, checks and
-converts tensor by tensor from its memory map. llama.cpp's converter changes the weights in one way,
-permuting the rows of q and k for its rotary layout, and that is undone here. A metadata switch that
+converts tensor by tensor from its memory map. llama.cpp's converter changes llama weights in one
+way, permuting the rows of q and k for its rotary layout, and that is undone here (qwen3's rotary
+kernel pairs Hugging Face's halves as they are, so its weights are not permuted). A metadata switch that
 would change the math beyond plain Llama is refused by name, never ignored. gguf and numpy are
 imported only when a file is read, so importing this module stays cheap.
 """
@@ -49,18 +51,23 @@ LAYER_NAMES = {
     "ffn_gate.bias": "mlp.gate_proj.bias",
     "ffn_up.bias": "mlp.up_proj.bias",
     "ffn_down.bias": "mlp.down_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",  # qwen3 only
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
-REQUIRED_LAYER = [k for k in LAYER_NAMES if k.endswith(".weight")]
+QK_NORMS = ("attn_q_norm.weight", "attn_k_norm.weight")
+REQUIRED_LAYER = [k for k in LAYER_NAMES if k.endswith(".weight") and k not in QK_NORMS]
+# The architectures read, and what each has beyond Llama's tensors.
+ARCHITECTURES = {"llama": (), "qwen3": QK_NORMS}
 BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 
-# llama.* keys this module reads, or that describe the file without changing the math.
+# <arch>.* keys this module reads, or that describe the file without changing the math.
 KNOWN_KEYS = {
     "block_count", "context_length", "embedding_length", "feed_forward_length", "vocab_size",
     "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon",
     "attention.key_length", "attention.value_length", "rope.freq_base", "rope.dimension_count",
     "rope.scaling.finetuned", "rope.scaling.original_context_length", "tensor_data_layout",
 }
-# llama.* switches that llama.cpp honours: harmless only at these values (MoE, other rope scalings,
+# <arch>.* switches that llama.cpp honours: harmless only at these values (MoE, other rope scalings,
 # softcapping, scaled attention or logits, sliding windows, non-causal attention).
 NEUTRAL = {
     "expert_count": (0,), "expert_used_count": (0,), "expert_shared_count": (0,),
@@ -119,9 +126,9 @@ class ConversionReport:
 
 @dataclass
 class GGUFModel:
-    """A llama GGUF in Hugging Face form."""
+    """A llama or qwen3 GGUF in Hugging Face form."""
 
-    config: dict  # LlamaConfig keys
+    config: dict  # LlamaConfig keys (model_type "llama" or "qwen3")
     tensors: dict[str, torch.Tensor]  # Hugging Face names, q and k in Hugging Face's rotary layout
     fields: dict  # every metadata key (general.*, tokenizer.*, llama.*, ...) as plain Python values
     report: ConversionReport
@@ -130,7 +137,7 @@ class GGUFModel:
 
 
 def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, keep_q8_0: bool = False) -> GGUFModel:
-    """Read a llama-architecture GGUF. Every tensor is dequantized into `dtype`, except that with
+    """Read a llama- or qwen3-architecture GGUF. Every tensor is dequantized into `dtype`, except that with
     `keep_q8_0` the Q8_0 matrices stay int8 (in GGUFModel.q8_0). Problems are TinygenErrors."""
     from gguf import GGMLQuantizationType, dequantize
 
@@ -195,7 +202,7 @@ class GGUFHeader:
 
 
 def read_gguf_header(path: str | Path) -> GGUFHeader:
-    """The config, metadata and tensor types of a llama GGUF; only rope_freqs (a few hundred floats,
+    """The config, metadata and tensor types of a GGUF; only rope_freqs (a few hundred floats,
     which hold Llama 3's rope scaling) is read from the tensor data."""
     from gguf import dequantize
 
@@ -253,8 +260,9 @@ def _fields(reader, where: str) -> dict:
         except UnicodeDecodeError:
             raise TinygenError(f"{where}: metadata {key} is not valid UTF-8; the file is damaged") from None
     arch = fields.get("general.architecture")
-    if arch != "llama":
-        raise TinygenError(f"{where}: architecture {arch!r} is not supported; tinygen reads llama GGUFs only")
+    if arch not in ARCHITECTURES:
+        raise TinygenError(f"{where}: architecture {arch!r} is not supported; tinygen reads "
+                           f"{' and '.join(ARCHITECTURES)} GGUFs")
     if fields.get("split.count", 1) != 1:
         raise TinygenError(f"{where} is one part of a split GGUF; merge the parts with "
                            "`llama-gguf-split --merge` first")
@@ -262,14 +270,15 @@ def _fields(reader, where: str) -> dict:
 
 
 def _config(fields: dict, where: str) -> dict:
-    """LlamaConfig keys from the llama.* metadata; refuses switches that plain Llama does not have."""
-    meta = {k.removeprefix("llama."): v for k, v in fields.items() if k.startswith("llama.")}
+    """LlamaConfig keys from the <arch>.* metadata; refuses switches that plain Llama does not have."""
+    arch = fields["general.architecture"]
+    meta = {k.removeprefix(arch + "."): v for k, v in fields.items() if k.startswith(arch + ".")}
     for key, value in meta.items():
         if key in NEUTRAL and value not in NEUTRAL[key]:
-            raise TinygenError(f"{where}: llama.{key} = {value!r} is not supported; tinygen runs plain Llama "
+            raise TinygenError(f"{where}: {arch}.{key} = {value!r} is not supported; tinygen runs plain Llama "
                                "(no mixture of experts, no rope scaling but Llama 3's, no softcapping)")
         if key not in NEUTRAL and key not in KNOWN_KEYS:
-            raise TinygenError(f"{where}: metadata llama.{key} = {value!r} is not supported; tinygen does not "
+            raise TinygenError(f"{where}: metadata {arch}.{key} = {value!r} is not supported; tinygen does not "
                                "know how it changes the model")
 
     def need(key: str, kind: type = int, default=None):
@@ -277,10 +286,10 @@ def _config(fields: dict, where: str) -> dict:
         if isinstance(value, list) and value and all(v == value[0] for v in value):
             value = value[0]  # a per-layer array that is the same in every layer
         if value is None:
-            raise TinygenError(f"{where} has no llama.{key}; it is not a complete llama GGUF")
+            raise TinygenError(f"{where} has no {arch}.{key}; it is not a complete {arch} GGUF")
         number = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
         if not number or value < 0:
-            raise TinygenError(f"{where}: llama.{key} = {value!r} is not supported (expected one {kind.__name__})")
+            raise TinygenError(f"{where}: {arch}.{key} = {value!r} is not supported (expected one {kind.__name__})")
         return kind(value)
 
     n_embd, n_head = need("embedding_length"), need("attention.head_count")
@@ -295,7 +304,7 @@ def _config(fields: dict, where: str) -> dict:
     if need("attention.value_length", default=dim) != dim:
         raise TinygenError(f"{where}: values of a head size apart from the keys' ({dim}) are not supported")
     config = {
-        "model_type": "llama", "hidden_act": "silu",
+        "model_type": arch, "hidden_act": "silu",
         "hidden_size": n_embd,
         "intermediate_size": need("feed_forward_length"),
         "num_hidden_layers": need("block_count"),
@@ -315,9 +324,10 @@ def _plan(gguf_tensors, config: dict, where: str) -> list:
     """(GGUF tensor, Hugging Face name, heads to unpermute by or 0) for each tensor, in file order.
     Completes config (vocab_size, tie_word_embeddings, biases) and checks every shape against it."""
     by_name = {t.name: t for t in gguf_tensors}
-    n_layer = config["num_hidden_layers"]
+    n_layer, arch = config["num_hidden_layers"], config["model_type"]
+    extra = ARCHITECTURES[arch]
     if "token_embd.weight" not in by_name:
-        raise TinygenError(f"{where} has no token_embd.weight; it is not a complete llama GGUF")
+        raise TinygenError(f"{where} has no token_embd.weight; it is not a complete {arch} GGUF")
     if config["vocab_size"] is None:
         config["vocab_size"] = _hf_shape(by_name["token_embd.weight"])[0]
     config["tie_word_embeddings"] = "output.weight" not in by_name
@@ -328,26 +338,29 @@ def _plan(gguf_tensors, config: dict, where: str) -> list:
     plan = []
     for t in gguf_tensors:
         block = BLOCK.fullmatch(t.name)
-        if t.name in TOP_NAMES:
+        # llama.cpp's qwen3 applies no rope_freqs, so in such a file it would mean nothing.
+        if t.name in TOP_NAMES and (t.name != "rope_freqs.weight" or arch == "llama"):
             hf_name, heads = TOP_NAMES[t.name], 0
             expected = shapes[hf_name]
-        elif block and block[2] in LAYER_NAMES and int(block[1]) < n_layer:
+        elif (block and block[2] in LAYER_NAMES and int(block[1]) < n_layer
+              and (block[2] not in QK_NORMS or block[2] in extra)):
             suffix = LAYER_NAMES[block[2]]
             hf_name, expected = f"model.layers.{block[1]}.{suffix}", shapes[suffix]
-            # convert_hf_to_gguf.py permutes q by the query heads and k by the key/value heads.
+            # convert_hf_to_gguf.py permutes llama's q by the query heads and k by the key/value heads.
             heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}.get(
-                block[2].split(".")[0], 0)
+                block[2].split(".")[0], 0) if arch == "llama" else 0
         else:
-            raise TinygenError(f"{where}: tensor {t.name} is not part of a {n_layer}-layer Llama; tinygen "
+            raise TinygenError(f"{where}: tensor {t.name} is not part of a {n_layer}-layer {arch} model; tinygen "
                                "does not know what it does")
         if _hf_shape(t) != expected:
             raise TinygenError(f"{where}: tensor {t.name} has shape {_hf_shape(t)} but the metadata makes it "
                                f"{expected}; the file is inconsistent")
         plan.append((t, hf_name, heads))
     missing = [n for n in ["token_embd.weight", "output_norm.weight"] if n not in by_name]
-    missing += [f"blk.{i}.{s}" for i in range(n_layer) for s in REQUIRED_LAYER if f"blk.{i}.{s}" not in by_name]
+    missing += [f"blk.{i}.{s}" for i in range(n_layer) for s in (*REQUIRED_LAYER, *extra)
+                if f"blk.{i}.{s}" not in by_name]
     if missing:
-        raise TinygenError(f"{where} lacks {len(missing)} tensor(s) of a {n_layer}-layer Llama "
+        raise TinygenError(f"{where} lacks {len(missing)} tensor(s) of a {n_layer}-layer {arch} model "
                            f"({', '.join(missing[:3])}); the file is incomplete")
     return plan
 
@@ -366,6 +379,7 @@ def _shapes(c: dict) -> dict[str, tuple[int, ...]]:
         "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (d,),
         "mlp.gate_proj.weight": (ff, d), "mlp.up_proj.weight": (ff, d), "mlp.down_proj.weight": (d, ff),
         "mlp.gate_proj.bias": (ff,), "mlp.up_proj.bias": (ff,), "mlp.down_proj.bias": (d,),
+        "self_attn.q_norm.weight": (head_dim,), "self_attn.k_norm.weight": (head_dim,),
     }
 
 

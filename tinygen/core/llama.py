@@ -3,7 +3,8 @@ and a Llama state dict becomes tinygen's weights.
 
 Hugging Face folders and GGUF files (gguf_file.py) both arrive in this form. The `rope` family is
 the Llama architecture (rotary positions, RMSNorm, SwiGLU, no biases), so the mapping is a renaming
-plus two fusions: q, k and v become one c_attn matmul, gate and up one c_fc matmul. A config switch
+plus two fusions: q, k and v become one c_attn matmul, gate and up one c_fc matmul. Qwen2 adds
+biases to q, k and v (qkv_bias); Qwen3 an RMSNorm on each query and key head (qk_norm). A config switch
 that would change the math and that tinygen does not implement is refused by name, never ignored.
 Free of torch at import: `tinygen info` reads configs without it.
 """
@@ -13,8 +14,8 @@ from __future__ import annotations
 from tinygen.core.config import MAX_BLOCK_SIZE, ModelConfig
 from tinygen.errors import TinygenError
 
-# model_type values whose weights map the same way. Qwen2 adds biases to q, k and v.
-SUPPORTED = ("llama", "mistral", "qwen2")
+# model_type values whose weights map the same way. Qwen2 adds biases to q, k and v, Qwen3 qk-norm.
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def config_from_hf(hf: dict, where: str) -> tuple[ModelConfig, list[str]]:
@@ -64,7 +65,7 @@ def config_from_hf(hf: dict, where: str) -> tuple[ModelConfig, list[str]]:
         "vocab_size": need("vocab_size"), "arch": "rope", "norm_eps": hf.get("rms_norm_eps", 1e-6),
         "rope_theta": theta, "n_kv_head": hf.get("num_key_value_heads") or n_head,
         "mlp_hidden_size": need("intermediate_size"), "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
-        "qkv_bias": kind == "qwen2", "rope_scaling": _rope_scaling(scaling, where),
+        "qkv_bias": kind == "qwen2", "qk_norm": kind == "qwen3", "rope_scaling": _rope_scaling(scaling, where),
     }
     if fields["n_kv_head"] == n_head:
         fields["n_kv_head"] = None
@@ -100,6 +101,9 @@ def hf_names(config: ModelConfig) -> dict[str, list[str]]:
         if config.qkv_bias:
             names[ours + "attn.c_attn.bias"] = [f"{n}.bias" for n in attn]
         names[ours + "attn.c_proj.weight"] = [theirs + "self_attn.o_proj.weight"]
+        if config.qk_norm:
+            names[ours + "attn.q_norm.weight"] = [theirs + "self_attn.q_norm.weight"]
+            names[ours + "attn.k_norm.weight"] = [theirs + "self_attn.k_norm.weight"]
         names[ours + "mlp.c_fc.weight"] = [theirs + "mlp.gate_proj.weight", theirs + "mlp.up_proj.weight"]
         names[ours + "mlp.c_proj.weight"] = [theirs + "mlp.down_proj.weight"]
         names[ours + "ln_1.weight"] = [theirs + "input_layernorm.weight"]
