@@ -132,16 +132,19 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H, G = self.n_head, self.n_kv_head
         qkv = self.c_attn(x).view(B, T, H + 2 * G, C // H).transpose(1, 2)  # (B, H+2G, T, D): q, k, v heads
-        qk, v = qkv[:, : H + G], qkv[:, H + G :]  # query heads then key heads; value heads
+        # split, not slicing: its backward joins the parts' gradients in one concatenation, where each
+        # slice's backward would zero a full-size tensor and the parts would then be added.
+        qk, v = qkv.split((H + G, G), dim=1)  # query heads then key heads; value heads
         if hasattr(self, "q_norm"):
             # Normed before rotary, which keeps norms: a query-key product can then never exceed
             # the gains times the head size, whatever the weights grow to (Qwen3, modded-nanogpt).
-            qk = torch.cat((self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])), dim=1)
+            q, k = qk.split((H, G), dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
         if ve is not None:  # (B, T, G*D): this block's value embedding of each token, one part per kv head
             v = v + ve.view(B, T, G, C // H).transpose(1, 2)
         if rope is not None:
             qk = apply_rotary(qk, *rope)  # q and k heads rotate by the same angles, so one call covers both
-        q, k = qk[:, :H], qk[:, H:]
+        q, k = qk.split((H, G), dim=1)
         mask = None
         if slots is not None:
             k, v = slots.cache.update(self.layer, slots.pos, slots.kv_len, k, v)  # (B, H, S, D), S = kv_len
