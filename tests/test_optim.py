@@ -64,7 +64,7 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest(tokenizer, tokens, kw)
     for name in ("adamw", "muon"):
         torch.manual_seed(0)
         m = GPT(_config(tokenizer, **kw))
-        opt = make_optimizer(m, TrainSettings(max_steps=1, optimizer=name), CPU)
+        opt = make_optimizer(m, TrainSettings(max_steps=1, optimizer=name, lr=1e-3), CPU)
         m(x, y).backward()
         opt.step()
         after[name] = m.state_dict()
@@ -149,12 +149,14 @@ def test_the_optimizer_is_recorded_and_resume_keeps_it(cli, corpus, tmp_path):
     assert {o.value for o in Optimizer} == set(OPTIMIZERS)
     base, fine = tmp_path / "base.safetensors", tmp_path / "fine.safetensors"
     tiny = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--vocab-size", "300"]
-    assert_ok(cli("train", corpus, "--out", base, *tiny, "--max-steps", "2", "--device", "cpu", timeout=120))
+    assert_ok(cli("train", corpus, "--out", base, *tiny, "--optimizer", "adamw", "--max-steps", "2",
+                  "--device", "cpu", timeout=120))
     # Fine-tuning with Muon from an AdamW-trained model: a fresh optimizer over the base's weights.
     r = cli("train", corpus, "--out", fine, "--init", base, "--optimizer", "muon", "--max-steps", "2",
             "--warmup-steps", "1", "--device", "cpu", timeout=120)
     assert_ok(r)
     assert "bf16" not in r.err  # a CPU without bf16 instructions orthogonalizes in float32, unwarned
+    assert "--lr 0.0012, a tenth of muon's default" in r.err  # a fine-tune starts gentler than a new model
 
     def state(out):
         return json.loads(state_paths(out)[1].read_text())
@@ -176,6 +178,28 @@ def test_the_optimizer_is_recorded_and_resume_keeps_it(cli, corpus, tmp_path):
     state_paths(base)[1].write_text(json.dumps(old))
     assert_one_line_error(cli("train", corpus, "--out", base, "--resume", "--optimizer", "muon", "--device", "cpu"),
                           "--optimizer muon", "has --optimizer adamw;", "--force")
+
+
+def test_the_default_recipe_is_muon_wsd_and_qk_norm_and_older_runs_keep_theirs(cli, corpus, tmp_path):
+    out = tmp_path / "m.safetensors"
+    tiny = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--vocab-size", "300"]
+    assert_ok(cli("train", corpus, "--out", out, *tiny, "--max-steps", "2", "--device", "cpu", timeout=120))
+    saved = json.loads(state_paths(out)[1].read_text())
+    assert {k: saved["settings"][k] for k in ("optimizer", "lr", "schedule", "warmup_steps", "batch_size")} == {
+        "optimizer": "muon", "lr": 1.2e-2, "schedule": "wsd", "warmup_steps": 20, "batch_size": 32}
+    assert load_model(out)[0].config.qk_norm
+    # A run saved before --schedule existed decayed by cosine, and resumes so.
+    del saved["settings"]["schedule"]
+    state_paths(out)[1].write_text(json.dumps(saved))
+    assert_one_line_error(cli("train", corpus, "--out", out, "--resume", "--schedule", "wsd", "--device", "cpu"),
+                          "--schedule wsd", "has --schedule cosine;")
+    # The gpt2 arch has no qk-norm: its default is off, and asking for it is one line.
+    gpt2 = tmp_path / "g.safetensors"
+    assert_ok(cli("train", corpus, "--out", gpt2, *tiny, "--arch", "gpt2", "--max-steps", "1", "--device", "cpu",
+                  timeout=120))
+    assert not load_model(gpt2)[0].config.qk_norm
+    assert_one_line_error(cli("train", corpus, "--out", gpt2, *tiny, "--arch", "gpt2", "--qk-norm", "--force",
+                              "--max-steps", "1", "--device", "cpu"), "gpt2 arch", "qk-norm")
 
 
 def test_float32_muon_steps_as_torchs_muon_would_in_float32(monkeypatch):

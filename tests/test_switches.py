@@ -187,7 +187,7 @@ def test_wsd_warms_up_holds_then_cools_down_linearly_to_zero():
     assert lr_at(10, 0.1, s) == lr_at(50, 0.5, s) == lr_at(75, 0.75, s) == 1.0
     assert lr_at(87, 0.875, s) == pytest.approx(0.5)
     assert lr_at(100, 1.0, s) == 0.0 and lr_at(120, 1.2, s) == 0.0
-    cosine = TrainSettings(max_steps=100, lr=1.0, warmup_steps=10)
+    cosine = TrainSettings(max_steps=100, lr=1.0, warmup_steps=10, schedule="cosine")
     assert lr_at(50, 0.5, cosine) < 1.0 and lr_at(100, 1.0, cosine) == pytest.approx(0.1)
 
 
@@ -223,8 +223,8 @@ def test_train_builds_the_switches_and_resume_keeps_them(cli, corpus, tmp_path):
                           "--schedule cosine", "has --schedule wsd")
     # Fine-tuning keeps the base's switches; contradicting one is refused.
     assert_ok(cli("train", corpus, "--out", base, *TINY, "--max-steps", "1", "--device", "cpu", timeout=120))
-    assert_one_line_error(cli("train", corpus, "--out", tmp_path / "f.safetensors", "--init", base, "--qk-norm",
-                              "--max-steps", "1", "--device", "cpu"), "--qk-norm", "does not match")
+    assert_one_line_error(cli("train", corpus, "--out", tmp_path / "f.safetensors", "--init", base, "--no-qk-norm",
+                              "--max-steps", "1", "--device", "cpu"), "--no-qk-norm does not match", "(--qk-norm)")
     assert_one_line_error(cli("train", corpus, "--out", tmp_path / "g.safetensors", *TINY, "--logit-softcap", "0",
                               "--max-steps", "1", "--device", "cpu"), "logit_softcap")
 

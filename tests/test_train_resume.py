@@ -86,7 +86,7 @@ def test_resume_applies_and_reports_what_may_change(cli, corpus, run_copy):
     r = cli("train", corpus, "--out", run_copy, "--resume", "--lr", "0.02", "--max-steps", "7", "--eval-every", "3",
             "--device", "cpu")
     assert_ok(r)
-    assert "resuming with --lr 0.02 (the run had --lr 0.001)" in r.err
+    assert "resuming with --lr 0.02 (the run had --lr 0.012)" in r.err
     assert "resuming with --max-steps 7 (the run had --max-steps 4)" in r.err
     state = _state(run_copy)
     assert state["step"] == 7 and state["settings"]["lr"] == 0.02 and state["settings"]["eval_every"] == 3

@@ -40,8 +40,10 @@ def train_section(net, steps: int, repeats: int, batch_size: int, compare: bool,
 
         hf = to_transformers(net).to(dev).train()  # before training moves and changes the weights
         ref = _bare_loop(torch.compile(hf) if compile else hf, tokens, batch_size, cfg.block_size, dev, compute)
+    # AdamW at the bare loop's lr, whatever train's default optimizer: the same work on both sides.
     settings = TrainSettings(max_steps=WARMUP_STEPS + timed, batch_size=batch_size, eval_every=10**9, warmup_steps=1,
-                             sample_tokens=0, compile=compile, dtype=str(compute).removeprefix("torch."))
+                             sample_tokens=0, compile=compile, dtype=str(compute).removeprefix("torch."),
+                             optimizer="adamw", lr=1e-4)
     # A byte-level stand-in tokenizer: the loop needs one to write its checkpoint.
     stand_in = Tokenizer([bytes([b]) for b in range(256)], r"\S+|\s+", {})
     with tempfile.TemporaryDirectory() as tmp:

@@ -82,7 +82,9 @@ def train(
     arch: Annotated[Arch, typer.Option(help="rope (rotary, RMSNorm, SwiGLU) or gpt2.")] = Arch.rope,
     dropout: Annotated[float, typer.Option(metavar="X", min=0.0, max=1.0, help="Dropout; 0.1-0.2 helps on small "
                                            "data.")] = 0.0,
-    qk_norm: Annotated[bool, _flag("RMSNorm on each query and key head (rope arch).", "--qk-norm")] = False,
+    qk_norm: Annotated[Optional[bool], typer.Option("--qk-norm/--no-qk-norm", help="RMSNorm on each query and key "
+                                                    "head. Default: on for the rope arch.",
+                                                    show_default=False)] = None,
     mlp: Annotated[Optional[Mlp], typer.Option(help="The rope arch's MLP: swiglu, or relu2 (ReLU squared).",
                                                show_default=False)] = None,
     untied_head: Annotated[bool, _flag("An output head of its own instead of the token embedding's.",
@@ -111,22 +113,24 @@ def train(
     max_time: Annotated[Optional[str], typer.Option("--time", metavar="DURATION", help="Stop after this long: 90s, "
                                                     "45m, 2h.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(metavar="N", min=1, help="Sequences per micro-batch on each "
-                                            "process.")] = 16,
+                                            "process.")] = 32,
     batch_tokens: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Tokens per optimizer step; "
                                                         "gradient accumulation makes up the difference.",
                                                         show_default=False)] = None,
-    lr: Annotated[float, typer.Option(metavar="X", help="Peak learning rate.")] = 1e-3,
-    warmup_steps: Annotated[int, typer.Option(metavar="N", min=0, help="Linear warmup steps.")] = 100,
-    schedule: Annotated[Schedule, typer.Option(help="After warmup: cosine decay to a tenth of --lr, or wsd (hold "
-                                               "--lr, then decay linearly to 0 over the last --cooldown of the "
-                                               "budget).")] = Schedule.cosine,
+    lr: Annotated[Optional[float], typer.Option(metavar="X", help="Peak learning rate. Default: 1.2e-2 with muon, "
+                                                "1e-3 with adamw.", show_default=False)] = None,
+    warmup_steps: Annotated[int, typer.Option(metavar="N", min=0, help="Linear warmup steps.")] = 20,
+    schedule: Annotated[Schedule, typer.Option(help="After warmup: wsd (hold --lr, then decay linearly to 0 over "
+                                               "the last --cooldown of the budget), or cosine decay to a tenth of "
+                                               "--lr.")] = Schedule.wsd,
     cooldown: Annotated[float, typer.Option(metavar="X", min=0.0, max=1.0, help="With --schedule "
                                             "wsd: the share of the budget spent decaying.")] = 0.2,
     weight_decay: Annotated[float, typer.Option(metavar="X", min=0.0, help="Weight decay (matrices only, "
                                                 "Muon's too).")] = 0.1,
-    optimizer: Annotated[Optimizer, typer.Option(help="adamw, or muon: Muon for the matrices inside the blocks and "
-                                                 "AdamW for the embeddings, head, norms and biases, both at "
-                                                 "--lr.")] = Optimizer.adamw,
+    optimizer: Annotated[Optional[Optimizer], typer.Option(help="muon: Muon for the matrices inside the blocks and "
+                                                           "AdamW for the embeddings, head, norms and biases, both "
+                                                           "at --lr; or adamw for all. Default: muon (adamw on "
+                                                           "torch older than 2.9).", show_default=False)] = None,
     grad_clip: Annotated[float, typer.Option(metavar="X", min=0.0, help="Clip the gradient norm to this; 0 is "
                                              "off.")] = 1.0,
     eval_every: Annotated[int, typer.Option(metavar="N", min=1, help="Evaluate, sample and save every this many "
@@ -169,7 +173,7 @@ def train(
         train=dict(max_steps=max_steps, max_tokens=max_tokens, max_time=_parse_duration(max_time),
                    batch_size=batch_size, batch_tokens=batch_tokens, lr=lr, warmup_steps=warmup_steps,
                    schedule=Schedule(schedule).value, cooldown=cooldown,
-                   weight_decay=weight_decay, optimizer=Optimizer(optimizer).value, grad_clip=grad_clip,
+                   weight_decay=weight_decay, optimizer=optimizer and Optimizer(optimizer).value, grad_clip=grad_clip,
                    eval_every=eval_every, eval_tokens=eval_tokens, seed=seed, compile=compile,
                    dtype=Dtype(dtype).value),
     )

@@ -30,7 +30,7 @@ from tinygen.core.tokenizer import Tokenizer
 from tinygen.errors import TinygenError
 from tinygen.training.distributed import Dist
 from tinygen.training.metrics import MetricsLog
-from tinygen.training.optim import OPTIMIZERS, make_optimizer
+from tinygen.training.optim import DEFAULT_LR, OPTIMIZERS, default_optimizer, make_optimizer
 from tinygen.training.state import load_state, read_state_meta, remove_state, rng_states, save_state
 from tinygen.training.stopping import PeerFailed, agree
 
@@ -42,15 +42,17 @@ class TrainSettings:
     max_steps: int | None = None
     max_tokens: int | None = None
     max_time: float | None = None  # seconds
-    batch_size: int = 16  # sequences per micro-batch on each process
+    batch_size: int = 32  # sequences per micro-batch on each process
     batch_tokens: int | None = None  # tokens per optimizer step over all processes; default: one micro-batch each
-    lr: float = 1e-3
+    lr: float | None = None  # None: the optimizer's own default (optim.DEFAULT_LR)
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # or "wsd": warmup, stable at lr, then a linear cooldown to 0 (lr_at)
+    warmup_steps: int = 20
+    schedule: str = "wsd"  # warmup, stable at lr, then a linear cooldown to 0; or "cosine" (lr_at)
     cooldown: float = 0.2  # wsd: the share of the budget spent cooling down
     weight_decay: float = 0.1  # decoupled, on matrices and the embedding; Muon's matrices too
-    optimizer: str = "adamw"  # or "muon": Muon for the blocks' matrices, AdamW for the rest (optim.py)
+    # "muon": Muon for the blocks' matrices, AdamW for the rest (optim.py); or "adamw". None: muon
+    # where torch has it.
+    optimizer: str | None = None
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     eval_every: int = 250
@@ -66,14 +68,18 @@ class TrainSettings:
         for name in ("batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise TinygenError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.optimizer is None:
+            self.optimizer = default_optimizer()
+        if self.optimizer not in OPTIMIZERS:
+            raise TinygenError(f"unknown --optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.optimizer]
         if not self.lr > 0:
             raise TinygenError(f"--lr must be positive, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise TinygenError(f"unknown --schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
         if not 0 < self.cooldown <= 1:
             raise TinygenError(f"--cooldown is a share of the budget, above 0 and at most 1; got {self.cooldown}")
-        if self.optimizer not in OPTIMIZERS:
-            raise TinygenError(f"unknown --optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
 
 
 # -- events ---------------------------------------------------------------------------------------

@@ -22,6 +22,14 @@ if TYPE_CHECKING:
     from tinygen.training.loop import TrainSettings
 
 OPTIMIZERS = ("adamw", "muon")
+# Each optimizer's default --lr, the best of a sweep on the bundled model's data and shape (README,
+# "A faster recipe"): Muon's orthogonal steps stay stable at a learning rate that makes AdamW diverge.
+DEFAULT_LR = {"adamw": 1e-3, "muon": 1.2e-2}
+
+
+def default_optimizer() -> str:
+    """Muon where torch has it (2.9 and newer), else AdamW."""
+    return "muon" if hasattr(torch.optim, "Muon") else "adamw"
 
 
 class Combined:

@@ -28,6 +28,7 @@ from tinygen.training import data as data_lib
 from tinygen.training import resume as resume_lib
 from tinygen.training.distributed import Dist, barrier
 from tinygen.training.loop import ChatSupervision, TrainSettings
+from tinygen.training.optim import DEFAULT_LR, default_optimizer
 from tinygen.training.state import read_state_meta
 
 
@@ -46,7 +47,7 @@ class Recipe:
     arch: str = "rope"
     dropout: float = 0.0
     # The speedrun switches, named as ModelConfig's fields (resume.SWITCH_FIELDS).
-    qk_norm: bool = False
+    qk_norm: bool | None = None  # None: on for the rope arch
     mlp: str | None = None
     tie_embeddings: bool = True
     logit_softcap: float | None = None
@@ -122,6 +123,8 @@ def prepare(recipe: Recipe, *, dist: Dist) -> Run:
     else:
         shape = {k: getattr(recipe, k) for k in resume_lib.SHAPE_FIELDS if getattr(recipe, k) is not None}
         switches = {k: getattr(recipe, k) for k in resume_lib.SWITCH_FIELDS}
+        if switches["qk_norm"] is None:
+            switches["qk_norm"] = recipe.arch == "rope"
         config = ModelConfig(**{**PRESETS[recipe.preset or "tiny"], **shape}, vocab_size=tokenizer.n_vocab,
                              arch=recipe.arch, dropout=recipe.dropout, **switches)
         torch.manual_seed(settings.seed)
@@ -174,11 +177,17 @@ def _check(recipe: Recipe) -> None:
 
 
 def _fresh_settings(recipe: Recipe) -> tuple[TrainSettings, list[str]]:
-    train = dict(recipe.train)
-    if any(train.get(k) for k in resume_lib.STOPS):
-        return TrainSettings(**train), []
-    train["max_steps"] = 1000
-    return TrainSettings(**train), ["no --max-steps, --tokens or --time given: training for 1000 steps"]
+    train, notes = dict(recipe.train), []
+    if recipe.init and train.get("lr") is None:
+        # Fine-tuning at the learning rate that trains from scratch would undo much of what the base
+        # model learned; nanochat fine-tunes at a few percent of its pretraining rate.
+        train["optimizer"] = train.get("optimizer") or default_optimizer()
+        train["lr"] = DEFAULT_LR[train["optimizer"]] / 10
+        notes.append(f"fine-tuning --init: --lr {train['lr']:g}, a tenth of {train['optimizer']}'s default")
+    if not any(train.get(k) for k in resume_lib.STOPS):
+        train["max_steps"] = 1000
+        notes.append("no --max-steps, --tokens or --time given: training for 1000 steps")
+    return TrainSettings(**train), notes
 
 
 def _saved_recipe(recipe: Recipe, digest: str, split: str) -> dict:

@@ -42,6 +42,8 @@ def show(name: str, value) -> str:
         return "a tied head" if value else "--untied-head"
     if name == "mlp" and value is None:
         return "--mlp swiglu"
+    if name == "qk_norm":
+        return "--qk-norm" if value else "--no-qk-norm"
     if isinstance(value, bool):
         return flag(name) if value else f"no {flag(name)}"
     if value is None:
@@ -94,7 +96,9 @@ def resumed(recipe: Recipe, meta: dict, config: ModelConfig, provenance: dict) -
             raise refuse(show(name, getattr(recipe, name)), show(name, saved[name]))
     settings = {f.name: meta["settings"][f.name] for f in fields(TrainSettings) if f.name in meta["settings"]}
     settings["betas"] = tuple(settings["betas"])
-    settings.setdefault("optimizer", "adamw")  # a run saved before --optimizer: so that typing it is checked
+    # A run saved before a setting existed ran as its absence meant, whatever today's default is.
+    settings.setdefault("optimizer", "adamw")
+    settings.setdefault("schedule", "cosine")
     notes = []
     for name in sorted(recipe.given & set(settings)):
         typed, before = recipe.train[name], settings[name]
