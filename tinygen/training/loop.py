@@ -278,7 +278,9 @@ def train(
                 "train_seconds": round(elapsed, 1)}
         prov.update({k: last[k] for k in ("train_loss", "val_loss", "val_bpb") if last.get(k) is not None})
         save_checkpoint(out, model, tokenizer, prov)
-        save_state(out, optimizer, batch_rng, rngs, {"step": step, "tokens_seen": tokens_seen, "elapsed": elapsed,
+        at_boundary = torch.Generator()
+        at_boundary.set_state(boundary_rng)
+        save_state(out, optimizer, at_boundary, rngs, {"step": step, "tokens_seen": tokens_seen, "elapsed": elapsed,
                                                "tokens_per_step": tokens_per_step, "world": dist.world,
                                                "settings": asdict(s),
                                                "recipe": recipe or {}, "last": last})
@@ -310,6 +312,28 @@ def train(
                                   stop_ids=[tokenizer.eot_id], generator=gen)[0]
         finally:
             model.train()
+
+    # ---------------------------------------------------------------- batches
+    shape = (accum, dist.world, s.batch_size)
+
+    def draw() -> torch.Tensor:
+        """One step's window offsets (accum, world, batch). All processes draw the same; each takes
+        its own slice of every micro-batch, so N processes see exactly the rows one process would
+        see with the same global batch."""
+        if chat is None:
+            return torch.randint(0, len(train_data) - block - 1, shape, generator=batch_rng)
+        # Whole conversations from their start, so a reply always sees what it answers.
+        picks = torch.randint(0, len(chat.starts), shape, generator=batch_rng)
+        return torch.from_numpy(chat.starts)[picks].clamp(max=len(train_data) - block - 1)
+
+    def fetch(offsets: torch.Tensor, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return get_batch(train_data, offsets[micro, dist.rank], block, device, train_mask)
+
+    # The next step's offsets and first micro-batch, drawn during the step before. batch_rng has
+    # then moved past them, so saves write boundary_rng, its state where the next step draws: a
+    # resumed run draws the same batches whether or not one was fetched ahead.
+    ahead: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+    boundary_rng = batch_rng.get_state()
 
     # ---------------------------------------------------------------- train
     start = time.perf_counter()
@@ -361,20 +385,26 @@ def train(
         lr = lr_at(step, progress_at(step, elapsed), s)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # All processes draw the same offsets; each takes its own slice of every micro-batch,
-        # so N processes see exactly the rows one process would see with the same global batch.
-        shape = (accum, dist.world, s.batch_size)
-        if chat is None:
-            offsets = torch.randint(0, len(train_data) - block - 1, shape, generator=batch_rng)
-        else:  # whole conversations from their start, so a reply always sees what it answers
-            picks = torch.randint(0, len(chat.starts), shape, generator=batch_rng)
-            offsets = torch.from_numpy(chat.starts)[picks].clamp(max=len(train_data) - block - 1)
+        if ahead is None:
+            offsets = draw()
+            batch = fetch(offsets, 0)
+        else:
+            offsets, batch = ahead
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
-            x, y = get_batch(train_data, offsets[micro, dist.rank], block, device, train_mask)
+            x, y = batch
             sync = micro == accum - 1 or dist.world == 1
             with (nullcontext() if sync else runner.no_sync()), autocast:
                 loss = runner(x, y) / accum
+            # The next micro-batch (or the next step's first) is gathered and copied while the
+            # device runs this forward and backward, as nanoGPT does: on a GPU the kernels are
+            # queued and the copy from pinned memory does not block.
+            if micro + 1 < accum:
+                batch = fetch(offsets, micro + 1)
+            else:
+                boundary_rng = batch_rng.get_state()  # what a save after this step must hold
+                next_offsets = draw()
+                ahead = next_offsets, fetch(next_offsets, 0)
             loss.backward()
             loss_sum += loss.detach()
         if dist.world > 1:
