@@ -12,6 +12,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import termios
@@ -21,9 +22,13 @@ import pytest
 
 
 def _own_terminal() -> None:
-    """Make the pty the child's controlling terminal, so that Ctrl-C on it sends SIGINT."""
+    """Make the pty the child's controlling terminal, so that Ctrl-C on it sends SIGINT, with
+    SIGINT's default disposition, as a shell in a terminal gives it. A test run started in the
+    background by a non-interactive shell ignores SIGINT, children inherit that, and Python then
+    never raises KeyboardInterrupt."""
     os.setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Terminal:
