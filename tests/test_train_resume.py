@@ -156,3 +156,28 @@ def test_init_is_recorded_relative_to_the_output(tmp_path, tokenizer, corpus):
     run = prepare(Recipe([str(corpus)], out, init=str(base.resolve()), train={"max_steps": 1}), dist=Dist())
     assert run.provenance["init"] == "../../base/base.safetensors"
     assert run.recipe["init"] == "../../base/base.safetensors"
+
+
+def test_init_may_lengthen_a_rope_models_context_but_not_a_gpt2_models(tmp_path, tokenizer, corpus):
+    """Rotary positions are computed, so --block-size on a fine-tune gives the same function on the
+    old context and room for more; gpt2 stores a row per position, so its context is fixed."""
+    from tinygen.core.checkpoint import save_checkpoint
+
+    def fine_tune(arch: str, **recipe):
+        base = tmp_path / f"{arch}.safetensors"
+        config = ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=tokenizer.n_vocab, arch=arch)
+        save_checkpoint(base, make_model(config), tokenizer)
+        return load_model(base)[0], prepare(Recipe([str(corpus)], tmp_path / f"{arch}-fine.safetensors",
+                                                   init=str(base), train={"max_steps": 1}, **recipe), dist=Dist())
+
+    base, run = fine_tune("rope", block_size=64, given=frozenset({"block_size"}))
+    assert run.model.config.block_size == 64 and "context: 64 tokens (the base model was trained on 32)" in run.notes
+    ids = torch.randint(0, tokenizer.n_vocab, (1, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(run.model.eval()(ids), base.eval()(ids), rtol=0, atol=0)
+        assert run.model(torch.randint(0, tokenizer.n_vocab, (1, 64))).shape[1] == 64
+    with pytest.raises(TinygenError, match=r"--block-size 64: a gpt2 model .* stays 32 tokens"):
+        fine_tune("gpt2", block_size=64, given=frozenset({"block_size"}))
+    # Other shape flags still cannot change a model being continued.
+    with pytest.raises(TinygenError, match=r"--n-layer 2 does not match"):
+        fine_tune("rope", n_layer=2, given=frozenset({"n_layer"}))

@@ -78,7 +78,8 @@ def train(
     n_embd: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Override the preset's width.",
                                                   show_default=False)] = None,
     block_size: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Override the preset's context "
-                                                      "length.", show_default=False)] = None,
+                                                      "length; with --init, lengthens a rope model's.",
+                                                      show_default=False)] = None,
     arch: Annotated[Arch, typer.Option(help="rope (rotary, RMSNorm, SwiGLU) or gpt2.")] = Arch.rope,
     dropout: Annotated[float, typer.Option(metavar="X", min=0.0, max=1.0, help="Dropout; 0.1-0.2 helps on small "
                                            "data.")] = 0.0,

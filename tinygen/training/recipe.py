@@ -28,7 +28,6 @@ from tinygen.training import data as data_lib
 from tinygen.training import resume as resume_lib
 from tinygen.training.distributed import Dist, barrier
 from tinygen.training.loop import ChatSupervision, TrainSettings
-from tinygen.training.optim import DEFAULT_LR, default_optimizer
 from tinygen.training.state import read_state_meta
 
 
@@ -116,10 +115,7 @@ def prepare(recipe: Recipe, *, dist: Dist) -> Run:
     if recipe.resume:
         model = _continued(base, base.config.dropout)
     elif base is not None:
-        if mismatch := resume_lib.model_mismatch(recipe, base.config):
-            raise TinygenError(f"{mismatch[0]} does not match the model being continued ({mismatch[1]}); drop the "
-                               f"flag or start a new model")
-        model = _continued(base, recipe.dropout)
+        model = _fine_tuned(recipe, base, notes)
     else:
         shape = {k: getattr(recipe, k) for k in resume_lib.SHAPE_FIELDS if getattr(recipe, k) is not None}
         switches = {k: getattr(recipe, k) for k in resume_lib.SWITCH_FIELDS}
@@ -178,16 +174,16 @@ def _check(recipe: Recipe) -> None:
 
 def _fresh_settings(recipe: Recipe) -> tuple[TrainSettings, list[str]]:
     train, notes = dict(recipe.train), []
-    if recipe.init and train.get("lr") is None:
-        # Fine-tuning at the learning rate that trains from scratch would undo much of what the base
-        # model learned; nanochat fine-tunes at a few percent of its pretraining rate.
-        train["optimizer"] = train.get("optimizer") or default_optimizer()
-        train["lr"] = DEFAULT_LR[train["optimizer"]] / 10
-        notes.append(f"fine-tuning --init: --lr {train['lr']:g}, a tenth of {train['optimizer']}'s default")
     if not any(train.get(k) for k in resume_lib.STOPS):
         train["max_steps"] = 1000
         notes.append("no --max-steps, --tokens or --time given: training for 1000 steps")
-    return TrainSettings(**train), notes
+    settings = TrainSettings(**train)
+    if recipe.init and train.get("lr") is None:
+        # Fine-tuning at the learning rate that trains from scratch would undo much of what the base
+        # model learned; nanochat fine-tunes at a few percent of its pretraining rate.
+        settings = replace(settings, lr=settings.lr / 10)
+        notes.insert(0, f"fine-tuning --init: --lr {settings.lr:g}, a tenth of {settings.optimizer}'s default")
+    return settings, notes
 
 
 def _saved_recipe(recipe: Recipe, digest: str, split: str) -> dict:
@@ -204,10 +200,13 @@ def _listing(items) -> str:
     return ", ".join(str(i) for i in items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
 
 
-def _continued(base: GPT, dropout: float, vocab_size: int | None = None) -> GPT:
+def _continued(base: GPT, dropout: float, vocab_size: int | None = None, block_size: int | None = None) -> GPT:
     """A trainable copy of base with this run's dropout. Rows added to the vocabulary (new special
-    tokens) start at the mean of their table's rows, a neutral point the fine-tune moves from."""
-    config = replace(base.config, dropout=dropout, vocab_size=vocab_size or base.config.vocab_size)
+    tokens) start at the mean of their table's rows, a neutral point the fine-tune moves from.
+    A rope model's context can change because its positions are computed, not stored: a story
+    model trained on 256-token windows (faster per token) fine-tunes into a 512-token chat model."""
+    config = replace(base.config, dropout=dropout, vocab_size=vocab_size or base.config.vocab_size,
+                     block_size=block_size or base.config.block_size)
     model = GPT(config)
     weights = base.state_dict()
     grow = config.vocab_size - base.config.vocab_size
@@ -218,6 +217,21 @@ def _continued(base: GPT, dropout: float, vocab_size: int | None = None) -> GPT:
             weights[k] = torch.cat([weights[k], weights[k].mean(0, keepdim=True).expand(grow, -1)])
     model.load_state_dict(weights)
     return model
+
+
+def _fine_tuned(recipe: Recipe, base: GPT, notes: list[str], vocab_size: int | None = None) -> GPT:
+    """The model that --init continues: its shape and switches as they are (a flag contradicting
+    them is refused), except the context, which --block-size may change on a rope model."""
+    block = recipe.block_size if "block_size" in recipe.given else None
+    if block and block != base.config.block_size and base.config.arch == "gpt2":
+        raise TinygenError(f"--block-size {block}: a gpt2 model learned one embedding per position, so its context "
+                           f"stays {base.config.block_size} tokens; drop the flag")
+    if mismatch := resume_lib.model_mismatch(recipe, base.config, context_fixed=False):
+        raise TinygenError(f"{mismatch[0]} does not match the model being continued ({mismatch[1]}); drop the "
+                           f"flag or start a new model")
+    if block and block != base.config.block_size:
+        notes.append(f"context: {block} tokens (the base model was trained on {base.config.block_size})")
+    return _continued(base, recipe.dropout, vocab_size, block)
 
 
 def _prepare_chat(recipe: Recipe, settings: TrainSettings, notes: list[str], base: GPT | None,
@@ -233,7 +247,9 @@ def _prepare_chat(recipe: Recipe, settings: TrainSettings, notes: list[str], bas
     else:
         base, tokenizer, _ = load_model(recipe.init)
         tokenizer, _ = with_chat_template(tokenizer)
-    model = _continued(base, recipe.dropout, max(base.config.vocab_size, tokenizer.n_vocab))
+    vocab_size = max(base.config.vocab_size, tokenizer.n_vocab)
+    model = _continued(base, base.config.dropout, vocab_size) if meta is not None else \
+        _fine_tuned(recipe, base, notes, vocab_size)
     convs = chatdata.read_conversations(recipe.data)
     train_convs, val_convs = data_lib.split_documents(convs, recipe.val_fraction, settings.seed)
     renderer = Renderer(tokenizer, template_for(tokenizer))

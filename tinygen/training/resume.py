@@ -61,9 +61,12 @@ def portable(path: str | os.PathLike, out: Path) -> str:
     return os.path.relpath(Path(path).resolve(), out.parent.resolve())
 
 
-def model_mismatch(recipe: Recipe, config: ModelConfig) -> tuple[str, str] | None:
-    """The first typed model flag that the model being continued contradicts, and what the model has."""
+def model_mismatch(recipe: Recipe, config: ModelConfig, context_fixed: bool = True) -> tuple[str, str] | None:
+    """The first typed model flag that the model being continued contradicts, and what the model has.
+    context_fixed=False: --block-size may differ (a fine-tune of a model whose positions are computed)."""
     for name in MODEL_FIELDS:
+        if name == "block_size" and not context_fixed:
+            continue
         typed = getattr(recipe, name)
         if name == "mlp" and typed == "swiglu" and config.arch == "rope":
             typed = None  # the rope arch's own MLP, which its config spells None
