@@ -260,6 +260,42 @@ def test_interrupted_reply_stays_in_the_history(chat_model_path):
     assert session.last.interrupted
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_a_cache_kept_across_turns_gives_the_tokens_of_a_full_prefill(chat_model_path, temperature):
+    """Each turn prefills only what the cache does not hold, and the replies are the very ones of a
+    session that prefills the whole history every turn: through trimming (the 64-token context
+    fills within a few turns), /undo, an interrupted reply and /reset."""
+    model, tok, _ = load_model(chat_model_path)
+
+    def conversation(keep: bool):
+        session = ChatSession(model, tok, SamplingParams(temperature=temperature), max_tokens=10, seed=5,
+                              system="Be brief.", keep_cache=keep)
+        replies, reused, trimmed = [], [], 0
+        for i, text in enumerate(["hello", "Tell me a story.", "about a dog", "and a cat?", "thanks", "more",
+                                  "bye", "again"]):
+            if i == 3:
+                cut = session.reply(text)
+                replies.append(next(cut))
+                cut.close()  # Ctrl-C: the next turn cannot trust the cache, and prefills afresh
+            else:
+                replies.append("".join(session.reply(text)))
+            reused.append(session.last.reused)
+            trimmed += session.last.trimmed
+            if i == 4:
+                session.undo()
+            if i == 6:
+                session.reset()
+        return replies, reused, trimmed
+
+    kept, reused, trimmed = conversation(True)
+    fresh, none, _ = conversation(False)
+    assert kept == fresh and trimmed > 0
+    assert set(none) == {0} and reused[0] == 0
+    # Turn 2 reuses turn 1's prompt at least; after the interrupted turn nothing is reused; after
+    # /undo and /reset the system prompt still is (its ids still lead the prompt).
+    assert reused[1] > 10 and reused[4] == 0 and reused[5] > 0 and reused[7] > 0
+
+
 # -- the CLI in pipes -----------------------------------------------------------------------------
 
 def test_chat_in_a_pipe_prints_one_reply_per_line_of_input(chat_model_path, tmp_path):

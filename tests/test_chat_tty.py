@@ -104,7 +104,7 @@ def test_a_conversation_with_commands_and_line_continuation(term, tmp_path):
     t.send("hello \\\r")
     t.expect(r"\.\.\. ")
     t.send("world\r")
-    t.expect(r"tok/s · context \d+/64")  # the stats line after the reply
+    t.expect(r"tok/s · first token \d+ ms · context \d+/64")  # the stats line after the reply
     t.send("/set top_k 5\r")
     t.expect(r"top_k = 5")
     t.send("/nope\r")

@@ -146,8 +146,10 @@ class Repl:
         if show_stats:
             c = last.completion
             rate = c.n_tokens / c.seconds if c.seconds else 0.0
-            self.note(f"{count(c.n_tokens, 'token')} · {rate:.0f} tok/s · "
-                      f"context {last.context}/{self.session.block_size}")
+            first = f" · first token {c.first_token_seconds * 1000:.0f} ms" if c.first_token_seconds else ""
+            reused = f", {last.reused} cached" if last.reused else ""
+            self.note(f"{count(c.n_tokens, 'token')} · {rate:.0f} tok/s{first} · "
+                      f"context {last.context}/{self.session.block_size}{reused}")
 
     # -- commands --------------------------------------------------------------------------------
 

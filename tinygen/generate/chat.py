@@ -37,12 +37,13 @@ class Turn:
     completion: Completion
     trimmed: int = 0  # messages dropped from the front of the history to make room
     context: int = 0  # tokens in the prompt plus the reply
+    reused: int = 0  # prompt tokens whose keys and values the previous turn left in the cache
     interrupted: bool = False
 
 
 class ChatSession:
     def __init__(self, model, tokenizer, params: SamplingParams = SamplingParams(), *, max_tokens: int = 256,
-                 seed: int | None = None, system: str | None = None, compiled=None):
+                 seed: int | None = None, system: str | None = None, compiled=None, keep_cache: bool = True):
         self.textgen = TextGenerator(model, tokenizer, compiled=compiled)
         self.tokenizer = tokenizer
         self.template = template_for(tokenizer)
@@ -54,6 +55,10 @@ class ChatSession:
         self.system: Message | None = None
         self.messages: list[Message] = []  # user and assistant turns, oldest first
         self.last: Turn | None = None
+        # The KV cache outlives a turn: the next prompt is this one plus the reply and a new
+        # message, so only those are prefilled. History edits need no call here: the cache is
+        # reused only as far as the new prompt's ids match the ones it holds.
+        self.kv = engine.Context() if keep_cache else None
         # A chat-tuned model may skip <|end|> and open the next turn itself; that ends the reply too.
         self._stop_ids = tuple(dict.fromkeys(self.renderer.stop_ids + tokenizer.stop_ids + tuple(
             tokenizer.special[p] for p, _ in self.template.roles.values() if p in tokenizer.special)))
@@ -178,9 +183,10 @@ class ChatSession:
         request = Request("", self.params, self.max_tokens, self.renderer.stop_strings)
         try:
             yield from self.textgen.stream_ids(prompt, request, result, generator=self.rng,
-                                                 stop_ids=self._stop_ids)
+                                                 stop_ids=self._stop_ids, context=self.kv)
             self.last.interrupted = False
         finally:
+            self.last.reused = self.kv.reused if self.kv else 0
             content = (result.text if not self.last.interrupted else "".join(result.pieces)).strip()
             self.messages.append(self._message("assistant", content))
             self.last.context = len(prompt) + result.n_tokens

@@ -32,6 +32,44 @@ def window_keep(block_size: int) -> int:
     return block_size - max(1, block_size // 4)
 
 
+class Context:
+    """One conversation's KV cache, kept from one call of generate to the next, with the ids whose
+    keys and values it holds (slot i holds ids[i]). A call whose prompt starts with some of those
+    ids prefills only the rest, as llama.cpp's prompt-cache reuse and ollama's context reuse do: a
+    chat turn then costs its new message, not the whole history. Whatever changes the prompt
+    (history trimmed to fit, /undo, /reset, another system prompt) only shortens the prefix that
+    matches, so the cache never answers for ids it does not hold."""
+
+    def __init__(self):
+        self.cache: KVCache | None = None
+        self.ids: list[int] = []
+        self.reused = 0  # prompt tokens the last call found in the cache
+
+    def prefill(self, model: GPT, window: list[int], need: int, fixed: KVCache | None = None
+                ) -> tuple[KVCache, torch.Tensor]:
+        """The cache holding window (need slots at least) and the logits (1, V) after its last token."""
+        n = 0
+        for a, b in zip(self.ids, window[:-1]):  # the last token is always run: its logits are the answer
+            if a != b:
+                break
+            n += 1
+        if fixed is not None:  # a StaticDecoder's cache, which must keep its address
+            if self.cache is not fixed:
+                self.cache, n = fixed, 0
+        elif self.cache is None or self.cache.k.size(3) < need:
+            # Grown by doubling from 512 slots, so a long chat reallocates a few times, not once a
+            # turn, and a model with a long context does not zero all of it for a short chat.
+            size = min(model.config.block_size, max(need, 2 * self.cache.k.size(3) if self.cache else 512))
+            grown = KVCache(model.config, 1, model.device, model.dtype, size)
+            if n:
+                grown.k[:, :, :, :n], grown.v[:, :, :, :n] = self.cache.k[:, :, :, :n], self.cache.v[:, :, :, :n]
+            self.cache = grown
+        self.ids, self.reused = [], n  # until this call ends normally, the cache holds no known ids
+        if n == 0:
+            return prefill(model, [window], into=self.cache)
+        return self.cache, extend(model, self.cache, window[n:], n)
+
+
 @dataclass
 class Row:
     """One prompt's generation."""
@@ -51,13 +89,16 @@ class Batch:
     """The rows decoding together, slot by slot, and the tensors that follow them."""
 
     def __init__(self, model: GPT, rows: list[Row], track_seen: bool, shared_generator: torch.Generator | None,
-                 cache: KVCache | None = None, cache_len: int | None = None):
+                 cache: KVCache | None = None, cache_len: int | None = None, context: Context | None = None):
         self.model = model
         self.device = model.device
         self.rows = rows
         self.shared_generator = shared_generator  # one stream for every row, when the caller gave one
         windows = [self.window(r) for r in rows]
-        self.cache, self.logits = prefill(model, windows, cache, cache_len)
+        if context is not None:
+            self.cache, self.logits = context.prefill(model, windows[0], cache_len, cache)
+        else:
+            self.cache, self.logits = prefill(model, windows, cache, cache_len)
         for row, w in zip(rows, windows):
             row.cached = len(w)
         self.seen = None  # (B, V) tokens each row has seen, kept when some row has a repetition penalty
@@ -151,6 +192,7 @@ def generate(
     finished: Callable[[int], None] | None = None,
     decoder: StaticDecoder | None = None,
     observe: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], None] | None = None,
+    context: Context | None = None,
 ) -> Iterator[list[tuple[int, int]]]:
     """Yield, per step, the (row, token) pairs of the rows still generating.
 
@@ -167,8 +209,12 @@ def generate(
     holds a batch of short ones hostage. A decoder (compiled.StaticDecoder) takes over the decode
     steps of a single row. observe(logits, seen, chosen) sees every step's logits (B, V), the
     repetition-penalty mask (B, V) or None, and the ids sampled from them (B,), stop ids
-    included: what `sample --explain` shows.
+    included: what `sample --explain` shows. A context (one prompt only) keeps the KV cache for
+    the next call, which then prefills only what its prompt does not share with this one's
+    tokens; a call that ends early (an exception, or the caller closing it) leaves it empty.
     """
+    if context is not None and len(prompts) != 1:
+        raise ValueError("a Context follows one conversation: one prompt at a time")
     shared = generator if isinstance(generator, torch.Generator) else None
     waiting = deque(_rows(prompts, params, max_new_tokens, None if shared else generator, seeds))
     for row in [r for r in waiting if r.max_new_tokens <= 0]:
@@ -187,10 +233,20 @@ def generate(
     cache_len = min(model.config.block_size, max(len(r.tokens) + r.max_new_tokens for r in waiting))
     # Rows leave `waiting` as they start; a finished row is dropped from memory with its tokens.
     batch = Batch(model, [waiting.popleft() for _ in range(width)], track_seen, shared,
-                  decoder.cache if decoder is not None else None, cache_len)
+                  decoder.cache if decoder is not None else None, cache_len, context)
     step = decoder or (lambda cache, tokens, cached: decode(model, cache, tokens, cached))
     stop_ids = frozenset(stop_ids)
+    first = batch.rows[0]
+    yield from _decode(model, batch, waiting, step, stop_ids, done, finished, observe)
+    if context is not None:
+        # The cache's slots hold the row's last `cached` tokens (a slide rebuilds them from the
+        # newest): now that the row has ended normally, those are the ids a next call can reuse.
+        context.ids = first.tokens[len(first.tokens) - first.cached:]
 
+
+def _decode(model: GPT, batch: Batch, waiting: deque, step, stop_ids: frozenset[int], done, finished,
+            observe) -> Iterator[list[tuple[int, int]]]:
+    """generate's loop: sample a token for every row, yield them, feed them back, until no row is left."""
     while True:
         chosen = batch.sample()
         if observe is not None:
@@ -271,6 +327,21 @@ def prefill(model: GPT, windows: list[list[int]], into: KVCache | None = None,
         cache.select(rows)
         logits = logits[rows]
     return cache, logits
+
+
+def extend(model: GPT, cache: KVCache, tokens: list[int], start: int) -> torch.Tensor:
+    """Prefill tokens into one row's cache after the start slots it already holds; returns the
+    logits (1, V) after the last. Each new token sees every cached slot and the new ones up to
+    itself: a causal mask aligned to the bottom right, which SDPA's is_causal (top left) is not."""
+    device = model.device
+    T = len(tokens)
+    S = start + T
+    mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(start)[None, None]
+    slots = CacheSlots(cache, torch.arange(start, S, device=device), S, mask)
+    h, _ = model.hidden(torch.tensor([tokens], device=device), slots)
+    logits = model.head(h[:, -1])
+    _check_finite(logits)
+    return logits
 
 
 def _check_finite(logits: torch.Tensor) -> None:

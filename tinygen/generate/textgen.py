@@ -67,16 +67,18 @@ class TextGenerator:
         return self.stream_ids(self.encode_prompt(request.prompt), request, result, observe=observe)
 
     def stream_ids(self, ids: list[int], request: Request, result: Completion | None = None,
-                   generator=None, stop_ids: tuple[int, ...] = (), observe=None) -> Iterator[str]:
+                   generator=None, stop_ids: tuple[int, ...] = (), observe=None,
+                   context: engine.Context | None = None) -> Iterator[str]:
         """Like stream, from prompt ids (a chat turn renders its own); a caller's generator
-        carries one random stream across calls, and stop_ids add to the end-of-text stops."""
+        carries one random stream across calls, stop_ids add to the end-of-text stops, and a
+        context keeps the KV cache from one call to the next (engine.Context)."""
         text = _Text(self.tokenizer, request, result)
         start = time.perf_counter()
         tokens = engine.stream(
             self.model, ids, request.params, request.max_new_tokens,
             stop_ids=tuple(dict.fromkeys(self.stop_ids + stop_ids)), generator=generator,
             seeds=None if generator is not None else [request.seed], done=lambda _row: text.stops.stopped,
-            decoder=self.compiled, observe=observe,
+            decoder=self.compiled, observe=observe, context=context,
         )
         for token in tokens:
             piece = text.push(token, time.perf_counter() - start)
