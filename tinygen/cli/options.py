@@ -25,6 +25,10 @@ class Dtype(str, Enum):
 
 class Quantize(str, Enum):
     int8 = "int8"
+    int4 = "int4"
+    int4_g64 = "int4-g64"
+    int4_g128 = "int4-g128"
+    int4_g256 = "int4-g256"
 
 
 ModelOpt = Annotated[
@@ -42,9 +46,11 @@ DtypeOpt = Annotated[Dtype, typer.Option(help="Weights for generation: auto (bf1
 ScoreDtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Weights to score and inspect with: float32 (the "
                                               "default on every device: the probabilities and losses training "
                                               "reports), bfloat16, or auto (bf16 on CUDA).")]
-QuantOpt = Annotated[Optional[Quantize], typer.Option("--quantize", help="int8: int8 weight-only linear layers "
-                                                      "(CPU), a quarter of float32's bytes per token; the loss it "
-                                                      "costs is in the README.", show_default=False)]
+QuantOpt = Annotated[Optional[Quantize], typer.Option("--quantize", help="Weight-only quantised linear layers "
+                                                      "(CPU). int8: a quarter of float32's bytes per token; int4: "
+                                                      "an eighth, in groups of 32 inputs (-g64 ... -g256: larger "
+                                                      "groups), a GGUF's Q4_0/Q4_1 weights as stored. The loss "
+                                                      "each costs is in the README.", show_default=False)]
 CompileOpt = Annotated[bool, typer.Option("--compile", metavar="", help="torch.compile the decode step and replay it "
                                           "as a CUDA graph: several times faster at batch 1 on a GPU. The first run "
                                           "compiles (about a minute); later runs load it from the cache.")]

@@ -221,16 +221,16 @@ def load_tokenizer_source(source: str | os.PathLike) -> Tokenizer:
     return load_tokenizer(path)
 
 
-def load_model(model: str | os.PathLike | None = None, device="cpu", dtype=None):
+def load_model(model: str | os.PathLike | None = None, device="cpu", dtype=None, keep_q4: bool = False):
     """(GPT in eval mode on device, Tokenizer, ModelInfo) from a checkpoint, a Hugging Face GPT-2 or
-    Llama-family folder, or a llama GGUF."""
+    Llama-family folder, or a llama GGUF (keep_q4: imported.load_gguf's)."""
     from safetensors.torch import load_file
 
     from tinygen.core import imported
 
     path = resolve_model_path(model)
     if path.is_file() and imported.is_gguf(path):
-        return imported.load_gguf(path, device, dtype)
+        return imported.load_gguf(path, device, dtype, keep_q4)
     info = read_info(model)
     tokenizer = load_tokenizer(info=info)
     _check_fits(info)

@@ -25,6 +25,7 @@ from tinygen.errors import TinygenError
 
 MAGIC = b"GGUF"
 Q8_0_BLOCK = 32  # weights per Q8_0 block; each block is a float16 scale and 32 int8 values (34 bytes)
+Q4_BLOCK = 32  # weights per Q4_0/Q4_1 block: a float16 scale (and Q4_1's float16 minimum), then 16 bytes of codes
 
 # GGUF name -> Hugging Face name, for the tensors outside the blocks.
 TOP_NAMES = {
@@ -96,6 +97,23 @@ class Q8_0Weight:
 
 
 @dataclass
+class Q4Weight:
+    """A Q4_0 or Q4_1 weight as stored: weight = q * scale + low over each block of 32 inputs
+    (Q4_1 stores the block's minimum as low; Q4_0, symmetric, has low = -8 * scale). The codes
+    unpacked, one 0..15 per uint8, so rows can be fused and permuted like any weight's."""
+
+    q: torch.Tensor  # (out, in) uint8, 0..15
+    scales: torch.Tensor  # (out, in // 32) float16
+    lows: torch.Tensor  # (out, in // 32) float16, or float32 for Q4_0 (-8 * scale, exact)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out, n_in = self.q.shape
+        blocks = self.q.reshape(out, -1, Q4_BLOCK).to(torch.float32)
+        w = blocks * self.scales.to(torch.float32)[..., None] + self.lows.to(torch.float32)[..., None]
+        return w.reshape(out, n_in).to(dtype)
+
+
+@dataclass
 class ConversionReport:
     """What read_gguf converted, for stderr and for tests."""
 
@@ -134,11 +152,15 @@ class GGUFModel:
     report: ConversionReport
     rope_freqs: torch.Tensor | None = None  # llama.cpp's per-frequency divisors; config has them as rope_scaling
     q8_0: dict[str, Q8_0Weight] = field(default_factory=dict)  # with keep_q8_0: these are not in tensors
+    q4: dict[str, Q4Weight] = field(default_factory=dict)  # with keep_q4: as stored, besides their tensors
 
 
-def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, keep_q8_0: bool = False) -> GGUFModel:
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, keep_q8_0: bool = False,
+              keep_q4: bool = False) -> GGUFModel:
     """Read a llama- or qwen3-architecture GGUF. Every tensor is dequantized into `dtype`, except that with
-    `keep_q8_0` the Q8_0 matrices stay int8 (in GGUFModel.q8_0). Problems are TinygenErrors."""
+    `keep_q8_0` the Q8_0 matrices stay int8 (in GGUFModel.q8_0). With `keep_q4` the Q4_0 and Q4_1
+    matrices are also kept as stored (GGUFModel.q4), for an int4 path that runs the file's own
+    numbers. Problems are TinygenErrors."""
     from gguf import GGMLQuantizationType, dequantize
 
     start = time.perf_counter()
@@ -154,6 +176,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, keep_q8_0: b
     counts: dict[str, dict[str, int]] = {}
     tensors: dict[str, torch.Tensor] = {}
     q8_0: dict[str, Q8_0Weight] = {}
+    q4: dict[str, Q4Weight] = {}
     bytes_in = bytes_out = 0
     rope_freqs = None
     for t, hf_name, heads in plan:
@@ -169,6 +192,9 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, keep_q8_0: b
             q8_0[hf_name] = q
             bytes_out += q.qweight.nbytes + q.scales.nbytes
             continue
+        if keep_q4 and qtype in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1) and len(t.shape) == 2:
+            q4w = _q4(t.data, qtype == GGMLQuantizationType.Q4_1)
+            q4[hf_name] = Q4Weight(*(_unpermute(x, heads) for x in (q4w.q, q4w.scales, q4w.lows))) if heads else q4w
         try:
             values = dequantize(t.data, qtype)
         except NotImplementedError:
@@ -189,7 +215,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, keep_q8_0: b
     if rope_freqs is not None and (scaling := _llama3_scaling(rope_freqs, config, where)):
         config["rope_scaling"] = scaling
     report = ConversionReport(counts, bytes_in, bytes_out, time.perf_counter() - start, dtype)
-    return GGUFModel(config, tensors, fields, report, rope_freqs, q8_0)
+    return GGUFModel(config, tensors, fields, report, rope_freqs, q8_0, q4)
 
 
 @dataclass
@@ -402,6 +428,22 @@ def _q8_0(data) -> Q8_0Weight:
     scales = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]
     qweight = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, -1)
     return Q8_0Weight(torch.from_numpy(qweight), torch.from_numpy(scales))
+
+
+def _q4(data, with_min: bool) -> Q4Weight:
+    """ggml's block_q4_1 {half d; half m; uint8 qs[16]} or block_q4_0 {half d; uint8 qs[16]}: byte j
+    holds input j of the block in its low nibble and input j + 16 in its high one."""
+    import numpy as np
+
+    rows = data.shape[0]
+    head = 4 if with_min else 2
+    blocks = data.reshape(rows, -1, head + Q4_BLOCK // 2)
+    halves = np.ascontiguousarray(blocks[..., :head]).view(np.float16)  # (rows, n_blocks, 1 or 2)
+    packed = blocks[..., head:]
+    q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)
+    scales = torch.from_numpy(np.ascontiguousarray(halves[..., 0]))
+    lows = torch.from_numpy(np.ascontiguousarray(halves[..., 1])) if with_min else -8 * scales.float()
+    return Q4Weight(torch.from_numpy(np.ascontiguousarray(q)), scales, lows)
 
 
 def _llama3_scaling(rope_freqs: torch.Tensor, config: dict, where: str) -> dict | None:

@@ -161,20 +161,32 @@ def hf_tokenizer(path: Path) -> Tokenizer:
         raise TinygenError(f"{path}: {e}") from None
 
 
-def load_gguf(path: Path, device, dtype):
+def load_gguf(path: Path, device, dtype, keep_q4: bool = False):
     """A GGUF, dequantized (gguf_file.py) into a float model: one read of the file serves the
-    config, the tokenizer and the weights."""
+    config, the tokenizer and the weights. With keep_q4 the model also holds the file's Q4_0/Q4_1
+    matrices as stored, by module name (model.file_q4), for quantize's int4 path to take as they are."""
     import torch
 
-    from tinygen.core.gguf_file import read_gguf
+    from tinygen.core.gguf_file import Q4Weight, read_gguf
 
-    gguf = read_gguf(path, dtype=dtype or torch.float32)
+    gguf = read_gguf(path, dtype=dtype or torch.float32, keep_q4=keep_q4)
     shapes = {name: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in gguf.tensors.items()}
     info = gguf_info(path, gguf.config, gguf.fields, shapes)
     info.notes = (*info.notes, gguf.report.summary())
     tokenizer = load_tokenizer(info=info)
     state = llama.state_from_hf(gguf.tensors, info.config, path.name)
-    return _build(info, tokenizer, {k: v.to(device) for k, v in state.items()}, device, dtype), tokenizer, info
+    net = _build(info, tokenizer, {k: v.to(device) for k, v in state.items()}, device, dtype)
+    if keep_q4:
+        stored = {}
+        for ours, parts in llama.hf_names(info.config).items():
+            if ours.endswith(".weight") and all(p in gguf.q4 for p in parts):  # q, k and v fuse as rows
+                w = [gguf.q4[p] for p in parts]
+                stored[ours.removesuffix(".weight")] = Q4Weight(*(torch.cat(x) for x in zip(
+                    *((p.q, p.scales, p.lows.float()) for p in w))))
+        if info.config.tie_embeddings and "transformer.wte" in stored:
+            stored["lm_head"] = stored.pop("transformer.wte")  # the tied head is the embedding, read as a matrix
+        net.file_q4 = stored
+    return net, tokenizer, info
 
 
 def from_hf_gpt2(state: dict) -> dict:
