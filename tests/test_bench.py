@@ -50,6 +50,11 @@ def test_bench_compare_json():
     brackets = [(decode["ratio"][k], decode["spread"][k]) for k in ("decode", "prefill", "first_token")]
     brackets += [(row["ratio"], row["spread"]) for row in result["batch"]["rows"]]
     brackets.append((result["train"]["ratio"], result["train"]["spread"]))
+    chat = result["chat"]
+    brackets.append((chat["ratio"], chat["spread"]))
+    # Five turns of 25-token messages and replies fill the tiny shape's 256-token context; the kept
+    # cache gives the replies of re-prefilling.
+    assert chat["message_tokens"] == 25 and len(chat["tinygen"]["first_token_ms"]) == 5 and chat["same_replies"]
     for ratio, (lo, hi) in brackets:
         assert 0 < lo <= ratio <= hi
     roof = decode["roofline"]
@@ -83,7 +88,7 @@ def test_bench_table_without_compare_has_only_the_sections_asked_for(cli):
     (["--shape", "huge"], 2, ["'huge' is not one of 'tiny'"]),
     (["--repeats", "0"], 2, ["--repeats"]),
     (["--steps", "2"], 2, ["--steps"]),
-    (["--quantize", "int4"], 2, ["'int4' is not one of 'int8'"]),
+    (["--quantize", "int3"], 2, ["'int3' is not one of 'int8', 'int4'"]),
     (["--only", "decode,speed"], 1, ["unknown section speed"]),
     (["--batch-sizes", "1,x"], 1, ["--batch-sizes"]),
     (["--batch-sizes", "8,0"], 1, ["--batch-sizes"]),
@@ -145,3 +150,59 @@ def test_a_wide_spread_is_a_warning_on_stderr(monkeypatch, capsys):
     table, as_json = outs
     assert "range" in table and "0.09–6.29" in table and "1.40–1.60" in table
     assert json.loads(as_json)["decode"]["spread"]["decode"] == [0.09, 6.29]
+
+
+def test_llama_cpp_on_the_same_gguf_is_a_column_when_installed(monkeypatch, tmp_path):
+    """bench --compare on a GGUF times llama.cpp on the same file, in turn with ours, when
+    llama-cpp-python is importable, and says how to get it when it is not. A stand-in for the
+    bindings (greedy through tinygen's float model) checks the plumbing here; the real figures are
+    in the README."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from tinygen.bench import bench as bench_lib
+    from tinygen.bench import llamacpp
+    from tinygen.cli.bench import print_table
+    from tinygen.core.checkpoint import load_model
+    from tinygen.generate import engine
+
+    from test_quantize import tiny_gguf
+
+    path, _ = tiny_gguf(tmp_path / "m.gguf", pytest.importorskip("gguf").GGMLQuantizationType.Q8_0)
+
+    class StandIn:
+        version = "stand-in"
+
+        def __init__(self, model, threads, n_ctx):
+            assert model == str(path) and threads == torch.get_num_threads() and n_ctx >= 12
+            self.net = load_model(model)[0]
+
+        def prefill(self, prompt):
+            engine.prefill(self.net, [prompt])
+
+        def greedy(self, prompt, n, stamps):
+            out = []
+            for token in engine.stream(self.net, prompt, SamplingParams(temperature=0), n):
+                stamps.append(time.perf_counter())
+                out.append(token)
+            return out
+
+    def bench():
+        return bench_lib.run(model=str(path), sections=("decode",), prompt_tokens=8, new_tokens=4, repeats=2,
+                             compare=True, device="cpu")
+
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    assert "pip install llama-cpp-python" in bench()["skipped"]["llama.cpp"]
+    monkeypatch.setattr(llamacpp, "available", lambda: True)
+    monkeypatch.setattr(llamacpp, "LlamaCpp", StandIn)
+    result = bench()
+    lc = result["decode"]["llama_cpp"]
+    assert lc["greedy_agreement"] == "4/4 tokens" and lc["decode_tok_s"] > 0 and "llama.cpp" not in result.get("skipped", {})
+    for name in ("decode", "prefill", "first_token"):
+        lo, hi = lc["spread"][name]
+        assert lo <= lc["ratio"][name] <= hi
+    out = io.StringIO()
+    print_table(result, Console(file=out, width=140))
+    assert "llama.cpp, same file: decode tok/s" in out.getvalue() and "llama-cpp-python stand-in" in out.getvalue()

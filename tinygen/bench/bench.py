@@ -28,13 +28,14 @@ from tinygen.bench.ceilings import (
     free_memory,
     read_bandwidth,
 )
-from tinygen.bench.generation import batch_section, decode_section
+from tinygen.bench.generation import batch_section, chat_section, decode_section
 from tinygen.bench.training import train_section
 from tinygen.core.config import PRESETS, ModelConfig
 from tinygen.core.hardware import datasheet
 from tinygen.errors import TinygenError
 
-SECTIONS = ("decode", "batch", "train")
+SECTIONS = ("decode", "batch", "chat", "train")
+CHAT_TURNS = 5
 # Kinds of model file whose training bench leaves out unless asked for: Llama-family models made
 # elsewhere, far larger than what tinygen trains on a CPU.
 IMPORTED = ("llama", "gguf")
@@ -53,7 +54,7 @@ def shape_config(name: str) -> ModelConfig:
     return ModelConfig(**PRESETS[name], vocab_size=8192)
 
 
-def _build(model: str | None, shape: str | None, device, dtype):
+def _build(model: str | None, shape: str | None, device, dtype, quantize: str | None = None):
     """(model, its label, the kind of file it came from: None for a shape's random weights)."""
     from tinygen.core.checkpoint import load_model
     from tinygen.core.model import GPT
@@ -64,7 +65,7 @@ def _build(model: str | None, shape: str | None, device, dtype):
         with torch.device(device):
             net = GPT(config)
         return net.to(dtype).eval(), f"{shape} (random weights)", None
-    net, _, info = load_model(model, device=device, dtype=dtype)
+    net, _, info = load_model(model, device=device, dtype=dtype, keep_q4=quantize == "int4")
     return net, str(info.path), info.kind
 
 
@@ -106,7 +107,7 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device, quantize and f"--quantize {quantize}")
-    net, label, kind = _build(model, shape, dev, inference_dtype(dev, dtype))
+    net, label, kind = _build(model, shape, dev, inference_dtype(dev, dtype), quantize)
     cfg = net.config
     skipped = {}
     if sections is None:
@@ -148,7 +149,9 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
                 say("compiling the decode step")
                 decoder = StaticDecoder(net)
                 result["compile_seconds"] = decoder.warm_up()
-            section = decode_section(net, hf, prompt.tolist(), new_tokens, repeats, dev, say, decoder)
+            llama = _llama_cpp(label, kind, compare, dev, prompt_tokens + new_tokens, skipped, say)
+            section = decode_section(net, hf, prompt.tolist(), new_tokens, repeats, dev, say, decoder, llama)
+            del llama  # its weights and context, before the sections after
             # What each prefill allocates (and zeroes); a StaticDecoder holds one for the whole context.
             section["cache_bytes_per_row"] = cache_bytes(cfg, 1, net.dtype, None if decoder else prompt_tokens + new_tokens)
             say("memory read bandwidth")
@@ -165,6 +168,8 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
             sizes = _fitting(batch_sizes, cfg, net.dtype, dev, skipped, prompt_tokens + batch_new_tokens)
             rows = batch_section(net, hf, prompt_tokens, batch_new_tokens, sizes, repeats, dev, say)
             result["batch"] = {"prompt_tokens": prompt_tokens, "new_tokens": batch_new_tokens, "rows": rows}
+        if "chat" in sections:
+            result["chat"] = chat_section(net, CHAT_TURNS, repeats, dev, say)
     if "train" in sections:
         del hf, net  # free their memory for training's
         compute = training_dtype(dev, dtype)
@@ -175,6 +180,24 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
     if skipped:
         result["skipped"] = skipped
     return result
+
+
+def _llama_cpp(path: str, kind: str | None, compare: bool, dev, n_ctx: int, skipped: dict, say):
+    """llama.cpp on the same file, for a GGUF under --compare on a CPU; None (and why, in skipped)
+    when it cannot run."""
+    from tinygen.bench import llamacpp
+
+    if not compare or kind != "gguf":
+        return None
+    if dev.type != "cpu":
+        skipped["llama.cpp"] = "compared on a CPU only (llama-cpp-python's wheel is a CPU build)"
+        return None
+    if not llamacpp.available():
+        skipped["llama.cpp"] = (f"llama-cpp-python is not installed; `{llamacpp.INSTALL}` (it builds llama.cpp, "
+                                "about 15 minutes on 2 cores) adds llama.cpp on the same file")
+        return None
+    say("loading the same file in llama.cpp")
+    return llamacpp.LlamaCpp(path, torch.get_num_threads(), n_ctx)
 
 
 def _fitting(batch_sizes, cfg, dtype, dev, skipped: dict, slots: int) -> list[int]:
@@ -196,8 +219,12 @@ def wide_spreads(result: dict, limit: float = WIDE_SPREAD) -> list[tuple[str, li
     """The ratios whose per-repeat values range wider than limit (largest over smallest), by name."""
     spreads = [(name.replace("_", " "), spread)
                for name, spread in result.get("decode", {}).get("spread", {}).items()]
+    spreads += [(f"{name.replace('_', ' ')} vs llama.cpp", spread)
+                for name, spread in result.get("decode", {}).get("llama_cpp", {}).get("spread", {}).items()]
     spreads += [(f"batch {row['batch']}", row["spread"]) for row in result.get("batch", {}).get("rows", [])
                 if "spread" in row]
+    if "spread" in result.get("chat", {}):
+        spreads.append(("chat turn 5", result["chat"]["spread"]))
     if "spread" in result.get("train", {}):
         spreads.append(("training", result["train"]["spread"]))
     return [(name, s) for name, s in spreads if s[1] > limit * s[0]]

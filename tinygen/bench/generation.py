@@ -12,13 +12,17 @@ from tinygen.bench.measure import (
     Clock,
     decode_rates,
     interleave,
+    interleave_all,
     paired_ratio,
     sync_for,
     timer,
 )
 
 
-def decode_section(net, hf, prompt: list[int], new_tokens: int, repeats: int, dev, say, decoder=None) -> dict:
+def decode_section(net, hf, prompt: list[int], new_tokens: int, repeats: int, dev, say, decoder=None,
+                   llama=None) -> dict:
+    """Batch-1 prefill and decode: ours, transformers' (hf, or None) and llama.cpp's on the same
+    GGUF (llama: a llamacpp.LlamaCpp, or None), timed in turn."""
     from tinygen.generate import engine
     from tinygen.generate.sampling import SamplingParams
 
@@ -50,11 +54,22 @@ def decode_section(net, hf, prompt: list[int], new_tokens: int, repeats: int, de
             out = hf_greedy(hf, prompt, new_tokens, streamer=clock)
             return decode_rates(clock.stamps[1:], start, new_tokens), out  # stamp 0 is the prompt
 
-    turns = ", ours and transformers' in turn" if hf is not None else ""
+    llama_prefill = llama_decode = None
+    if llama is not None:
+        llama_prefill = timer(lambda: llama.prefill(prompt), sync)
+
+        def llama_decode():
+            stamps = []
+            start = time.perf_counter()
+            out = llama.greedy(prompt, new_tokens, stamps)
+            return decode_rates(stamps, start, new_tokens), out
+
+    others = [name for name, side in (("transformers'", hf), ("llama.cpp's", llama)) if side is not None]
+    turns = f", ours and {' and '.join(others)} in turn" if others else ""
     say(f"batch-1 prefill{turns}")
-    prefill, hf_prefill_s = interleave(ours_prefill, hf_prefill, repeats)
+    prefill, hf_prefill_s, llama_prefill_s = interleave_all([ours_prefill, hf_prefill, llama_prefill], repeats)
     say(f"batch-1 decode{turns}")
-    runs, hf_runs = interleave(ours_decode, hf_decode, repeats)
+    runs, hf_runs, llama_runs = interleave_all([ours_decode, hf_decode, llama_decode], repeats)
 
     def figures(prefill_s: list[float], decodes: list) -> dict:
         return {"prefill_tok_s": len(prompt) / statistics.median(prefill_s),
@@ -62,6 +77,14 @@ def decode_section(net, hf, prompt: list[int], new_tokens: int, repeats: int, de
                 "decode_tok_s": statistics.median(r[0][1] for r in decodes)}
 
     section = {"prompt_tokens": len(prompt), "new_tokens": new_tokens, "tinygen": figures(prefill, runs)}
+    if llama is not None:
+        section["llama_cpp"] = {**figures(llama_prefill_s, llama_runs), "version": llama.version}
+        pairs = {"decode": paired_ratio([r[0][1] for r in runs], [r[0][1] for r in llama_runs]),
+                 "prefill": paired_ratio(llama_prefill_s, prefill),
+                 "first_token": paired_ratio([r[0][0] for r in llama_runs], [r[0][0] for r in runs])}
+        section["llama_cpp"]["ratio"] = {k: ratio for k, (ratio, _) in pairs.items()}
+        section["llama_cpp"]["spread"] = {k: spread for k, (_, spread) in pairs.items()}
+        section["llama_cpp"]["greedy_agreement"] = f"{_agreement(runs[0][1], llama_runs[0][1])}/{new_tokens} tokens"
     if hf is None:
         return section
     section["transformers"] = figures(hf_prefill_s, hf_runs)
@@ -72,13 +95,18 @@ def decode_section(net, hf, prompt: list[int], new_tokens: int, repeats: int, de
     section["ratio"] = {k: ratio for k, (ratio, _) in pairs.items()}
     section["spread"] = {k: spread for k, (_, spread) in pairs.items()}
     # Same weights, same greedy rule: the first tokens must agree, or the comparison is void.
+    section["greedy_agreement"] = f"{_agreement(runs[0][1], hf_runs[0][1])}/{new_tokens} tokens"
+    return section
+
+
+def _agreement(ours: list[int], theirs: list[int]) -> int:
+    """How many tokens two greedy runs share before they first differ."""
     agree = 0
-    for a, b in zip(runs[0][1], hf_runs[0][1]):
+    for a, b in zip(ours, theirs):
         if a != b:
             break
         agree += 1
-    section["greedy_agreement"] = f"{agree}/{new_tokens} tokens"
-    return section
+    return agree
 
 
 def batch_section(net, hf, prompt_tokens: int, new_tokens: int, batch_sizes, repeats: int, dev, say) -> list[dict]:
@@ -107,3 +135,50 @@ def batch_section(net, hf, prompt_tokens: int, new_tokens: int, batch_sizes, rep
             row["ratio"], row["spread"] = paired_ratio(ref_times, times)
         rows.append(row)
     return rows
+
+
+def chat_section(net, turns: int, repeats: int, dev, say) -> dict:
+    """Time to first token of each turn of a conversation: with the KV cache kept from turn to turn
+    (engine.Context, as `tinygen chat` runs), and with every turn prefilling the whole history again
+    (how chat ran before, and what the kept cache is measured against). Random message ids and
+    greedy replies; each turn's prompt is the last one, its reply and a new message, so the history
+    grows by a message and a reply a turn. Both ways must give the same replies."""
+    from tinygen.generate import engine
+    from tinygen.generate.sampling import SamplingParams
+
+    greedy = SamplingParams(temperature=0)
+    sync = sync_for(dev)
+    # Messages and replies of equal length, as long as five turns of them fit the context (64 at most).
+    length = max(1, min(64, net.config.block_size // (2 * turns)))
+    gen = torch.Generator().manual_seed(2)
+    messages = torch.randint(0, net.config.vocab_size, (turns, length), generator=gen).tolist()
+
+    def conversation(keep: bool):
+        def run():
+            context = engine.Context() if keep else None
+            history, firsts = [], []
+            for message in messages:
+                prompt = history + message
+                start = time.perf_counter()
+                reply = []
+                for token in engine.stream(net, prompt, greedy, length, context=context):
+                    if not reply:
+                        sync()
+                        firsts.append(time.perf_counter() - start)
+                    reply.append(token)
+                history = prompt + reply
+            return firsts, history
+        return run
+
+    say(f"chat: {turns} turns of {length}-token messages and replies, the cache kept and not, in turn")
+    kept, fresh = interleave(conversation(True), conversation(False), repeats)
+
+    def per_turn(runs) -> list[float]:
+        return [1000 * statistics.median(r[0][t] for r in runs) for t in range(turns)]
+
+    ours, ref = per_turn(kept), per_turn(fresh)
+    ratio, spread = paired_ratio([r[0][-1] for r in fresh], [r[0][-1] for r in kept])
+    return {"turns": turns, "message_tokens": length, "reply_tokens": length,
+            "tinygen": {"first_token_ms": ours}, "reprefill": {"first_token_ms": ref},
+            "last_over_first": ours[-1] / ours[0], "ratio": ratio, "spread": spread,
+            "same_replies": kept[0][1] == fresh[0][1]}

@@ -35,21 +35,22 @@ def interleave(ours: Callable, ref: Callable | None, repeats: int, warmup: int =
     """The results of `repeats` calls of ours() and of ref() (None: ours alone), after `warmup`
     untimed calls of each (allocator, kernels, lazy init). Each pair runs back to back and the
     order alternates, so neither side always meets the machine as the other left it."""
-    for _ in range(warmup):
-        ours()
-        if ref is not None:
-            ref()
-    a, b = [], []
-    for i in range(repeats):
-        if ref is None:
-            a.append(ours())
-        elif i % 2:
-            b.append(ref())
-            a.append(ours())
-        else:
-            a.append(ours())
-            b.append(ref())
+    a, b = interleave_all([ours, ref], repeats, warmup)
     return a, b
+
+
+def interleave_all(fns: list[Callable | None], repeats: int, warmup: int = 1) -> list[list]:
+    """interleave for any number of sides (None: a side not run, with no results): each repeat
+    calls them back to back, forwards and then backwards on the next repeat."""
+    present = [f for f in fns if f is not None]
+    for _ in range(warmup):
+        for f in present:
+            f()
+    results: dict[int, list] = {id(f): [] for f in present}
+    for i in range(repeats):
+        for f in (present if i % 2 == 0 else present[::-1]):
+            results[id(f)].append(f())
+    return [results[id(f)] if f is not None else [] for f in fns]
 
 
 def median_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:

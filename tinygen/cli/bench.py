@@ -23,7 +23,8 @@ def bench(
                                                    "medium or gpt2 (124M).", show_default=False)] = None,
     only: Annotated[Optional[str], typer.Option("--only", metavar="SECTIONS", help="Comma-separated sections to run: "
                                                 "decode (batch-1 decode, prefill, bandwidth), batch (batched "
-                                                "generation), train. Default: all (training only when asked for on an "
+                                                "generation), chat (time to first token over five turns, the KV "
+                                                "cache kept between them or not), train. Default: all (training only when asked for on an "
                                                 "imported Llama-family model).", show_default=False)] = None,
     prompt_tokens: Annotated[int, typer.Option(metavar="N", min=1, help="Prompt length.")] = 128,
     new_tokens: Annotated[int, typer.Option(metavar="N", min=2, help="Tokens to decode per batch-1 "
@@ -109,6 +110,14 @@ def print_table(result: dict, console) -> None:
             q.get("first_token"), s.get("first_token"))
         row("prefill tok/s", f"{t['prefill_tok_s']:.0f}", r and f"{r['prefill_tok_s']:.0f}", q.get("prefill"),
             s.get("prefill"))
+        if lc := d.get("llama_cpp"):
+            lq, ls = lc["ratio"], lc["spread"]
+            row("llama.cpp, same file: decode tok/s", f"{t['decode_tok_s']:.1f}", f"{lc['decode_tok_s']:.1f} llama.cpp",
+                lq["decode"], ls["decode"])
+            row("llama.cpp, same file: time to first token, ms", f"{t['first_token_ms']:.1f}",
+                f"{lc['first_token_ms']:.1f} llama.cpp", lq["first_token"], ls["first_token"])
+            row("llama.cpp, same file: prefill tok/s", f"{t['prefill_tok_s']:.0f}",
+                f"{lc['prefill_tok_s']:.0f} llama.cpp", lq["prefill"], ls["prefill"])
         rl = d["roofline"]
         row(f"decode read bandwidth, GB/s ({rl['bytes_per_token'] / 1e6:.1f} MB/token)",
             f"{rl['achieved_bytes_s'] / 1e9:.1f}", f"{rl['measured_bytes_s'] / 1e9:.1f} measured", f"{rl['of_measured']:.0%}")
@@ -118,6 +127,14 @@ def print_table(result: dict, console) -> None:
         for r in b["rows"]:
             row(f"generation tok/s, batch {r['batch']} ({b['new_tokens']} new)", f"{r['tinygen_tok_s']:.0f}",
                 f"{r['transformers_tok_s']:.0f}" if "transformers_tok_s" in r else None, r.get("ratio"), r.get("spread"))
+    if c := result.get("chat"):
+        # The reference here is tinygen itself, re-prefilling the history each turn (how chat ran before).
+        first, last = c["tinygen"]["first_token_ms"], c["reprefill"]["first_token_ms"]
+        row(f"chat: first token of turn 1, ms ({c['message_tokens']}-token turns)", f"{first[0]:.1f}",
+            f"{last[0]:.1f} re-prefill")
+        row(f"chat: first token of turn {c['turns']}, ms", f"{first[-1]:.1f}", f"{last[-1]:.1f} re-prefill",
+            c["ratio"], c["spread"])
+        row(f"chat: turn {c['turns']} over turn 1", f"{c['last_over_first']:.2f}x", f"{last[-1] / last[0]:.2f}x")
     if tr := result.get("train"):
         t, r = tr["tinygen"], tr.get("reference")
         bf16 = ", bf16 autocast" if tr.get("dtype") == "bfloat16" else ""
@@ -138,8 +155,13 @@ def print_table(result: dict, console) -> None:
                          "each ratio a range")
     if "compile_seconds" in result:
         notes.append(f"compiling the decode step took {result['compile_seconds']:.1f} s (not in the figures)")
+    if (c := result.get("chat")) and not c["same_replies"]:
+        notes.append("chat: the kept cache's replies differ from the re-prefilled ones (float rounding near a tie)")
     if d and "greedy_agreement" in d:
         notes.append(f"greedy agreement with transformers: {d['greedy_agreement']}")
+    if d and "llama_cpp" in d:
+        notes.append(f"llama.cpp: llama-cpp-python {d['llama_cpp']['version']}, the same threads; greedy agreement "
+                     f"{d['llama_cpp']['greedy_agreement']}")
     if d and d["roofline"]["of_measured"] > 1:
         notes.append("above 100% of the measured bandwidth: the weights fit in the CPU's caches")
     if d and "compile_seconds" in result and cfg["block_size"] > 4 * (d["prompt_tokens"] + d["new_tokens"]):
