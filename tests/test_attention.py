@@ -193,7 +193,7 @@ def test_user_mistakes_are_one_line(cli, model_path, args, needles):
 @pytest.mark.skipif(not BUNDLED.exists(), reason="no bundled model in weights/")
 @pytest.mark.parametrize("name,args", [
     ("attention_bank", ["--token", "bank"]),
-    ("attention_bank_l3h0", ["--token", "bank", "--layer", "3", "--head", "0"]),
+    ("attention_bank_l2h2", ["--token", "bank", "--layer", "2", "--head", "2"]),
     ("attention_all", ["--token", "bank", "--all"]),
     ("attention_matrix", ["--matrix", "--layer", "3"]),
 ])

@@ -245,18 +245,18 @@ def test_page_opens_on_the_layer_and_head_it_names(open_page):
 @pytest.mark.skipif(not BUNDLED.exists(), reason="no bundled model in weights/")
 def test_cli_page_of_the_bundled_model(browser, tmp_path):
     """`tinygen attention --html` end to end: the page of the README's example, in the browser,
-    shows what the terminal chart shows (layer 3, head 0: "bank" looks at "river")."""
+    shows what the terminal chart shows (layer 2, head 2: "bank" looks at "river")."""
     from playwright.sync_api import expect
 
     path = tmp_path / "bank.html"
-    r = run_real("attention", "He sat on the river's bank", "--token", "bank", "--layer", "3", "--head", "0",
+    r = run_real("attention", "He sat on the river's bank", "--token", "bank", "--layer", "2", "--head", "2",
                  "--html", path)
     assert r.rc == 0, r.err
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(path.as_uri())
     page.wait_for_selector("body[data-ready]", state="attached")
     expect(page.locator("#text .token")).to_have_count(8)
-    expect(page.locator("#desc")).to_have_text("layer 3, head 0")
+    expect(page.locator("#desc")).to_have_text("layer 2, head 2")
     expect(page.locator(".bar").first).to_contain_text("river")
-    expect(page.locator(".bar").first).to_contain_text("48.3%")
+    expect(page.locator(".bar").first).to_contain_text("35.5%")
     page.close()
