@@ -120,7 +120,8 @@ def test_transformers_loads_the_hf_export_with_tinygens_logits_and_greedy_text(c
     net, tok, _ = load_model(models[case])
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_exports[case], dtype=torch.float32).eval()
     auto = transformers.AutoTokenizer.from_pretrained(hf_exports[case])
-    assert type(hf).__name__ == ARCHITECTURES.get(case, "LlamaForCausalLM")
+    # The bundled story model uses qk-norm, which transformers holds as Qwen3.
+    assert type(hf).__name__ == ARCHITECTURES.get(case, "Qwen3ForCausalLM" if net.config.qk_norm else "LlamaForCausalLM")
     assert hf.config.tie_word_embeddings == net.config.tie_embeddings
     assert logits_diff(net, hf, tok.n_vocab) <= 1e-4
 
@@ -218,27 +219,32 @@ def test_the_gguf_has_llama_cpps_keys_names_and_layout(bundled_gguf, hf_exports)
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     net = load_model(BUNDLED)[0]
     cfg = net.config
-    assert fields["general.architecture"] == "llama"
-    assert {k: fields[f"llama.{k}"] for k in ("context_length", "embedding_length", "block_count",
+    arch = "qwen3" if cfg.qk_norm else "llama"  # the bundled story model has qk-norm: llama.cpp's qwen3
+    assert fields["general.architecture"] == arch
+    assert {k: fields[f"{arch}.{k}"] for k in ("context_length", "embedding_length", "block_count",
                                              "feed_forward_length", "rope.dimension_count", "attention.head_count",
                                              "attention.head_count_kv", "vocab_size")} == {
         "context_length": cfg.block_size, "embedding_length": cfg.n_embd, "block_count": cfg.n_layer,
         "feed_forward_length": cfg.mlp_hidden, "rope.dimension_count": cfg.head_dim,
         "attention.head_count": cfg.n_head, "attention.head_count_kv": cfg.kv_heads, "vocab_size": cfg.vocab_size}
-    assert fields["llama.rope.freq_base"] == pytest.approx(cfg.rope_theta)
-    assert fields["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg.norm_eps)
+    assert fields[f"{arch}.rope.freq_base"] == pytest.approx(cfg.rope_theta)
+    assert fields[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg.norm_eps)
     assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "llama-bpe"
     assert fields["tokenizer.ggml.add_bos_token"] is False
     assert len(fields["tokenizer.ggml.tokens"]) == cfg.vocab_size
     tensors = {t.name: t for t in reader.tensors}
-    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down",
+                 *(["attn_q_norm", "attn_k_norm"] if cfg.qk_norm else [])]
     assert set(tensors) == {"token_embd.weight", "output_norm.weight"} | {
         f"blk.{i}.{n}.weight" for i in range(cfg.n_layer) for n in per_layer}  # tied: no output.weight
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_exports["bundled"], dtype=torch.float32).state_dict()
     q = hf["model.layers.0.self_attn.q_proj.weight"].numpy()
     k = hf["model.layers.0.self_attn.k_proj.weight"].numpy()
-    assert np.array_equal(tensors["blk.0.attn_q.weight"].data, convert_permute(q, cfg.n_head))
-    assert np.array_equal(tensors["blk.0.attn_k.weight"].data, convert_permute(k, cfg.kv_heads))
+    # llama.cpp's converter permutes llama's q and k rows for its rotary layout, and leaves qwen3's.
+    if arch == "llama":
+        q, k = convert_permute(q, cfg.n_head), convert_permute(k, cfg.kv_heads)
+    assert np.array_equal(tensors["blk.0.attn_q.weight"].data, q)
+    assert np.array_equal(tensors["blk.0.attn_k.weight"].data, k)
     assert np.array_equal(tensors["blk.0.attn_v.weight"].data, hf["model.layers.0.self_attn.v_proj.weight"].numpy())
 
     q8 = {t.name: t.tensor_type.name for t in gguf.GGUFReader(bundled_gguf["q8_0"]).tensors}
