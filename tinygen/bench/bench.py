@@ -65,7 +65,9 @@ def _build(model: str | None, shape: str | None, device, dtype, quantize: str | 
         with torch.device(device):
             net = GPT(config)
         return net.to(dtype).eval(), f"{shape} (random weights)", None
-    net, _, info = load_model(model, device=device, dtype=dtype, keep_q4=quantize == "int4")
+    from tinygen.generate.quantize import takes_gguf_q4
+
+    net, _, info = load_model(model, device=device, dtype=dtype, keep_q4=takes_gguf_q4(quantize))
     return net, str(info.path), info.kind
 
 

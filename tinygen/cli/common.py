@@ -38,11 +38,13 @@ def load_model(model: Optional[str], device: str, dtype: Dtype | str = "auto", q
     dev = resolve_device(device, cpu_only)
     if cpu_only and device == "auto" and resolve_device("auto").type != "cpu":
         ui.note(f"{cpu_only} runs on the CPU, so the model runs there rather than on the GPU")
+    from tinygen.generate.fastlinear import decoding_layers
+    from tinygen.generate.quantize import takes_gguf_q4
+
     net, tokenizer, info = checkpoint.load_model(model, device=dev, dtype=inference_dtype(dev, Dtype(dtype).value),
-                                                 keep_q4=quantize == "int4")
+                                                 keep_q4=takes_gguf_q4(quantize))
     for note in info.notes:  # what loading adapted or converted (a GGUF's dequantization, a shorter context)
         ui.note(note)
-    from tinygen.generate.fastlinear import decoding_layers
 
     return decoding_layers(net, quantize), tokenizer, info
 

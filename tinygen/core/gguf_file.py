@@ -108,7 +108,8 @@ class Q4Weight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out, n_in = self.q.shape
-        blocks = self.q.reshape(out, -1, Q4_BLOCK).to(torch.float32)
+        # Groups as wide as the scales say: 32 from a file, any width from quantize's Int4Linear.
+        blocks = self.q.reshape(out, self.scales.size(1), -1).to(torch.float32)
         w = blocks * self.scales.to(torch.float32)[..., None] + self.lows.to(torch.float32)[..., None]
         return w.reshape(out, n_in).to(dtype)
 

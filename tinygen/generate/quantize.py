@@ -23,12 +23,18 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tinygen.core.gguf_file import Q4_BLOCK
+from tinygen.core.gguf_file import Q4_BLOCK, Q4Weight
 from tinygen.errors import TinygenError
 
 # --quantize's values: int4 alone has groups of 32 inputs, a GGUF Q4 block.
 INT4_GROUPS = {"int4": 32, "int4-g64": 64, "int4-g128": 128, "int4-g256": 256}
 MODES = ("int8", *INT4_GROUPS)
+
+
+def takes_gguf_q4(mode: str | None) -> bool:
+    """Whether this --quantize mode runs a GGUF's Q4_0/Q4_1 blocks as stored: int4 in the file's
+    own groups of 32. Loaders keep those blocks (load_model's keep_q4) only for such a mode."""
+    return INT4_GROUPS.get(mode) == Q4_BLOCK
 
 
 class Int8Linear(nn.Module):
@@ -75,8 +81,7 @@ class Int4Linear(nn.Module):
         scales, lows = scales.float(), lows.float()
         self.register_buffer("scales_zeros", torch.stack((scales, lows + 8 * scales), dim=-1).transpose(0, 1)
                              .contiguous().to(torch.bfloat16))
-        blocks = q.reshape(self.out_features, -1, self.group).float()
-        self.dense = (blocks * scales[..., None] + lows[..., None]).reshape(q.shape)
+        self.dense = Q4Weight(q, scales, lows).dequantize()
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
@@ -120,7 +125,7 @@ def quantize(model: nn.Module, mode: str | None) -> nn.Module:
     if stored is not None:
         del model.file_q4  # held only until now: the packed copies replace them
     group = INT4_GROUPS.get(mode)
-    from_file = bool(stored) and group == Q4_BLOCK  # else every matrix is quantised from its float values
+    from_file = bool(stored) and takes_gguf_q4(mode)  # else every matrix is quantised from its float values
     linears = [(f"{prefix}.{name}".lstrip("."), parent, name, child) for prefix, parent in model.named_modules()
                for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     for path, parent, name, child in linears:
