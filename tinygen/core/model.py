@@ -138,8 +138,7 @@ class CausalSelfAttention(nn.Module):
         if hasattr(self, "q_norm"):
             # Normed before rotary, which keeps norms: a query-key product can then never exceed
             # the gains times the head size, whatever the weights grow to (Qwen3, modded-nanogpt).
-            q, k = qk.split((H, G), dim=1)
-            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
+            qk = self.norm_heads(qk)
         if ve is not None:  # (B, T, G*D): this block's value embedding of each token, one part per kv head
             v = v + ve.view(B, T, G, C // H).transpose(1, 2)
         if rope is not None:
@@ -172,6 +171,16 @@ class CausalSelfAttention(nn.Module):
         if self.training and self.dropout:
             y = F.dropout(y, self.dropout)
         return y, att
+
+    def norm_heads(self, qk: torch.Tensor) -> torch.Tensor:
+        """q_norm on the query heads and k_norm on the key heads of qk (B, H+G, T, D), in one norm.
+
+        The same numbers as the two norms on a split and a concatenation, in a third of the
+        operations: a decode step is bound by how many small operations it runs, and splitting,
+        norming twice and joining cost a batch-1 step more than the attention itself."""
+        H, G, D = self.n_head, self.n_kv_head, qk.size(-1)
+        gains = torch.cat((self.q_norm.weight.expand(H, D), self.k_norm.weight.expand(G, D)))  # (H+G, D)
+        return F.rms_norm(qk, (D,), None, self.q_norm.eps) * gains[:, None]
 
 
 class MLP(nn.Module):
