@@ -144,8 +144,6 @@ def test_llama_cpp_and_tinygens_int4_read_the_same_q4_1_numbers():
     the file's own Q4_1 blocks, give SmolLM2 nearly the same next-token logits, through the
     wrapper that `bench --compare` times; and the tokenizers agree on the prompts."""
     pytest.importorskip("llama_cpp")
-    import numpy as np
-
     from tinygen.bench.llamacpp import LlamaCpp
     from tinygen.core.checkpoint import load_model
     from tinygen.generate.engine import generate_batch
@@ -159,7 +157,7 @@ def test_llama_cpp_and_tinygens_int4_read_the_same_q4_1_numbers():
         ids = tok.encode(prompt)
         assert llama.llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids, prompt
         llama.prefill(ids)
-        theirs = np.ctypeslib.as_array(llama.lib.llama_get_logits(llama.llm.ctx), shape=(llama.n_vocab,))
+        theirs = llama.logits()
         with torch.no_grad():
             ours = net(torch.tensor([ids]))[0, -1]
         # llama.cpp rounds the activations to 8 bits for its Q4_1 products, where tinygen keeps

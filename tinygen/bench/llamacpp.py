@@ -36,12 +36,15 @@ class LlamaCpp:
         self.llm.reset()  # the next eval clears the KV cache from position 0
         self.llm.eval(prompt)
 
-    def _argmax(self) -> int:
+    def logits(self):
+        """The logits (n_vocab,) after the last token evaluated, the only one that asked for them: a
+        numpy view of llama.cpp's buffer, which the next eval overwrites."""
         import numpy as np
 
-        # The logits of the batch's last token, the only one that asked for them.
-        logits = np.ctypeslib.as_array(self.lib.llama_get_logits(self.llm.ctx), shape=(self.n_vocab,))
-        return int(logits.argmax())
+        return np.ctypeslib.as_array(self.lib.llama_get_logits(self.llm.ctx), shape=(self.n_vocab,))
+
+    def _argmax(self) -> int:
+        return int(self.logits().argmax())
 
     def greedy(self, prompt: list[int], n: int, stamps: list[float]) -> list[int]:
         """n greedy tokens after prompt; stamps gets the time each one is known."""
