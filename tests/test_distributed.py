@@ -95,7 +95,7 @@ def test_muon_on_two_ranks_with_accumulation_matches_one_process(tmp_path, corpu
     from tinygen.core.checkpoint import load_model
 
     common = ["-m", "tinygen", "train", str(corpus), *TINY, "--max-steps", "4", "--eval-every", "100", "--seed", "7",
-              "--batch-tokens", "256", "--optimizer", "muon", "--device", "cpu"]
+              "--batch-tokens", "256", "--optimizer", "muon", "--device", "cpu", "--dtype", "float32"]
     env = {k: v for k, v in os.environ.items() if k != "TINYGEN_MODEL"}
     one = subprocess.run([sys.executable, *common, "--out", "one.safetensors", "--batch-size", "4"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=180, env={**env, "NO_COLOR": "1"})

@@ -272,10 +272,10 @@ def test_split_layers_are_swapped_in_for_inference_only(model, split_everything)
         assert generate_batch(fast, ps, GREEDY, 25) == want
 
 
-def _static_greedy_matches(model, compile: bool):
+def _static_greedy_matches(model, compile: bool, decoder=None):
     from tinygen.generate.compiled import StaticDecoder
 
-    decoder = StaticDecoder(model, compile=compile)
+    decoder = decoder or StaticDecoder(model, compile=compile)
     torch.manual_seed(6)
     for length in (1, 9):  # fresh decoders and reused ones must both start clean
         prompt = torch.randint(0, 97, (length,)).tolist()
@@ -304,6 +304,47 @@ def test_compiled_static_decoder_equals_the_dynamic_path(model, tmp_path, monkey
     # With the split layers that a CPU decodes with (the crash: get_num_threads breaks the graph).
     split_everything.split_linears(model)
     _static_greedy_matches(model, compile=True)  # fullgraph=True: a graph break would fail here
+
+
+@pytest.fixture
+def sized_cache(monkeypatch):
+    """Give the 48-token test models a CPU decoder's request-sized cache, from 8 slots up."""
+    from tinygen.generate import compiled
+
+    monkeypatch.setattr(compiled, "SIZED_ABOVE", 16)
+    monkeypatch.setattr(compiled, "FIRST_SLOTS", 8)
+    return compiled
+
+
+def test_a_request_sized_cache_grows_and_decodes_as_the_dynamic_path(model, sized_cache):
+    decoder = sized_cache.StaticDecoder(model, compile=False)
+    assert decoder.sized and decoder.max_len == 8
+    _static_greedy_matches(model, compile=False, decoder=decoder)  # a request past the context: it grows to all 48 slots
+    assert decoder.max_len == model.config.block_size
+
+
+def test_a_chat_keeps_its_cache_when_the_decoders_grows(model, sized_cache):
+    from tinygen.generate.engine import Context
+
+    decoder, context = sized_cache.StaticDecoder(model, compile=False), Context()
+    first = [3, 1, 4, 1, 5]
+    reply = list(stream(model, first, GREEDY, 2, decoder=decoder, context=context))
+    assert decoder.max_len == 8
+    second = first + reply + [9, 2, 6, 5, 3]  # needs 12 + 6 slots: the cache grows
+    got = list(stream(model, second, GREEDY, 6, decoder=decoder, context=context))
+    assert decoder.max_len > 8 and context.reused == len(first) + len(reply) - 1
+    assert got == naive_generate(model, second, 6)
+
+
+@pytest.mark.skipif(not _can_build_cpu_kernels(), reason="torch.compile on a CPU needs a C++ compiler and Python's headers")
+def test_a_compiled_request_sized_cache_grows_without_recompiling(model, tmp_path, monkeypatch, sized_cache):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    decoder = sized_cache.StaticDecoder(model, compile=True)
+    # The cache's length is a dynamic dimension: growing it must reuse the one compiled step.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _static_greedy_matches(model, compile=True, decoder=decoder)
+    assert decoder.max_len == model.config.block_size
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

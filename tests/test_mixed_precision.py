@@ -190,8 +190,13 @@ def test_a_gpu_index_the_machine_lacks_is_one_clear_error(monkeypatch):
 
 
 def test_training_dtype_choices(monkeypatch):
+    from tinygen.core import hardware
+
     cpu = torch.device("cpu")
-    assert training_dtype(cpu) == torch.float32
+    for has_bf16, auto in ((True, torch.bfloat16), (False, torch.float32), (None, torch.float32)):
+        monkeypatch.setattr(hardware, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+        assert training_dtype(cpu) == auto  # bf16 only where the CPU has the instructions for it
+        assert training_dtype(cpu, "float32") == torch.float32
     assert training_dtype(cpu, "bfloat16") == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")

@@ -13,7 +13,6 @@ from tinygen.core.config import ModelConfig
 from tinygen.core.model import GPT
 from tinygen.errors import TinygenError
 from tinygen.training import data as data_lib
-from tinygen.training import optim
 from tinygen.training.loop import Saved, Start, Step, TrainSettings, train
 from tinygen.training.optim import OPTIMIZERS, Combined, Float32Muon, make_optimizer, orthogonalized
 from tinygen.training.state import load_state, save_state, state_paths
@@ -155,7 +154,7 @@ def test_the_optimizer_is_recorded_and_resume_keeps_it(cli, corpus, tmp_path):
     r = cli("train", corpus, "--out", fine, "--init", base, "--optimizer", "muon", "--max-steps", "2",
             "--warmup-steps", "1", "--device", "cpu", timeout=120)
     assert_ok(r)
-    assert "bf16" not in r.err  # a CPU without bf16 instructions orthogonalizes in float32, unwarned
+    assert "warning" not in r.err  # a CPU without bf16 instructions orthogonalizes in float32, unwarned
     assert "--lr 0.0012, a tenth of muon's default" in r.err  # a fine-tune starts gentler than a new model
 
     def state(out):
@@ -235,8 +234,8 @@ def test_orthogonalized_is_nearly_orthogonal():
         assert s.min() > 0.5 and s.max() < 1.5  # the quintic's band around 1, as torch documents
 
 
-@pytest.mark.parametrize("has_bf16", [False, True, None])
-def test_a_cpu_without_bf16_instructions_gets_the_float32_orthogonalization(monkeypatch, has_bf16, tokenizer):
-    monkeypatch.setattr(optim, "cpu_has_bf16", lambda: has_bf16)
+def test_every_cpu_gets_the_float32_orthogonalization(tokenizer):
+    """With or without bf16 instructions: a CPU run is then the same on any CPU, and DDP ranks
+    match one process (test_distributed)."""
     muon = make_optimizer(GPT(_config(tokenizer)), TrainSettings(max_steps=1, optimizer="muon"), CPU).optimizers[1]
-    assert (type(muon) is Float32Muon) == (has_bf16 is False)
+    assert type(muon) is Float32Muon

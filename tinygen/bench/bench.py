@@ -153,9 +153,12 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
                 result["compile_seconds"] = decoder.warm_up()
             llama = _llama_cpp(label, kind, compare, dev, prompt_tokens + new_tokens, skipped, say)
             section = decode_section(net, hf, prompt.tolist(), new_tokens, repeats, dev, say, decoder, llama)
+            if decoder is not None:
+                result["compile_cache_slots"] = decoder.max_len  # the whole context, or sized to the request
             del llama  # its weights and context, before the sections after
-            # What each prefill allocates (and zeroes); a StaticDecoder holds one for the whole context.
-            section["cache_bytes_per_row"] = cache_bytes(cfg, 1, net.dtype, None if decoder else prompt_tokens + new_tokens)
+            # What each prefill allocates (and zeroes); a StaticDecoder holds its own, allocated once.
+            section["cache_bytes_per_row"] = cache_bytes(cfg, 1, net.dtype,
+                                                         decoder.max_len if decoder else prompt_tokens + new_tokens)
             say("memory read bandwidth")
             bandwidth = read_bandwidth(dev)
             per_token = decode_bytes(net, decode_context(prompt_tokens, new_tokens, decoder))

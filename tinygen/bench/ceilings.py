@@ -42,7 +42,7 @@ def flops_ceiling(device: torch.device, dtype: torch.dtype, say=lambda message: 
 def decode_context(prompt_tokens: int, new_tokens: int, decoder=None) -> int:
     """The KV cache slots that a decoded token reads, on average over the measured run. The eager
     step reads the slots written so far: the prompt and, midway, half the new tokens. A compiled
-    StaticDecoder (generate/compiled.py) reads its whole static cache every step, masked or not."""
+    StaticDecoder (generate/compiled.py) reads its whole cache every step, masked or not."""
     return decoder.max_len if decoder is not None else prompt_tokens + new_tokens // 2
 
 

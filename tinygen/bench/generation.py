@@ -38,6 +38,8 @@ def decode_section(net, hf, prompt: list[int], new_tokens: int, repeats: int, de
         return decode_rates(stamps, start, new_tokens), out
 
     # The cache the engine sizes for this request (a StaticDecoder brings its own, allocated once).
+    if decoder is not None:
+        decoder.reserve(len(prompt) + new_tokens)
     ours_prefill = timer(lambda: engine.prefill(net, [prompt], decoder and decoder.cache,
                                                 None if decoder else len(prompt) + new_tokens), sync)
     hf_prefill = hf_decode = None

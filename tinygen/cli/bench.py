@@ -164,9 +164,9 @@ def print_table(result: dict, console) -> None:
                      f"{d['llama_cpp']['greedy_agreement']}")
     if d and d["roofline"]["of_measured"] > 1:
         notes.append("above 100% of the measured bandwidth: the weights fit in the CPU's caches")
-    if d and "compile_seconds" in result and cfg["block_size"] > 4 * (d["prompt_tokens"] + d["new_tokens"]):
-        notes.append(f"the compiled step reads its whole {cfg['block_size']:,}-token cache every token, masked: "
-                     "with a long context and a short reply, it can be slower than the eager step")
+    if d and (slots := result.get("compile_cache_slots", 0)) > 4 * (d["prompt_tokens"] + d["new_tokens"]):
+        notes.append(f"the compiled step reads its whole {slots:,}-token cache every token, masked: "
+                     "with a short reply, it can be slower than the eager step")
     if (tr := result.get("train")) and tr["batch"][1] < cfg["block_size"]:
         notes.append(f"training windows: {tr['batch'][1]:,} of the model's {cfg['block_size']:,} tokens of context")
     for name, why in result.get("skipped", {}).items():

@@ -49,22 +49,12 @@ def load_model(model: Optional[str], device: str, dtype: Dtype | str = "auto", q
     return decoding_layers(net, quantize), tokenizer, info
 
 
-# Above this context the compiled CPU step's full-cache reads cost more than the fusion saves.
-CPU_COMPILE_MAX_CONTEXT = 1024
-
-
 def compiled_decoder(net, compile: bool):
     """The compiled batch-1 decode step, compiled now so that its cost shows up front, or None."""
     if not compile:
         return None
     from tinygen.generate.compiled import StaticDecoder, cache_dir
 
-    if net.device.type == "cpu" and net.config.block_size > CPU_COMPILE_MAX_CONTEXT:
-        # Measured: SmolLM2-135M (8,192 tokens) 1.7 tok/s compiled against 22 plain; the bundled
-        # story model (256, QK-norm) 1.3-1.4x faster compiled, its small operations fused, and
-        # the previous chat model (512, no QK-norm) about even.
-        ui.warn(f"--compile pays off on a GPU or for a short context; on a CPU this model's compiled decode step "
-                f"is slower than the plain one, as it reads its whole {net.config.block_size:,}-token cache every token")
     decoder = StaticDecoder(net)
     ui.note(f"compiling the decode step (cached in {cache_dir()})…")
     ui.note(f"ready in {decoder.warm_up():.1f} s")

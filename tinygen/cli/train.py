@@ -146,8 +146,8 @@ def train(
                                       "validation split.")] = 1337,
     compile: Annotated[bool, _flag("torch.compile the model (GPU).", "--compile")] = False,
     device: DeviceOpt = "auto",
-    dtype: Annotated[Dtype, typer.Option(help="What training computes in: auto (bf16 on CUDA, float32 elsewhere), "
-                                         "float32, or bfloat16 (mixed precision: the weights, optimizer and "
+    dtype: Annotated[Dtype, typer.Option(help="What training computes in: auto (bf16 on CUDA and on CPUs with bf16 "
+                                         "instructions, float32 elsewhere), float32, or bfloat16 (mixed precision: the weights, optimizer and "
                                          "checkpoint stay float32). On a CPU, bfloat16 pays only with bf16 "
                                          "instructions (AVX512-BF16, AMX); without them it is many times "
                                          "slower.")] = Dtype.auto,

@@ -54,9 +54,17 @@ def inference_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
 def training_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
     """The dtype training computes in. Weights, gradients, optimizer moments and the checkpoint stay
     float32 whatever this is; bf16 runs the forward and backward under autocast. `auto`: bf16 on
-    CUDA GPUs that support it, float32 elsewhere."""
+    CUDA GPUs that support it and on CPUs with bf16 instructions, float32 elsewhere.
+
+    On a Zen 4 EPYC (AVX512-BF16) the bundled story model's training steps ran at 1.2-1.4x
+    float32's tokens a second under bf16 autocast, with the same losses step for step (within
+    0.013 over the first 130 steps); without those instructions bf16 is emulated, 14x slower."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        from tinygen.core.hardware import cpu_has_bf16
+
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
     if name not in DTYPES:
         raise TinygenError(f"unknown dtype {name!r}; use auto, float32 or bfloat16")
     dtype = DTYPES[name]

@@ -8,6 +8,12 @@ a cache view that grows by one slot per token), and keeps its cache at one addre
 life of the decoder. The engine prefills into that same cache and calls the step where it
 would call its own. Compiled with mode="reduce-overhead", torch.compile captures the graph;
 Inductor's on-disk cache (under $XDG_CACHE_HOME/tinygen) makes the compile a one-time cost.
+
+On a CPU there is no graph to replay, only the fusion of the step's small operations, and a
+model with a long context (SmolLM2: 8,192 tokens) would attend over all of its cache every
+token. There, a context above SIZED_ABOVE tokens gets a cache sized to the request and grown by
+doubling (reserve), with its length a dynamic dimension of the compiled step, so that growing it
+compiles nothing new.
 """
 
 from __future__ import annotations
@@ -26,27 +32,56 @@ def cache_dir() -> Path:
     return Path(base) / "tinygen" / "torchinductor"
 
 
+# A CPU model with a longer context gets a request-sized cache (see the module's docstring); at or
+# below it the whole context is a small cache, and a static length compiles the faster step.
+SIZED_ABOVE = 1024
+FIRST_SLOTS = 256  # a sized cache's first length, doubled as requests need
+
+
 class StaticDecoder:
     """Decode steps for one row, from a cache of its own at a fixed address."""
 
     def __init__(self, model: GPT, compile: bool = True):
         self.model = model
-        self.max_len = model.config.block_size
-        self.cache = KVCache(model.config, 1, model.device, model.dtype)
-        self.slots = torch.arange(self.max_len, device=model.device)
+        block = model.config.block_size
+        self.sized = model.device.type == "cpu" and block > SIZED_ABOVE
+        self.compile = compile
         self.compile_seconds: float | None = None
+        self._allocate(FIRST_SLOTS if self.sized else block)
         self._step = self._eager
         if compile:
             # Inductor reads this once, when it first compiles; a user's own setting wins.
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
+            mode = "reduce-overhead" if model.device.type == "cuda" else None
+            self._step = torch.compile(self._eager, mode=mode, fullgraph=True, dynamic=None if self.sized else False)
+
+    def _allocate(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.cache = KVCache(self.model.config, 1, self.model.device, self.model.dtype, max_len)
+        self.slots = torch.arange(max_len, device=self.model.device)
+        if not self.compile:
+            return
+        if self.sized:
+            for t, dim in ((self.cache.k, 3), (self.cache.v, 3), (self.slots, 0)):
+                torch._dynamo.mark_dynamic(t, dim)
+        else:
             for t in (self.cache.k, self.cache.v):
                 torch._dynamo.mark_static_address(t)  # graph replays write the cache in place
-            mode = "reduce-overhead" if model.device.type == "cuda" else None
-            self._step = torch.compile(self._eager, mode=mode, fullgraph=True, dynamic=False)
+
+    def reserve(self, need: int) -> None:
+        """Make the cache hold need slots (at most the context), keeping what it holds. Only a
+        request-sized cache ever grows; the others hold the whole context from the start."""
+        if need <= self.max_len or not self.sized:
+            return
+        old = self.cache
+        self._allocate(min(self.model.config.block_size, max(need, 2 * self.max_len)))
+        n = old.k.size(3)
+        self.cache.k[:, :, :, :n], self.cache.v[:, :, :, :n] = old.k, old.v
 
     def _eager(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         mask = (self.slots <= pos[:, None])[:, None, None, :]  # (1, 1, 1, max_len): slots up to pos
-        h, _ = self.model.hidden(tokens[:, None], CacheSlots(self.cache, pos, self.max_len, mask))
+        # The cache's own length, not the int max_len, which a compile would specialize on.
+        h, _ = self.model.hidden(tokens[:, None], CacheSlots(self.cache, pos, self.slots.size(0), mask))
         return self.model.head(h[:, -1])
 
     def __call__(self, cache: KVCache, tokens: torch.Tensor, cached: list[int]) -> torch.Tensor:

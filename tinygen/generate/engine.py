@@ -54,8 +54,10 @@ class Context:
                 break
             n += 1
         if fixed is not None:  # a StaticDecoder's cache, which must keep its address
-            if self.cache is not fixed:
-                self.cache, n = fixed, 0
+            if self.cache is not fixed:  # the decoder's first call, or its cache grew (StaticDecoder.reserve)
+                if n:
+                    fixed.k[:, :, :, :n], fixed.v[:, :, :, :n] = self.cache.k[:, :, :, :n], self.cache.v[:, :, :, :n]
+                self.cache = fixed
         elif self.cache is None or self.cache.k.size(3) < need:
             # Grown by doubling from 512 slots, so a long chat reallocates a few times, not once a
             # turn, and a model with a long context does not zero all of it for a short chat.
@@ -231,6 +233,8 @@ def generate(
     # 8,192-token context would otherwise zero 377 MB a row (SmolLM2) before a 20-token reply.
     # A row that reaches the context's end still slides, since then the cache is the context.
     cache_len = min(model.config.block_size, max(len(r.tokens) + r.max_new_tokens for r in waiting))
+    if decoder is not None:
+        decoder.reserve(cache_len)
     # Rows leave `waiting` as they start; a finished row is dropped from memory with its tokens.
     batch = Batch(model, [waiting.popleft() for _ in range(width)], track_seen, shared,
                   decoder.cache if decoder is not None else None, cache_len, context)

@@ -58,6 +58,15 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def prefill_dtype() -> torch.dtype:
+    """What an int4 layer's prefill multiplies in. With AVX512-BF16 (a Zen 4 EPYC), SmolLM2's int4
+    prefill ran at 1.8-2.0x float32's speed in bf16 (256 and 128 tokens); emulated bf16, without those
+    instructions, is many times slower than float32."""
+    from tinygen.core.hardware import cpu_has_bf16
+
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
 # At most this many rows (decode steps, small batches) go through the int4 kernel; more (a prefill)
 # multiply the dequantized float32 matrix, which the kernel is 1.6x slower than at 128 rows here.
 INT4_MAX_ROWS = 8
@@ -69,8 +78,9 @@ class Int4Linear(nn.Module):
     Decode steps read the codes (an eighth of float32's bytes). The kernel takes bf16
     activations and scales: with float32 ones it falls back to a generic path, 10x slower on one
     row and 45x on 128 (measured on this AVX2 CPU), as the int8 kernel does. Prefills multiply
-    the same weights dequantized once to float32, kept outside the module's buffers: they are
-    not read per decoded token."""
+    the same weights dequantized once, kept outside the module's buffers (they are not read per
+    decoded token): in bf16 where the CPU has bf16 instructions (the precision decode steps
+    already have, at twice float32's speed), else in float32."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -81,7 +91,7 @@ class Int4Linear(nn.Module):
         scales, lows = scales.float(), lows.float()
         self.register_buffer("scales_zeros", torch.stack((scales, lows + 8 * scales), dim=-1).transpose(0, 1)
                              .contiguous().to(torch.bfloat16))
-        self.dense = Q4Weight(q, scales, lows).dequantize()
+        self.dense = Q4Weight(q, scales, lows).dequantize().to(prefill_dtype())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
@@ -101,7 +111,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if flat.size(0) > INT4_MAX_ROWS:
-            y = flat @ self.dense.t()
+            y = (flat.to(self.dense.dtype) @ self.dense.t()).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, self.group,
                                                             self.scales_zeros).to(x.dtype)
