@@ -235,7 +235,7 @@ def test_orthogonalized_is_nearly_orthogonal():
 
 
 def test_every_cpu_gets_the_float32_orthogonalization(tokenizer):
-    """With or without bf16 instructions: a CPU run is then the same on any CPU, and DDP ranks
-    match one process (test_distributed)."""
+    """With or without bf16 instructions: the orthogonalization does not depend on the CPU's bf16
+    support, and DDP ranks match one process (test_distributed)."""
     muon = make_optimizer(GPT(_config(tokenizer)), TrainSettings(max_steps=1, optimizer="muon"), CPU).optimizers[1]
     assert type(muon) is Float32Muon

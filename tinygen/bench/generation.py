@@ -37,7 +37,7 @@ def decode_section(net, hf, prompt: list[int], new_tokens: int, repeats: int, de
             out.append(tok)
         return decode_rates(stamps, start, new_tokens), out
 
-    # The cache the engine sizes for this request (a StaticDecoder brings its own, allocated once).
+    # The cache the engine sizes for this request (a StaticDecoder brings its own, grown to fit it).
     if decoder is not None:
         decoder.reserve(len(prompt) + new_tokens)
     ours_prefill = timer(lambda: engine.prefill(net, [prompt], decoder and decoder.cache,

@@ -69,14 +69,11 @@ class StaticDecoder:
                 torch._dynamo.mark_static_address(t)  # graph replays write the cache in place
 
     def reserve(self, need: int) -> None:
-        """Make the cache hold need slots (at most the context), keeping what it holds. Only a
-        request-sized cache ever grows; the others hold the whole context from the start."""
-        if need <= self.max_len or not self.sized:
-            return
-        old = self.cache
-        self._allocate(min(self.model.config.block_size, max(need, 2 * self.max_len)))
-        n = old.k.size(3)
-        self.cache.k[:, :, :, :n], self.cache.v[:, :, :, :n] = old.k, old.v
+        """Make the cache hold need slots (at most the context). Only a request-sized cache ever
+        grows; the others hold the whole context from the start. A grown cache starts empty: a
+        prefill fills it, and a chat's engine.Context copies over the slots it reuses."""
+        if need > self.max_len and self.sized:
+            self._allocate(min(self.model.config.block_size, max(need, 2 * self.max_len)))
 
     def _eager(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         mask = (self.slots <= pos[:, None])[:, None, None, :]  # (1, 1, 1, max_len): slots up to pos

@@ -64,13 +64,12 @@ class SplitLinear(nn.Module):
         self.compile_threads = torch.get_num_threads()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            if self.compile_threads < 2 or x.numel() // self.in_features > SPLIT_MAX_ROWS:
-                return F.linear(x, self.weight, self.bias)
-            return split_matmul(x, self.weight, self.bias, self.compile_threads)
-        threads = torch.get_num_threads()  # it can change after loading
+        compiling = torch.compiler.is_compiling()
+        threads = self.compile_threads if compiling else torch.get_num_threads()  # it can change after loading
         if threads < 2 or x.numel() // self.in_features > SPLIT_MAX_ROWS:
             return F.linear(x, self.weight, self.bias)
+        if compiling:  # the blocks view is traced into the graph once, so there is nothing to keep
+            return split_matmul(x, self.weight, self.bias, threads)
         key = (threads, self.weight.data_ptr())
         if self._blocks is None or self._blocks[:2] != key:
             self._blocks = (*key, weight_blocks(self.weight, threads))

@@ -134,9 +134,9 @@ def make_optimizer(model: GPT, s: TrainSettings, device: torch.device) -> torch.
     if not hasattr(torch.optim, "Muon"):
         raise TinygenError(f"--optimizer muon needs torch 2.9 or newer (this is {torch.__version__})")
     # On every CPU, not only those without bf16 instructions (where bf16 is emulated, 20x slower):
-    # the orthogonalization is a small share of a CPU step, and in float32 a run is the same on
-    # any CPU, and two DDP ranks end where one process does (in bf16 the all-reduce's summation
-    # order flipped roundings: 3e-4 apart after 4 steps on a Zen 4 EPYC).
+    # the orthogonalization is a small share of a CPU step, it then does not depend on the CPU's
+    # bf16 support, and two DDP ranks end where one process does (in bf16 the all-reduce's
+    # summation order flipped roundings: 3e-4 apart after 4 steps on a Zen 4 EPYC).
     muon_class = Float32Muon if device.type == "cpu" else torch.optim.Muon
     muon = muon_class(hidden, lr=s.lr, weight_decay=s.weight_decay, adjust_lr_fn="match_rms_adamw")
     return Combined(_adamw([p for p in model.parameters() if id(p) not in taken], s, device), muon)
