@@ -224,7 +224,7 @@ def test_the_cache_holds_what_the_longest_request_reaches(model, monkeypatch):
     class Recorded(engine.KVCache):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            sizes.append(self.k.size(3))
+            sizes.append(self.max_len)
 
     monkeypatch.setattr(engine, "KVCache", Recorded)
     prompts = [[1, 2, 3], [4] * 9, [5, 6]]
@@ -237,6 +237,13 @@ def test_the_cache_holds_what_the_longest_request_reaches(model, monkeypatch):
     block = model.config.block_size
     out = list(stream(model, [1, 2], GREEDY, 2 * block))  # past the context: the cache is the whole context
     assert sizes[0] == block and len(out) == 2 * block
+
+
+def _can_build_cpu_kernels() -> bool:
+    import sysconfig
+    from pathlib import Path
+
+    return bool(shutil.which("g++") or shutil.which("c++")) and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
 
 
 @pytest.fixture
@@ -272,6 +279,45 @@ def test_split_layers_are_swapped_in_for_inference_only(model, split_everything)
         assert generate_batch(fast, ps, GREEDY, 25) == want
 
 
+def _q8_0_like(n: int, k: int) -> torch.Tensor:
+    """A float32 matrix as a GGUF's Q8_0 one loads: int8 codes times a float16 scale per 32 inputs,
+    each block's largest code at ±127 (as ggml quantizes)."""
+    codes = torch.randint(-127, 128, (n, k // 32, 32))
+    codes[:, :, 5] = torch.where(torch.rand(n, k // 32) < 0.5, 127, -127)
+    scales = (torch.rand(n, k // 32) * 0.02 + 1e-4).half().float()
+    return (codes * scales[..., None]).reshape(n, k)
+
+
+def test_int8_blocks_give_back_a_q8_0_matrix_exactly():
+    from tinygen.generate.fastlinear import exact_int8_blocks
+
+    torch.manual_seed(7)
+    w = _q8_0_like(40, 96)
+    w[3, 32:64] = 0  # an all-zero block
+    codes, scales = exact_int8_blocks(w)
+    assert codes.dtype == torch.int8 and scales.shape == (40, 3)
+    assert torch.equal(codes.float().view(40, 3, 32) * scales[..., None], w.view(40, 3, 32))
+    assert exact_int8_blocks(torch.randn(40, 96)) is None  # ordinary float weights: not int8 blocks
+    assert exact_int8_blocks(w[:, :80]) is None  # not whole blocks
+    assert exact_int8_blocks(w * 1.001) is None  # no longer 127 codes of one scale
+
+
+@pytest.mark.skipif(not _can_build_cpu_kernels(), reason="torch.compile on a CPU needs a C++ compiler and Python's headers")
+def test_a_compiled_step_multiplies_the_int8_blocks(tmp_path, monkeypatch, split_everything):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch.manual_seed(8)
+    linear = torch.nn.Linear(64, 48, bias=True)
+    linear.weight.data = _q8_0_like(48, 64)
+    x = torch.randn(1, 1, 64)
+    want = linear(x)
+    layer = split_everything.SplitLinear(linear)
+    assert layer.keep_int8_blocks()
+    linear.weight.data.zero_()  # from here on, only the codes hold the matrix
+    step = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(step(x), want)
+    torch.testing.assert_close(layer(x), linear(x))  # eager steps still read the float weight
+
+
 def _static_greedy_matches(model, compile: bool, decoder=None):
     from tinygen.generate.compiled import StaticDecoder
 
@@ -288,13 +334,6 @@ def _static_greedy_matches(model, compile: bool, decoder=None):
 
 def test_static_decoder_equals_the_dynamic_path(model):
     _static_greedy_matches(model, compile=False)
-
-
-def _can_build_cpu_kernels() -> bool:
-    import sysconfig
-    from pathlib import Path
-
-    return bool(shutil.which("g++") or shutil.which("c++")) and (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
 
 
 @pytest.mark.skipif(not _can_build_cpu_kernels(), reason="torch.compile on a CPU needs a C++ compiler and Python's headers")

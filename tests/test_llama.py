@@ -74,7 +74,7 @@ def test_the_kv_cache_is_sized_by_the_kv_heads_and_decoding_matches_recompute():
     ours.eval()
     from tinygen.core.model import KVCache
 
-    assert KVCache(config, 1, "cpu", torch.float32).k.shape[2] == 2
+    assert KVCache(config, 1, "cpu", torch.float32).ks[0].shape[1] == 2
     greedy = SamplingParams(temperature=0)
     assert list(stream(ours, [1, 2, 3], greedy, 20)) == naive_generate(ours, [1, 2, 3], 20)
 

@@ -68,7 +68,7 @@ def cache_bytes(config, rows: int, dtype: torch.dtype, slots: int | None = None)
     from tinygen.core.model import KVCache
 
     cache = KVCache(config, rows, "meta", dtype, slots)
-    return 2 * cache.k.numel() * cache.k.element_size()
+    return cache.nbytes
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -54,12 +54,7 @@ def compiled_decoder(net, compile: bool):
     if not compile:
         return None
     from tinygen.generate.compiled import StaticDecoder, cache_dir
-    from tinygen.generate.quantize import Int4Linear
 
-    if net.device.type == "cpu" and any(isinstance(m, Int4Linear) for m in net.modules()):
-        # Measured on SmolLM2 (Zen 4 EPYC): 45 tok/s compiled against 54 eager. Inductor wraps the
-        # int4 kernel in its own call, and the fused small operations do not make up for it.
-        ui.warn("--compile with --quantize int4 decodes slower than without it on a CPU")
     decoder = StaticDecoder(net)
     ui.note(f"compiling the decode step (cached in {cache_dir()})…")
     ui.note(f"ready in {decoder.warm_up():.1f} s")

@@ -49,6 +49,12 @@ class StaticDecoder:
         self.compile_seconds: float | None = None
         self._allocate(FIRST_SLOTS if self.sized else block)
         self._step = self._eager
+        if compile and model.device.type == "cpu":
+            from tinygen.generate.fastlinear import SplitLinear
+
+            for m in model.modules():
+                if isinstance(m, SplitLinear):
+                    m.keep_int8_blocks()
         if compile:
             # Inductor reads this once, when it first compiles; a user's own setting wins.
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
@@ -62,10 +68,10 @@ class StaticDecoder:
         if not self.compile:
             return
         if self.sized:
-            for t, dim in ((self.cache.k, 3), (self.cache.v, 3), (self.slots, 0)):
+            for t, dim in [*((t, 2) for t in self.cache.tensors()), (self.slots, 0)]:
                 torch._dynamo.mark_dynamic(t, dim)
         else:
-            for t in (self.cache.k, self.cache.v):
+            for t in self.cache.tensors():
                 torch._dynamo.mark_static_address(t)  # graph replays write the cache in place
 
     def reserve(self, need: int) -> None:

@@ -56,15 +56,15 @@ class Context:
         if fixed is not None:  # a StaticDecoder's cache, which must keep its address
             if self.cache is not fixed:  # the decoder's first call, or its cache grew (StaticDecoder.reserve)
                 if n:
-                    fixed.k[:, :, :, :n], fixed.v[:, :, :, :n] = self.cache.k[:, :, :, :n], self.cache.v[:, :, :, :n]
+                    fixed.copy_from(self.cache, n)
                 self.cache = fixed
-        elif self.cache is None or self.cache.k.size(3) < need:
+        elif self.cache is None or self.cache.max_len < need:
             # Grown by doubling from 512 slots, so a long chat reallocates a few times, not once a
             # turn, and a model with a long context does not zero all of it for a short chat.
-            size = min(model.config.block_size, max(need, 2 * self.cache.k.size(3) if self.cache else 512))
+            size = min(model.config.block_size, max(need, 2 * self.cache.max_len if self.cache else 512))
             grown = KVCache(model.config, 1, model.device, model.dtype, size)
             if n:
-                grown.k[:, :, :, :n], grown.v[:, :, :, :n] = self.cache.k[:, :, :, :n], self.cache.v[:, :, :, :n]
+                grown.copy_from(self.cache, n)
             self.cache = grown
         self.ids, self.reused = [], n  # until this call ends normally, the cache holds no known ids
         if n == 0:
@@ -156,8 +156,7 @@ class Batch:
         if tokens:
             fresh, _ = prefill(self.model, [tokens], max_len=len(tokens))
             n = len(tokens)
-            self.cache.k[:, slot, :, :n] = fresh.k[:, 0, :, :n]
-            self.cache.v[:, slot, :, :n] = fresh.v[:, 0, :, :n]
+            self.cache.copy_from(fresh, n, row=slot)
         self.rows[slot].cached = len(tokens)
 
     def slide(self, slot: int) -> None:
@@ -319,7 +318,7 @@ def prefill(model: GPT, windows: list[list[int]], into: KVCache | None = None,
     idx = torch.zeros(len(unique), T, dtype=torch.long)
     for i, w in enumerate(unique):
         idx[i, : len(w)] = torch.tensor(w, dtype=torch.long)
-    if into is not None and into.k.size(1) != len(unique):
+    if into is not None and into.batch_size != len(unique):
         raise ValueError("a cache to prefill into needs one row per distinct prompt")
     cache = into if into is not None else KVCache(model.config, len(unique), device, model.dtype, max_len)
     h, _ = model.hidden(idx.to(device), CacheSlots(cache, torch.arange(T, device=device), T))
