@@ -48,7 +48,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.ks, *self.vs))
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.ks, *self.vs]
@@ -74,14 +74,14 @@ class KVCache:
             return ck, cv
         return ck[:, :, :kv_len], cv[:, :, :kv_len]
 
-    def copy_from(self, other: KVCache, n: int, row: int | None = None, other_row: int = 0) -> None:
-        """Copy the first n slots of every layer from other: all rows, or one row of other into one
-        of this cache's rows."""
+    def copy_from(self, other: KVCache, n: int, row: int | None = None) -> None:
+        """Copy the first n slots of every layer from other: all its rows, or (row given) its one
+        row into this cache's row."""
         for mine, theirs in zip(self.tensors(), other.tensors()):
             if row is None:
                 mine[:, :, :n] = theirs[:, :, :n]
             else:
-                mine[row, :, :n] = theirs[other_row, :, :n]
+                mine[row, :, :n] = theirs[0, :, :n]
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these rows (B,), in this order: finished rows cost nothing from then on."""

@@ -12,6 +12,8 @@ generate, after `quantize` has swapped in int8 layers where they were asked for.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,18 +51,22 @@ def split_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y.view(*x.shape[:-1], N)
 
 
-@torch.library.custom_op("tinygen::realized", mutates_args=())
-def realized(x: torch.Tensor) -> torch.Tensor:
-    """x, as a buffer of its own in a compiled graph: Inductor cannot fuse through a custom op.
-    Without it Inductor fused the final RMSNorm (and the residual add before it) into the int8 head's
-    reduction, recomputing them for each of SmolLM2's 49,152 outputs: the head read 28 MB at 10 GB/s,
-    and the step decoded at 85-88 tok/s against 99-113 with the norm computed once."""
-    return x.clone()
+@functools.cache
+def register_realized() -> None:
+    """torch.ops.tinygen.realized(x): x, as a buffer of its own in a compiled graph, since Inductor
+    cannot fuse through a custom op. Without it Inductor fused the final RMSNorm (and the residual
+    add before it) into the int8 head's reduction, recomputing them for each of SmolLM2's 49,152
+    outputs: the head read 28 MB at 10 GB/s, and the step decoded at 85-88 tok/s against 99-113
+    with the norm computed once. Registered when a compiled step first needs it, not at import:
+    registering costs ~35 ms, which every `tinygen sample` would pay."""
 
+    @torch.library.custom_op("tinygen::realized", mutates_args=())
+    def realized(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
 
-@realized.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+    @realized.register_fake
+    def _(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
 
 
 def exact_int8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -72,11 +78,14 @@ def exact_int8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     N, K = weight.shape
     if K % INT8_BLOCK or weight.dtype != torch.float32:
         return None
-    w = weight.detach().view(N, K // INT8_BLOCK, INT8_BLOCK)
-    scales = w.abs().amax(dim=-1) / 127
-    codes = torch.round(w / torch.where(scales > 0, scales, 1)[..., None])
-    if codes.abs().amax() > 127 or not torch.equal(codes * scales[..., None], w):
-        return None
+    # The first row alone, then the whole: an ordinary float matrix fails on its first row, without
+    # the whole matrix's temporaries (seconds for GPT-2's head, at every compiled start).
+    for rows in (weight[:1], weight):
+        w = rows.detach().reshape(rows.size(0), K // INT8_BLOCK, INT8_BLOCK)
+        scales = w.abs().amax(dim=-1) / 127
+        codes = torch.round(w / torch.where(scales > 0, scales, 1)[..., None])
+        if codes.abs().amax() > 127 or not torch.equal(codes * scales[..., None], w):
+            return None
     return codes.to(torch.int8).view(N, K), scales
 
 
@@ -102,6 +111,8 @@ class SplitLinear(nn.Module):
         same numbers. Eager steps, prefills and batches still multiply the float32 weight: only a
         compiled step fuses the codes' conversion into the product instead of writing it out."""
         self.int8_blocks = exact_int8_blocks(self.weight)
+        if self.int8_blocks is not None:
+            register_realized()
         return self.int8_blocks is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +125,7 @@ class SplitLinear(nn.Module):
             # One reduction per output over its codes, each scaled by its block's scale: Inductor
             # fuses the int8 loads, the conversion and the products into one pass over the codes.
             terms = (codes.view(self.out_features, blocks, INT8_BLOCK).to(x.dtype) * scales[..., None]
-                     * realized(x).reshape(rows, 1, blocks, INT8_BLOCK))
+                     * torch.ops.tinygen.realized(x).reshape(rows, 1, blocks, INT8_BLOCK))
             y = terms.sum(dim=(-2, -1)).view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         if threads < 2 or rows > SPLIT_MAX_ROWS:
