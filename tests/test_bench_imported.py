@@ -73,6 +73,25 @@ def test_decode_bytes_count_kv_heads_and_an_untied_head():
     assert int8 < decode_bytes(tied, 10) / 3  # int8 matrices and their scales; the lookup table is not read
 
 
+def test_decode_bytes_count_a_matrix_kept_as_int8_blocks_as_its_codes():
+    """A compiled CPU step reads a Q8_0 matrix's int8 codes and per-32 scales, not its float32 copy."""
+    from tinygen.bench.ceilings import decode_bytes
+    from tinygen.generate.fastlinear import SplitLinear
+
+    net = random_llama()
+    mlp = net.transformer.h[0].mlp
+    w = mlp.c_proj.weight.data  # 48 x 128: made exactly representable as Q8_0 blocks
+    codes = torch.randint(-127, 128, (48, 128), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    codes[:, ::32] = 127  # each block's largest code at +127, as ggml writes them
+    scales = (torch.rand(48, 4, generator=torch.Generator().manual_seed(1)) / 100).half().float()  # float16, as in a GGUF
+    w.copy_((codes.view(48, 4, 32).float() * scales[..., None]).view(48, 128))
+    before = decode_bytes(net, 10)
+    mlp.c_proj = SplitLinear(mlp.c_proj)
+    assert decode_bytes(net, 10) == before  # nothing kept: the float32 weight is what is read
+    assert mlp.c_proj.keep_int8_blocks()
+    assert decode_bytes(net, 10) == before - 48 * 128 * 4 + 48 * 128 + 48 * 4 * 4
+
+
 def llama_folder(folder: Path, config: dict) -> Path:
     """A transformers model saved with a byte-level tokenizer.json of the 256 bytes (no merges)."""
     from tinygen.core.tokenizer import _unicode_to_byte
