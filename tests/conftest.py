@@ -71,6 +71,15 @@ def make_model(config: ModelConfig, seed: int = 0, scale: float = 1.0) -> GPT:
     return model.eval()
 
 
+def q8_0_like(n: int, k: int) -> torch.Tensor:
+    """A float32 matrix as a GGUF's Q8_0 one loads: int8 codes times a float16 scale per 32 inputs,
+    each block's largest code at ±127 (as ggml quantizes)."""
+    codes = torch.randint(-127, 128, (n, k // 32, 32))
+    codes[:, :, 5] = torch.where(torch.rand(n, k // 32) < 0.5, 127, -127)
+    scales = (torch.rand(n, k // 32) * 0.02 + 1e-4).half().float()
+    return (codes * scales[..., None]).reshape(n, k)
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> Tokenizer:
     return Tokenizer.train(STORY_LINES * 20, vocab_size=400)

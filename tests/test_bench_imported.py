@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_ok
+from conftest import assert_ok, q8_0_like
 
 from tinygen.core.config import ModelConfig
 from tinygen.core.model import GPT
@@ -80,11 +80,7 @@ def test_decode_bytes_count_a_matrix_kept_as_int8_blocks_as_its_codes():
 
     net = random_llama()
     mlp = net.transformer.h[0].mlp
-    w = mlp.c_proj.weight.data  # 48 x 128: made exactly representable as Q8_0 blocks
-    codes = torch.randint(-127, 128, (48, 128), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
-    codes[:, ::32] = 127  # each block's largest code at +127, as ggml writes them
-    scales = (torch.rand(48, 4, generator=torch.Generator().manual_seed(1)) / 100).half().float()  # float16, as in a GGUF
-    w.copy_((codes.view(48, 4, 32).float() * scales[..., None]).view(48, 128))
+    mlp.c_proj.weight.data.copy_(q8_0_like(48, 128))  # as a GGUF's Q8_0 matrix loads
     before = decode_bytes(net, 10)
     mlp.c_proj = SplitLinear(mlp.c_proj)
     assert decode_bytes(net, 10) == before  # nothing kept: the float32 weight is what is read

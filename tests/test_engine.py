@@ -10,7 +10,7 @@ from tinygen.core.config import ModelConfig
 from tinygen.generate.engine import generate, generate_batch, naive_generate, stream, window_keep
 from tinygen.generate.sampling import SamplingParams
 
-from conftest import make_model
+from conftest import make_model, q8_0_like
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -279,20 +279,11 @@ def test_split_layers_are_swapped_in_for_inference_only(model, split_everything)
         assert generate_batch(fast, ps, GREEDY, 25) == want
 
 
-def _q8_0_like(n: int, k: int) -> torch.Tensor:
-    """A float32 matrix as a GGUF's Q8_0 one loads: int8 codes times a float16 scale per 32 inputs,
-    each block's largest code at ±127 (as ggml quantizes)."""
-    codes = torch.randint(-127, 128, (n, k // 32, 32))
-    codes[:, :, 5] = torch.where(torch.rand(n, k // 32) < 0.5, 127, -127)
-    scales = (torch.rand(n, k // 32) * 0.02 + 1e-4).half().float()
-    return (codes * scales[..., None]).reshape(n, k)
-
-
 def test_int8_blocks_give_back_a_q8_0_matrix_exactly():
     from tinygen.generate.fastlinear import exact_int8_blocks
 
     torch.manual_seed(7)
-    w = _q8_0_like(40, 96)
+    w = q8_0_like(40, 96)
     w[3, 32:64] = 0  # an all-zero block
     codes, scales = exact_int8_blocks(w)
     assert codes.dtype == torch.int8 and scales.shape == (40, 3)
@@ -307,7 +298,7 @@ def test_a_compiled_step_multiplies_the_int8_blocks(tmp_path, monkeypatch, split
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch.manual_seed(8)
     linear = torch.nn.Linear(64, 48, bias=True)
-    linear.weight.data = _q8_0_like(48, 64)
+    linear.weight.data = q8_0_like(48, 64)
     x = torch.randn(1, 1, 64)
     want = linear(x)
     layer = split_everything.SplitLinear(linear)
