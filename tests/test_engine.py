@@ -333,7 +333,27 @@ def test_compiled_static_decoder_equals_the_dynamic_path(model, tmp_path, monkey
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     # With the split layers that a CPU decodes with (the crash: get_num_threads breaks the graph).
     split_everything.split_linears(model)
-    _static_greedy_matches(model, compile=True)  # fullgraph=True: a graph break would fail here
+    torch._dynamo.reset()
+    # fullgraph=True: a graph break would fail here. The slots a step reads are a dynamic length,
+    # so the window sliding up to the whole context must reuse the one compiled step.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _static_greedy_matches(model, compile=True)
+
+
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not _can_build_cpu_kernels(), reason="torch.compile on a CPU needs a C++ compiler and Python's headers"))])
+def test_a_cpu_step_never_reads_the_slots_past_its_position(model, tmp_path, monkeypatch, compile):
+    """A CPU step attends over the slots up to its position only, not over a masked whole cache:
+    NaN in every later slot (where a masked read would still multiply the values by zero) leaves
+    its tokens those of the dynamic path."""
+    from tinygen.generate.compiled import StaticDecoder
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    decoder = StaticDecoder(model, compile=compile)
+    for t in decoder.cache.tensors():
+        t.fill_(float("nan"))  # a prefill writes the prompt's slots, each step its own
+    prompt = [5, 17, 3, 3, 40]
+    assert list(stream(model, prompt, GREEDY, 20, decoder=decoder)) == list(stream(model, prompt, GREEDY, 20))
 
 
 @pytest.fixture

@@ -40,10 +40,13 @@ def flops_ceiling(device: torch.device, dtype: torch.dtype, say=lambda message: 
 
 
 def decode_context(prompt_tokens: int, new_tokens: int, decoder=None) -> int:
-    """The KV cache slots that a decoded token reads, on average over the measured run. The eager
-    step reads the slots written so far: the prompt and, midway, half the new tokens. A compiled
-    StaticDecoder (generate/compiled.py) reads its whole cache every step, masked or not."""
-    return decoder.max_len if decoder is not None else prompt_tokens + new_tokens // 2
+    """The KV cache slots that a decoded token reads, on average over the measured run. A step
+    reads the slots written so far: the prompt and, midway, half the new tokens; a StaticDecoder
+    (generate/compiled.py) on a GPU reads its whole cache every step, masked (a CUDA graph's shapes
+    are fixed)."""
+    if decoder is not None and decoder.model.device.type != "cpu":
+        return decoder.max_len
+    return prompt_tokens + new_tokens // 2
 
 
 def decode_bytes(net, context: int) -> int:

@@ -70,7 +70,9 @@ class KVCache:
             # Advanced indexing on dims 0 and 2 puts the index dims first: (B, T, H, D).
             ck[rows, :, pos] = k.transpose(1, 2)
             cv[rows, :, pos] = v.transpose(1, 2)
-        if kv_len == ck.size(2):
+        # Compiled, kv_len may be a dynamic length: comparing it would add a guard, and a recompile
+        # at the last slot; a view of every slot costs a compiled step nothing.
+        if not torch.compiler.is_compiling() and kv_len == ck.size(2):
             return ck, cv
         return ck[:, :, :kv_len], cv[:, :, :kv_len]
 
