@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tinygen.core.config import ModelConfig
 from tinygen.generate.engine import generate, generate_batch, naive_generate, stream, window_keep
@@ -307,6 +308,24 @@ def test_a_compiled_step_multiplies_the_int8_blocks(tmp_path, monkeypatch, split
     step = torch.compile(layer, fullgraph=True)
     torch.testing.assert_close(step(x), want)
     torch.testing.assert_close(layer(x), linear(x))  # eager steps still read the float weight
+
+
+@pytest.mark.skipif(not _can_build_cpu_kernels(), reason="torch.compile on a CPU needs a C++ compiler and Python's headers")
+def test_a_compiled_step_multiplies_a_small_layer_as_a_fused_reduction(tmp_path, monkeypatch):
+    from tinygen.generate.compiled import StaticDecoder
+    from tinygen.generate.fastlinear import SmallLinear
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch.manual_seed(9)
+    model = make_model(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_size=64)).eval()
+    StaticDecoder(model, compile=True)  # swaps the small layers in, sharing their parameters
+    layer = model.transformer.h[0].attn.c_attn
+    assert isinstance(layer, SmallLinear)
+    assert model.lm_head.weight is model.transformer.wte.weight  # a tied head stays tied
+    x = torch.randn(1, 1, 32)
+    torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), F.linear(x, layer.weight, layer.bias))
+    many = torch.randn(1, 9, 32)  # a prefill's rows: the plain product
+    torch.testing.assert_close(layer(many), F.linear(many, layer.weight, layer.bias))
 
 
 def _static_greedy_matches(model, compile: bool, decoder=None):

@@ -83,11 +83,12 @@ class StaticDecoder:
         self._allocate(FIRST_SLOTS if self.sized else block)
         self._step = self._eager
         if compile and model.device.type == "cpu":
-            from tinygen.generate.fastlinear import SplitLinear
+            from tinygen.generate.fastlinear import SplitLinear, fuse_small_linears
 
             for m in model.modules():
                 if isinstance(m, SplitLinear):
                     m.keep_int8_blocks()
+            fuse_small_linears(model)
         if compile:
             # Inductor reads this once, when it first compiles; a user's own setting wins.
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
