@@ -124,7 +124,7 @@ def test_the_compiled_roofline_counts_the_slots_the_static_step_reads(monkeypatc
         decoder(decoder.cache, torch.zeros(1, dtype=torch.long), [10])
     assert read == [11, 11]  # every layer reads the 11 slots filled, of the cache's 48
     assert decode_context(10, 8, decoder) == decode_context(10, 8) == 14  # the prompt, and half the new tokens
-    on_gpu = SimpleNamespace(model=SimpleNamespace(device=torch.device("cuda")), max_len=48)
+    on_gpu = SimpleNamespace(on_cpu=False, max_len=48)
     assert decode_context(10, 8, on_gpu) == 48
     kv_slot = 2 * 2 * 32 * 4  # k and v, 2 layers, n_embd floats of 4 bytes
     assert decode_bytes(net, 48) - decode_bytes(net, 14) == (48 - 14) * kv_slot

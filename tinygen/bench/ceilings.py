@@ -44,7 +44,7 @@ def decode_context(prompt_tokens: int, new_tokens: int, decoder=None) -> int:
     reads the slots written so far: the prompt and, midway, half the new tokens; a StaticDecoder
     (generate/compiled.py) on a GPU reads its whole cache every step, masked (a CUDA graph's shapes
     are fixed)."""
-    if decoder is not None and decoder.model.device.type != "cpu":
+    if decoder is not None and not decoder.on_cpu:
         return decoder.max_len
     return prompt_tokens + new_tokens // 2
 

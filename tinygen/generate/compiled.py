@@ -77,12 +77,14 @@ class StaticDecoder:
     def __init__(self, model: GPT, compile: bool = True):
         self.model = model
         block = model.config.block_size
-        self.sized = model.device.type == "cpu" and block > SIZED_ABOVE
+        # Asked once: every step branches on it, and model.device is three module lookups.
+        self.on_cpu = model.device.type == "cpu"
+        self.sized = self.on_cpu and block > SIZED_ABOVE
         self.compile = compile
         self.compile_seconds: float | None = None
         self._allocate(FIRST_SLOTS if self.sized else block)
         self._step = self._eager
-        if compile and model.device.type == "cpu":
+        if compile and self.on_cpu:
             from tinygen.generate.fastlinear import SplitLinear, fuse_small_linears
 
             for m in model.modules():
@@ -99,7 +101,7 @@ class StaticDecoder:
         # On a CPU, a slot more than any step sees (never written or read): a step's view of all of
         # a cache's slots would be a contiguous tensor, which a compiled step guards on and compiles
         # apart, a stall of seconds at the context's last position.
-        spare = 1 if self.model.device.type == "cpu" else 0
+        spare = 1 if self.on_cpu else 0
         self.cache = KVCache(self.model.config, 1, self.model.device, self.model.dtype, max_len + spare)
         self.slots = torch.arange(max_len, device=self.model.device)
         if not self.compile:
@@ -136,7 +138,7 @@ class StaticDecoder:
         if cache is not self.cache:
             raise ValueError("a StaticDecoder decodes only from its own cache")
         pos = torch.tensor(cached, device=tokens.device)
-        if self.model.device.type == "cpu":
+        if self.on_cpu:
             # Slots 0..pos, as a tensor whose length the compiled step takes as a dynamic dimension.
             seen = self.slots[:cached[0] + 1]
             if cached[0] == 0:  # (a batch's one-token prompt) torch compiles length 1 apart: run it eagerly
