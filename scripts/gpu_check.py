@@ -233,7 +233,7 @@ def cudagraphs(args) -> int:
     logs = TorchLogs()
     cuda = args.device.startswith("cuda")
     greedy = SamplingParams(temperature=0)
-    net, tok, _ = load_model(None, args.device, "bfloat16" if cuda else "float32")
+    net, tok = load_model(None, args.device, "bfloat16" if cuda else "float32")[:2]
     cases = [("bundled", net, tok.encode(PROMPTS[0]), True)]
     if cuda:
         torch.manual_seed(0)
@@ -347,7 +347,7 @@ def batched_vs_alone(device: str, dtype_name: str, n: int) -> tuple[bool, dict]:
     from tinygen.generate.sampling import SamplingParams
 
     greedy = SamplingParams(temperature=0)
-    net, tok, _ = load_model(None, device, dtype_name)
+    net, tok = load_model(None, device, dtype_name)[:2]
     prompts = [tok.encode(p) for p in PROMPTS]
     alone = [list(stream(net, p, greedy, n)) for p in prompts]
     ok, figures = True, {}

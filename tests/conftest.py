@@ -1,8 +1,8 @@
 """Shared fixtures: a tokenizer trained in-process on a few lines, tiny models saved to disk, and
 the CLI run the way users run it.
 
-Everything here is made by the tests themselves; ../shared/data is only read by tests that skip
-when it is absent.
+Everything here is made by the tests themselves (modelfiles.py builds the files of other tools);
+../shared is only read by the real-model checks, which skip when it is absent.
 
 Starting Python and importing torch costs about 2 s per process, so most CLI cases go through a
 small fork server (the `cli` fixture). One process imports torch and tinygen once. For each case
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from modelfiles import with_byte_pairs, write_gpt2_files
 
 from tinygen.core.checkpoint import save_checkpoint
 from tinygen.core.config import ModelConfig
@@ -114,11 +115,17 @@ def gpt2_arch_path(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
-def hf_gpt2_dir(tmp_path_factory) -> Path:
-    """A small random GPT2LMHeadModel saved by transformers itself, with GPT-2's real tokenizer files."""
+def gpt2_files(tmp_path_factory, tokenizer) -> Path:
+    """A folder of vocab.json + merges.txt as large as GPT-2's (50,257 ids, <|endoftext|> last): the
+    trained tokenizer's tokens, then two-byte ones."""
+    return write_gpt2_files(tmp_path_factory.mktemp("gpt2-files"), with_byte_pairs(tokenizer.ranks, 50256))
+
+
+@pytest.fixture(scope="session")
+def hf_gpt2_dir(tmp_path_factory, gpt2_files) -> Path:
+    """A small random GPT2LMHeadModel saved by transformers itself, with gpt2_files' vocab.json and
+    merges.txt."""
     transformers = pytest.importorskip("transformers")
-    if not GPT2_TOKENIZER.exists():
-        pytest.skip("../shared/data/gpt2-tokenizer is absent")
     import shutil
 
     torch.manual_seed(0)
@@ -131,7 +138,7 @@ def hf_gpt2_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("hf") / "gpt2-tiny"
     hf.save_pretrained(out, safe_serialization=True)
     for name in ("vocab.json", "merges.txt"):
-        shutil.copy(GPT2_TOKENIZER / name, out / name)
+        shutil.copy(gpt2_files / name, out / name)
     return out
 
 
@@ -207,6 +214,10 @@ import torch  # noqa: F401  (the expensive import, paid once; no torch op runs b
 import tinygen.core.checkpoint, tinygen.core.model, tinygen.generate.engine, tinygen.generate.textgen  # noqa: F401
 from tinygen.cli.app import main
 
+import importlib
+for name in sys.argv[1:]:  # more to import once, for a module whose cases all need it (ForkServer's preload)
+    importlib.import_module(name)
+
 work = tempfile.mkdtemp(prefix="tinygen-fork-")
 out_path, err_path, in_path = (os.path.join(work, n) for n in ("out", "err", "in"))
 for line in proto_in:
@@ -263,9 +274,10 @@ for line in proto_in:
 
 
 class ForkServer:
-    def __init__(self) -> None:
+    def __init__(self, preload: tuple[str, ...] = ()) -> None:
+        """preload: modules the server imports besides tinygen's, so that no case pays for them."""
         self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-c", _FORK_SERVER, *preload], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, env=clean_env())
 
     def __call__(self, *args, input: bytes | str | None = None, env: dict | None = None, timeout: int = 60) -> Run:

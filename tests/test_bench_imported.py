@@ -59,7 +59,7 @@ def test_the_reference_holds_the_exact_weights_for_each_llama_switch(case):
 
 def test_decode_bytes_count_kv_heads_and_an_untied_head():
     from tinygen.bench.ceilings import cache_bytes, decode_bytes
-    from tinygen.generate.quantize import quantize
+    from tinygen.generate.plan import prepare
 
     tied, untied = random_llama(n_kv_head=2), random_llama(n_kv_head=2, tie_embeddings=False)
     matrix = 300 * 48 * 4  # the token table: read again as a tied head, or the untied head's own matrix
@@ -69,7 +69,7 @@ def test_decode_bytes_count_kv_heads_and_an_untied_head():
     assert decode_bytes(untied, 10) == decode_bytes(tied, 10)  # the same bytes, read from another matrix
     assert cache_bytes(tied.config, 3, torch.float32) == 3 * 64 * kv_per_slot  # the whole context, per row
     assert cache_bytes(tied.config, 3, torch.float32, 10) == 3 * 10 * kv_per_slot
-    int8 = decode_bytes(quantize(untied, "int8"), 10)
+    int8 = decode_bytes(prepare(untied, "int8").model, 10)
     assert int8 < decode_bytes(tied, 10) / 3  # int8 matrices and their scales; the lookup table is not read
 
 
@@ -90,13 +90,13 @@ def test_decode_bytes_count_a_matrix_kept_as_int8_blocks_as_its_codes():
 
 def llama_folder(folder: Path, config: dict) -> Path:
     """A transformers model saved with a byte-level tokenizer.json of the 256 bytes (no merges)."""
-    from tinygen.core.tokenizer import _unicode_to_byte
+    from tinygen.core.tokenizer import unicode_to_byte
 
     kind = "Qwen2" if config.pop("qwen2", False) else "Llama"
     torch.manual_seed(0)
     hf = getattr(transformers, f"{kind}ForCausalLM")(getattr(transformers, f"{kind}Config")(**config))
     hf.save_pretrained(folder)
-    vocab = {ch: b for ch, b in _unicode_to_byte().items()}
+    vocab = {ch: b for ch, b in unicode_to_byte().items()}
     (folder / "tokenizer.json").write_text(json.dumps({
         "model": {"type": "BPE", "vocab": vocab, "merges": []}, "added_tokens": [],
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True},

@@ -28,7 +28,7 @@ from tinygen.core.checkpoint import load_model
 from tinygen.generate.engine import naive_generate, stream
 from tinygen.generate.sampling import SamplingParams
 
-from conftest import Run, assert_ok, assert_one_line_error, clean_env, run_real, stats_tokens
+from conftest import GPT2_TOKENIZER, Run, assert_ok, assert_one_line_error, clean_env, run_real, stats_tokens
 
 PROMPT = "Once upon a time"
 
@@ -172,8 +172,9 @@ def test_hf_gpt2_folder_samples(cli, hf_gpt2_dir):
     import transformers
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_gpt2_dir).eval()
-    ids = [15496, 995]  # "Hello world" in GPT-2's vocabulary
-    reference = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, 2:].tolist()
+    ids = transformers.GPT2TokenizerFast.from_pretrained(hf_gpt2_dir).encode("Hello world")
+    reference = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                            pad_token_id=0)[0, len(ids):].tolist()
     reference = reference[: reference.index(50256)] if 50256 in reference else reference  # both stop at end-of-text
     assert r.text == decoded(hf_gpt2_dir, reference)
 
@@ -408,7 +409,17 @@ def test_tokenize_default_view_in_a_pipe(model_path, tokenizer):
 
 
 def test_tokenize_with_gpt2_tokenizer(hf_gpt2_dir):
+    import transformers
+
     r = run_real("tokenize", "--tokenizer", hf_gpt2_dir, "--ids", "Hello world")
+    assert_ok(r)
+    want = transformers.GPT2TokenizerFast.from_pretrained(hf_gpt2_dir).encode("Hello world")
+    assert r.out.split() == [str(i) for i in want]
+
+
+@pytest.mark.skipif(not GPT2_TOKENIZER.exists(), reason="../shared/data/gpt2-tokenizer is absent")
+def test_tokenize_with_gpt2s_own_files():
+    r = run_real("tokenize", "--tokenizer", GPT2_TOKENIZER, "--ids", "Hello world")
     assert_ok(r)
     assert r.out.split() == ["15496", "995"]
 

@@ -6,12 +6,17 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_model, q8_0_like
 
 from tinygen.core.config import ModelConfig
-from tinygen.generate.engine import generate, generate_batch, naive_generate, stream, window_keep
+from tinygen.generate.engine import (
+    generate,
+    generate_batch,
+    naive_generate,
+    stream,
+    window_keep,
+)
 from tinygen.generate.sampling import SamplingParams
-
-from conftest import make_model, q8_0_like
 
 GREEDY = SamplingParams(temperature=0)
 
@@ -250,9 +255,9 @@ def _can_build_cpu_kernels() -> bool:
 @pytest.fixture
 def split_everything(monkeypatch):
     """Send every decode matmul through the split product, on two threads."""
-    from tinygen.generate import fastlinear
+    from tinygen.generate import fastlinear, plan
 
-    monkeypatch.setattr(fastlinear, "SPLIT_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(plan, "SPLIT_MIN_WEIGHTS", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     yield fastlinear
@@ -271,11 +276,14 @@ def test_split_layers_are_swapped_in_for_inference_only(model, split_everything)
     torch.manual_seed(5)
     prompts = [[3, 1, 4, 1, 5]], [[2, 7], [1, 8, 2, 8], [9]]  # batch 1, and batches of up to 3 rows
     expected = [[naive_generate(model, p, 25) for p in ps] for ps in prompts]
-    fast = split_everything.split_linears(make_model(model.config, scale=3.0))
+    from tinygen.generate.plan import prepare
+
+    plain = make_model(model.config, scale=3.0)
+    fast = prepare(plain).model
     assert isinstance(fast.lm_head, split_everything.SplitLinear)
     assert fast.lm_head.weight is fast.transformer.wte.weight  # still tied
     assert fast.state_dict().keys() == model.state_dict().keys()
-    assert not any(isinstance(m, split_everything.SplitLinear) for m in model.modules())  # training's model is plain
+    assert not any(isinstance(m, split_everything.SplitLinear) for m in plain.modules())  # the caller's stays plain
     for ps, want in zip(prompts, expected):
         assert generate_batch(fast, ps, GREEDY, 25) == want
 
@@ -312,13 +320,13 @@ def test_a_compiled_step_multiplies_the_int8_blocks(tmp_path, monkeypatch, split
 
 @pytest.mark.skipif(not _can_build_cpu_kernels(), reason="torch.compile on a CPU needs a C++ compiler and Python's headers")
 def test_a_compiled_step_multiplies_a_small_layer_as_a_fused_reduction(tmp_path, monkeypatch):
-    from tinygen.generate.compiled import StaticDecoder
     from tinygen.generate.fastlinear import SmallLinear
+    from tinygen.generate.plan import prepare
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch.manual_seed(9)
     model = make_model(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_size=64)).eval()
-    StaticDecoder(model, compile=True)  # swaps the small layers in, sharing their parameters
+    model = prepare(model, compile=True).model  # the small layers swapped in, sharing their parameters
     layer = model.transformer.h[0].attn.c_attn
     assert isinstance(layer, SmallLinear)
     assert model.lm_head.weight is model.transformer.wte.weight  # a tied head stays tied
@@ -350,13 +358,16 @@ def test_static_decoder_equals_the_dynamic_path(model):
 def test_compiled_static_decoder_equals_the_dynamic_path(model, tmp_path, monkeypatch, split_everything):
     # Inductor's own variable, so that the decoder's setdefault leaves it alone and it is restored after.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    from tinygen.generate.plan import prepare
+
     # With the split layers that a CPU decodes with (the crash: get_num_threads breaks the graph).
-    split_everything.split_linears(model)
+    prepared = prepare(model, compile=True)
+    assert isinstance(prepared.model.lm_head, split_everything.SplitLinear)
     torch._dynamo.reset()
     # fullgraph=True: a graph break would fail here. The slots a step reads are a dynamic length,
     # so the window sliding up to the whole context must reuse the one compiled step.
     with torch._dynamo.config.patch(error_on_recompile=True):
-        _static_greedy_matches(model, compile=True)
+        _static_greedy_matches(prepared.model, compile=True, decoder=prepared.decoder)
 
 
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.skipif(

@@ -15,7 +15,7 @@ from conftest import assert_ok, assert_one_line_error, make_model
 
 from tinygen.core.checkpoint import default_model_path, load_model, save_checkpoint
 from tinygen.core.config import ModelConfig
-from tinygen.core.export import export
+from tinygen.formats.export import export
 from tinygen.generate.chat import ChatSession
 from tinygen.generate.engine import generate_batch
 from tinygen.generate.sampling import SamplingParams
@@ -301,7 +301,7 @@ def test_transformers_runs_the_qwen3_gguf_of_a_qk_norm_model_as_tinygen_does(mod
     k unpermuted (llama.cpp's qwen3 rotates Hugging Face's halves) and the per-head norms in place."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from tinygen.core.export_hf import hf_config
+    from tinygen.formats.export_hf import hf_config
 
     net, tok, _ = load_model(models["qk-norm"])
     path = export(models["qk-norm"], "gguf", tmp_path / "m.gguf", "f32").path

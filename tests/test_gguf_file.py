@@ -1,7 +1,7 @@
-"""GGUF reading (tinygen.core.gguf_file): small llama GGUFs written here with gguf.GGUFWriter, permuted
-the way convert_hf_to_gguf.py does, round-trip to their Hugging Face weights; the SmolLM2 GGUF in
-../shared/models (skipped when absent) matches transformers' own GGUF loader; damaged or foreign files
-are one TinygenError each."""
+"""GGUF reading (tinygen.formats.gguf_reader): small llama GGUFs written here with gguf.GGUFWriter, permuted
+the way convert_hf_to_gguf.py does, round-trip to their Hugging Face weights and read as transformers'
+own GGUF loader reads them, as does the SmolLM2 GGUF in ../shared/models (skipped when absent);
+damaged or foreign files are one TinygenError each."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from modelfiles import gguf_name, hf_unpermute, stored, tiny_llama, write_gguf  # test_quantize imports the last two from here
 
-from tinygen.core.gguf_file import read_gguf
+from tinygen.formats.gguf_reader import read_gguf
 from tinygen.errors import TinygenError
 
 gguf = pytest.importorskip("gguf")
@@ -22,114 +23,6 @@ Q = gguf.GGMLQuantizationType
 
 SMOLLM2 = Path(__file__).resolve().parents[2] / "shared" / "models" / "smollm2-135m-instruct" / \
     "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-HF_TO_GGUF = {
-    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-LAYER_HF_TO_GGUF = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}
-
-
-def tiny_llama(n_layer=2, d=64, n_head=4, n_kv=2, ff=128, vocab=96, tied=True, bias=False, seed=0):
-    """A Hugging Face Llama config and random state dict, small enough to write in milliseconds."""
-    g = torch.Generator().manual_seed(seed)
-    hd = d // n_head
-    config = {"hidden_size": d, "intermediate_size": ff, "num_hidden_layers": n_layer,
-              "num_attention_heads": n_head, "num_key_value_heads": n_kv, "rms_norm_eps": 1e-5,
-              "rope_theta": 10000.0, "max_position_embeddings": 256, "vocab_size": vocab,
-              "tie_word_embeddings": tied}
-    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
-    if not tied:
-        shapes["lm_head.weight"] = (vocab, d)
-    for i in range(n_layer):
-        p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-                       p + "self_attn.q_proj.weight": (n_head * hd, d), p + "self_attn.k_proj.weight": (n_kv * hd, d),
-                       p + "self_attn.v_proj.weight": (n_kv * hd, d), p + "self_attn.o_proj.weight": (d, n_head * hd),
-                       p + "mlp.gate_proj.weight": (ff, d), p + "mlp.up_proj.weight": (ff, d),
-                       p + "mlp.down_proj.weight": (d, ff)})
-        if bias:
-            shapes.update({p + "self_attn.q_proj.bias": (n_head * hd,), p + "self_attn.k_proj.bias": (n_kv * hd,),
-                           p + "self_attn.v_proj.bias": (n_kv * hd,)})
-    state = {k: torch.randn(s, generator=g) * (0.02 if len(s) == 2 else 1.0) for k, s in shapes.items()}
-    return config, state
-
-
-def convert_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """convert_hf_to_gguf.py's LlamaModel.permute, as llama.cpp writes it."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def hf_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """transformers' LlamaTensorProcessor._reverse_permute_weights, an implementation apart from ours."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
-
-
-def gguf_name(hf: str) -> str:
-    if hf in HF_TO_GGUF:
-        return HF_TO_GGUF[hf]
-    _, _, i, *rest = hf.split(".")
-    module, suffix = ".".join(rest[:-1]), rest[-1]
-    return f"blk.{i}.{LAYER_HF_TO_GGUF[module]}.{suffix}"
-
-
-def stored(hf: str, w: torch.Tensor, config: dict) -> np.ndarray:
-    """The float32 array convert_hf_to_gguf.py would store for a Hugging Face weight."""
-    w = w.numpy()
-    if ".q_proj." in hf:
-        return convert_permute(w, config["num_attention_heads"])
-    if ".k_proj." in hf:
-        return convert_permute(w, config["num_key_value_heads"])
-    return w
-
-
-def write_gguf(path: Path, config: dict, state: dict, qtype=Q.F32, arch="llama", meta=None, drop=(), extra=None):
-    """A llama GGUF of `state`: matrices in `qtype`, vectors in F32, as llama.cpp
-    writes them. `meta` adds or overrides metadata keys (None leaves one out); `extra` adds tensors,
-    as arrays or (bytes array, GGUF type)."""
-    keys = {
-        "llama.block_count": config["num_hidden_layers"], "llama.context_length": config["max_position_embeddings"],
-        "llama.embedding_length": config["hidden_size"], "llama.feed_forward_length": config["intermediate_size"],
-        "llama.attention.head_count": config["num_attention_heads"],
-        "llama.attention.head_count_kv": config["num_key_value_heads"],
-        "llama.attention.layer_norm_rms_epsilon": float(config["rms_norm_eps"]),
-        "llama.rope.freq_base": float(config["rope_theta"]), "llama.vocab_size": config["vocab_size"],
-        "llama.rope.dimension_count": config["hidden_size"] // config["num_attention_heads"],
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": [f"t{i}" for i in range(config["vocab_size"])],
-        "tokenizer.ggml.merges": ["t 1", "t 2"], "tokenizer.ggml.bos_token_id": 1,
-        "tokenizer.ggml.eos_token_id": 2, "tokenizer.chat_template": "{{ messages }}",
-        **(meta or {}),
-    }
-    w = gguf.GGUFWriter(path, arch)
-    for key, value in keys.items():
-        if value is None:
-            continue
-        add = {str: w.add_string, bool: w.add_bool, float: w.add_float32, int: w.add_uint32, list: w.add_array}
-        add[type(value)](key, value)
-    for hf, tensor in state.items():
-        name = gguf_name(hf)
-        if name in drop:
-            continue
-        data = stored(hf, tensor, config)
-        qt = qtype if data.ndim == 2 else Q.F32
-        if qt == Q.F32:
-            w.add_tensor(name, data)
-        elif qt == Q.F16:
-            w.add_tensor(name, data.astype(np.float16))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(data, qt), raw_dtype=qt)
-    for name, data in (extra or {}).items():
-        data, raw_dtype = data if isinstance(data, tuple) else (data, None)
-        w.add_tensor(name, data, raw_dtype=raw_dtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 @pytest.fixture
@@ -182,11 +75,14 @@ def test_config_and_weights_run_in_transformers_as_the_original(tiny):
         assert torch.equal(ours(ids).logits, original(ids).logits)
 
 
-def test_transformers_reads_the_written_file_the_same(tiny):
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0, Q.Q4_1, Q.Q4_K], ids=lambda q: q.name)
+def test_transformers_reads_the_written_file_the_same(tmp_path, qtype):
+    """As transformers' own GGUF loader reads it, in the types SmolLM2's GGUF mixes (and a k-quant)."""
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    path, config, _ = tiny
+    config, state = tiny_llama(d=256, ff=256) if qtype == Q.Q4_K else tiny_llama()
+    path = write_gguf(tmp_path / "m.gguf", config, state, qtype=qtype)
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
     theirs = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
@@ -251,18 +147,19 @@ def test_dtype_and_biases(tmp_path):
         read_gguf(path, dtype=torch.int8)
 
 
-def test_keep_q8_0_holds_int8_blocks_that_dequantize_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+def test_4_bit_matrices_are_read_as_stored_when_asked_and_dequantize_to_the_same_weights(tmp_path, qtype):
+    """read_gguf offers each Q4_0/Q4_1 matrix as stored, read from the file only when called (the
+    rows of q and k unpermuted like the float ones), and its blocks are the file's numbers."""
     config, state = tiny_llama()
-    path = write_gguf(tmp_path / "q.gguf", config, state, qtype=Q.Q8_0)
-    full = read_gguf(path).tensors
-    m = read_gguf(path, keep_q8_0=True)
-    assert set(m.q8_0) == {k for k, w in state.items() if w.ndim == 2}
-    assert set(m.tensors) == set(state) - set(m.q8_0)
-    for name, q in m.q8_0.items():
-        assert q.qweight.dtype == torch.int8 and q.scales.dtype == torch.float16
-        assert q.scales.shape == (q.qweight.shape[0], q.qweight.shape[1] // 32)
-        assert torch.equal(q.dequantize(), full[name]), name
-    assert m.report.bytes_out < read_gguf(path).report.bytes_out / 3
+    path = write_gguf(tmp_path / "q.gguf", config, state, qtype=qtype)
+    m = read_gguf(path)
+    assert set(m.q4) == {k for k, w in state.items() if w.ndim == 2}
+    for name, read in m.q4.items():
+        q = read()
+        assert q.q.dtype == torch.uint8 and int(q.q.max()) <= 15 and q.scales.dtype == torch.float16
+        assert q.scales.shape == (q.q.shape[0], q.q.shape[1] // 32)
+        torch.testing.assert_close(q.dequantize(), m.tensors[name], rtol=0, atol=1e-6, msg=name)
 
 
 def test_fields_and_report(tiny):
@@ -283,7 +180,7 @@ def test_fields_and_report(tiny):
 
 
 def test_import_stays_free_of_gguf():
-    code = "import sys, tinygen.core.gguf_file; print('gguf' in sys.modules)"
+    code = "import sys, tinygen.formats.gguf_reader; print('gguf' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

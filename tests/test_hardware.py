@@ -8,7 +8,7 @@ import torch
 
 from tinygen.bench.ceilings import decode_bytes, decode_context, flops_ceiling
 from tinygen.core.config import ModelConfig
-from tinygen.core.hardware import datasheet, peak_bf16_flops
+from tinygen.bench.hardware import datasheet, peak_bf16_flops
 
 from conftest import make_model
 

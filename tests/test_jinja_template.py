@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tinygen.core.jinja_template import JinjaChatTemplate
+from tinygen.formats.jinja import JinjaChatTemplate
 from tinygen.errors import TinygenError
 
 SMOLLM2 = Path(__file__).resolve().parents[2] / "shared" / "models" / "smollm2-135m-instruct"
@@ -101,7 +101,7 @@ def test_messages_must_be_objects():
 
 
 def test_jinja2_is_imported_only_to_render():
-    code = ("import sys; from tinygen.core.jinja_template import JinjaChatTemplate as T; "
+    code = ("import sys; from tinygen.formats.jinja import JinjaChatTemplate as T; "
             "t = T('{{ messages[0].content }}'); t.name; assert 'jinja2' not in sys.modules; "
             "assert t.render([{'role': 'user', 'content': 'ok'}]) == 'ok'; assert 'jinja2' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

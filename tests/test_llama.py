@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GPT2_TOKENIZER, assert_one_line_error
+from conftest import assert_one_line_error
+from modelfiles import transformers_llama, write_gpt2_files
 
-from tinygen.core.llama import config_from_hf, state_from_hf
+from tinygen.formats.llama import config_from_hf, state_from_hf
 from tinygen.core.model import GPT
 from tinygen.errors import TinygenError
 
@@ -32,16 +33,7 @@ CASES = {
 
 
 def hf_model(kind: str, overrides: dict, seed: int = 0):
-    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-               "mistral": ("MistralConfig", "MistralForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
-    config_cls, model_cls = (getattr(transformers, name) for name in classes[kind])
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**{**BASE, **overrides}))
-    with torch.no_grad():  # random biases too, or a bias mapped wrongly would go unseen
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.normal_(0.5, 0.2)
-    return model.eval()
+    return transformers_llama(kind, {**BASE, **overrides}, seed)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -80,14 +72,14 @@ def test_the_kv_cache_is_sized_by_the_kv_heads_and_decoding_matches_recompute():
 
 
 @pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory) -> Path:
-    """A saved transformers Llama with GPT-2's tokenizer written as tokenizer.json."""
-    if not (GPT2_TOKENIZER / "vocab.json").exists():
-        pytest.skip("no GPT-2 tokenizer in ../shared/data")
+def llama_folder(tmp_path_factory, tokenizer) -> Path:
+    """A saved transformers Llama with a GPT-2-style tokenizer (the trained tokenizer's tokens and
+    <|endoftext|>) written as tokenizer.json by transformers."""
+    files = write_gpt2_files(tmp_path_factory.mktemp("gpt2-files"), tokenizer.ranks)
     folder = tmp_path_factory.mktemp("llama")
-    hf = hf_model("llama", dict(vocab_size=50257))
+    hf = hf_model("llama", dict(vocab_size=len(tokenizer.ranks) + 1))
     hf.save_pretrained(folder, safe_serialization=True)
-    tok = transformers.GPT2TokenizerFast.from_pretrained(str(GPT2_TOKENIZER))
+    tok = transformers.GPT2TokenizerFast.from_pretrained(str(files))
     tok.save_pretrained(folder)
     assert tok.encode("river bank")  # a tokenizer.json with its vocabulary in it
     return folder

@@ -14,7 +14,8 @@ import torch
 from conftest import TINY, assert_one_line_error, clean_env, ctrl_c_during, make_model
 
 from tinygen.core.config import ModelConfig
-from tinygen.core.device import resolve_device, training_dtype
+from tinygen.core.device import resolve_device
+from tinygen.training.precision import training_dtype
 from tinygen.errors import TinygenError
 from tinygen.generate.engine import generate_batch, stream
 from tinygen.generate.sampling import SamplingParams
@@ -190,11 +191,11 @@ def test_a_gpu_index_the_machine_lacks_is_one_clear_error(monkeypatch):
 
 
 def test_training_dtype_choices(monkeypatch):
-    from tinygen.core import hardware
+    from tinygen.training import precision
 
     cpu = torch.device("cpu")
     for has_bf16, auto in ((True, torch.bfloat16), (False, torch.float32), (None, torch.float32)):
-        monkeypatch.setattr(hardware, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+        monkeypatch.setattr(precision, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
         assert training_dtype(cpu) == auto  # bf16 only where the CPU has the instructions for it
         assert training_dtype(cpu, "float32") == torch.float32
     assert training_dtype(cpu, "bfloat16") == torch.bfloat16

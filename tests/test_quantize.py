@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
+from conftest import STORY_LINES, make_model
 
 from tinygen.core.config import ModelConfig
 from tinygen.errors import TinygenError
-from tinygen.generate.quantize import Int4Linear, Int8Linear, prefill_dtype, quantize
-
-from conftest import STORY_LINES, make_model
+from tinygen.generate.plan import prepare
+from tinygen.generate.quantize import Int4Linear, Int8Linear, prefill_dtype
 
 
 def test_int8_linear_stores_a_quarter_and_stays_close():
@@ -34,11 +34,12 @@ def test_quantised_model_keeps_its_predictions(arch):
     idx = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         exact = model(idx)
-        quantize(model, "int8")
-        approx = model(idx)
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert not linears and isinstance(model.lm_head, Int8Linear)
-    assert model.transformer.wte.weight.dtype == torch.float32  # the lookup table stays float
+        int8 = prepare(model, "int8").model
+        approx = int8(idx)
+        assert torch.equal(model(idx), exact)  # the caller's model is left as it was
+    linears = [m for m in int8.modules() if isinstance(m, torch.nn.Linear)]
+    assert not linears and isinstance(int8.lm_head, Int8Linear) and isinstance(model.lm_head, torch.nn.Linear)
+    assert int8.transformer.wte.weight is model.transformer.wte.weight  # the lookup table stays float, shared
     agree = (exact.argmax(-1) == approx.argmax(-1)).float().mean().item()
     assert agree > 0.95, agree
     assert (approx - exact).norm() / exact.norm() < 0.05
@@ -47,10 +48,9 @@ def test_quantised_model_keeps_its_predictions(arch):
 def test_quantize_refuses_what_it_cannot_do():
     model = make_model(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50))
     with pytest.raises(TinygenError, match="unknown quantisation"):
-        quantize(model, "int3")
+        prepare(model, "int3")
     with pytest.raises(TinygenError, match="float32"):
-        quantize(model.to(torch.bfloat16), "int8")
-    assert quantize(model, None) is model
+        prepare(model.to(torch.bfloat16), "int8")
 
 
 def test_cli_sample_and_eval_with_int8(model_path, tmp_path):
@@ -116,9 +116,9 @@ def test_int4_from_float_keeps_each_groups_ends_and_the_predictions(monkeypatch)
     idx = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         exact = model(idx)
-        quantize(model, "int4")
-        approx = model(idx)
-    assert isinstance(model.lm_head, Int4Linear) and isinstance(model.transformer.h[0].mlp.c_fc, Int4Linear)
+        int4 = prepare(model, "int4").model
+        approx = int4(idx)
+    assert isinstance(int4.lm_head, Int4Linear) and isinstance(int4.transformer.h[0].mlp.c_fc, Int4Linear)
     agree = (exact.argmax(-1) == approx.argmax(-1)).float().mean().item()
     assert agree > 0.8, agree
     assert (approx - exact).norm() / exact.norm() < 0.2
@@ -147,15 +147,14 @@ def test_a_gguf_s_4_bit_weights_go_in_as_stored(tmp_path):
     and another group size quantises from the float values instead."""
     gguf = pytest.importorskip("gguf")
     from tinygen.core.checkpoint import load_model
-    from tinygen.generate.fastlinear import decoding_layers
 
     Q = gguf.GGMLQuantizationType
     for qtype in (Q.Q4_1, Q.Q4_0):
         path, state = tiny_gguf(tmp_path / f"{qtype.name}.gguf", qtype)
         exact = load_model(path)[0]
         idx = torch.randint(0, exact.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-        int4 = decoding_layers(load_model(path, keep_q4=True)[0], "int4")
-        assert not hasattr(int4, "file_q4")  # the stored copies go once packed
+        net, _, info = load_model(path)
+        int4 = prepare(net, "int4", stored_q4=info.stored_q4).model
         layers = [int4.lm_head, int4.transformer.h[0].attn.c_attn, int4.transformer.h[1].mlp.c_proj]
         assert all(isinstance(m, Int4Linear) and m.group == 32 for m in layers)  # the tied head too
         with torch.no_grad():
@@ -163,12 +162,13 @@ def test_a_gguf_s_4_bit_weights_go_in_as_stored(tmp_path):
             tol = 1e-4 if prefill_dtype() == torch.float32 else 5e-2
             torch.testing.assert_close(int4(idx), exact(idx), rtol=tol, atol=tol)
             torch.testing.assert_close(int4(idx[:1, :1]), exact(idx[:1, :1]), rtol=5e-2, atol=5e-2)
-        g64 = decoding_layers(load_model(path, keep_q4=True)[0], "int4-g64")
+        g64 = prepare(net, "int4-g64", stored_q4=info.stored_q4).model
         assert g64.transformer.h[0].mlp.c_fc.group == 64
     # SmolLM2's mix: 4-bit blocks, and the embedding (the tied head) in Q8_0, which stays float32.
     embed = state["model.embed_tokens.weight"].numpy()
     path, _ = tiny_gguf(tmp_path / "mixed.gguf", Q.Q4_1, drop=("token_embd.weight",),
                         extra={"token_embd.weight": (gguf.quants.quantize(embed, Q.Q8_0), Q.Q8_0)})
-    mixed = decoding_layers(load_model(path, keep_q4=True)[0], "int4")
+    net, _, info = load_model(path)
+    mixed = prepare(net, "int4", stored_q4=info.stored_q4).model
     assert not isinstance(mixed.lm_head, (Int4Linear, Int8Linear)) and mixed.lm_head.weight.dtype == torch.float32
     assert isinstance(mixed.transformer.h[0].mlp.c_fc, Int4Linear)

@@ -2,8 +2,10 @@
 decoding equals whole decoding however the bytes are split, and broken tokenizer data is a
 clear error (never a hang or a Rust panic)."""
 
+import functools
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -34,16 +36,29 @@ VARIED = [
 ]
 
 
-@pytest.fixture(scope="session")
-def gpt2_tokenizer():
+@functools.cache
+def _from_gpt2_files(folder: Path) -> Tokenizer:
+    return Tokenizer.from_gpt2_files(folder / "vocab.json", folder / "merges.txt")
+
+
+def _gpt2_folder(request) -> Path:
+    """vocab.json + merges.txt: conftest's GPT-2-sized vocabulary for a "built" param, GPT-2's own
+    from ../shared for "gpt2" (skipped when absent)."""
+    if request.param.endswith("built"):
+        return request.getfixturevalue("gpt2_files")
     if not GPT2_TOKENIZER.exists():
         pytest.skip("../shared/data/gpt2-tokenizer is absent")
-    return Tokenizer.from_gpt2_files(GPT2_TOKENIZER / "vocab.json", GPT2_TOKENIZER / "merges.txt")
+    return GPT2_TOKENIZER
 
 
-@pytest.fixture(scope="session", params=["trained", "gpt2"])
+@pytest.fixture(scope="session", params=["built", "gpt2"])
+def gpt2_folder(request) -> Path:
+    return _gpt2_folder(request)
+
+
+@pytest.fixture(scope="session", params=["trained", "gpt2-built", "gpt2"])
 def any_tokenizer(request, tokenizer):
-    return tokenizer if request.param == "trained" else request.getfixturevalue("gpt2_tokenizer")
+    return tokenizer if request.param == "trained" else _from_gpt2_files(_gpt2_folder(request))
 
 
 @settings(max_examples=150, deadline=None)
@@ -169,15 +184,14 @@ def test_stop_matcher_across_pieces():
     assert m2.flush() == ""
 
 
-@pytest.mark.skipif(not GPT2_TOKENIZER.exists(), reason="../shared/data/gpt2-tokenizer is absent")
-def test_gpt2_parity_with_transformers(tmp_path):
+def test_gpt2_parity_with_transformers(tmp_path, gpt2_folder):
     transformers = pytest.importorskip("transformers")
     import shutil
 
     for name in ("vocab.json", "merges.txt"):
-        shutil.copy(GPT2_TOKENIZER / name, tmp_path / name)
+        shutil.copy(gpt2_folder / name, tmp_path / name)
     hf = transformers.GPT2TokenizerFast.from_pretrained(tmp_path)
-    ours = Tokenizer.from_gpt2_files(GPT2_TOKENIZER / "vocab.json", GPT2_TOKENIZER / "merges.txt")
+    ours = _from_gpt2_files(gpt2_folder)
     assert ours.n_vocab == 50257 and ours.eot_id == 50256
     for text in VARIED + STORY_LINES:
         assert ours.encode(text, special=False) == hf.encode(text), text
@@ -193,9 +207,9 @@ def test_gpt2_parity_with_transformers(tmp_path):
 ], ids=["valid", "three-token-merge", "vocab-list", "id-gap"])
 def test_gpt2_files_are_checked(tmp_path, vocab_change, merges, needle):
     """The files behind `--tokenizer FOLDER`: a tiny GPT-2 vocabulary (256 bytes, one merge, EOT)."""
-    from tinygen.core.tokenizer import _unicode_to_byte
+    from tinygen.core.tokenizer import unicode_to_byte
 
-    stand_ins = sorted(_unicode_to_byte(), key=_unicode_to_byte().get)  # GPT-2's printable byte stand-ins
+    stand_ins = sorted(unicode_to_byte(), key=unicode_to_byte().get)  # GPT-2's printable byte stand-ins
     vocab = {c: i for i, c in enumerate(stand_ins)} | {"ab": 256, EOT: 257}
     if vocab_change == "list":
         vocab = list(vocab)

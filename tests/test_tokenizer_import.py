@@ -1,7 +1,8 @@
 """Imported tokenizers (Hugging Face tokenizer.json, GGUF metadata) give the ids their models were
-trained on: SmolLM2's from its GGUF and from the tokenizer.json transformers writes for it, GPT-2's,
-and the Llama 3 and Qwen2 pre-tokenizers; special tokens sit among the ordinary ids; and what
-tinygen cannot reproduce is refused in one line."""
+trained on: the GPT-2, SmolLM2, Llama 3 and Qwen2 pre-tokenizers over a GPT-2-sized vocabulary built
+in conftest (and over GPT-2's own, from ../shared); SmolLM2's real tokenizer from its GGUF and from
+the tokenizer.json transformers writes for it (from ../shared, skipped when absent); special tokens
+sit among the ordinary ids; and what tinygen cannot reproduce is refused in one line."""
 
 import json
 import shutil
@@ -13,8 +14,8 @@ from conftest import GPT2_TOKENIZER
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinygen.core.tokenizer import EOT, Tokenizer, _unicode_to_byte
-from tinygen.core.tokenizer_import import tokenizer_from_gguf, tokenizer_from_hf
+from tinygen.core.tokenizer import EOT, Tokenizer, unicode_to_byte
+from tinygen.formats.tokenizer_import import tokenizer_from_gguf, tokenizer_from_hf
 from tinygen.errors import TinygenError
 
 SMOLLM2 = Path(__file__).resolve().parents[2] / "shared" / "models" / "smollm2-135m-instruct"
@@ -180,17 +181,27 @@ def test_smollm2_tokenizer_json_with_its_own_pre_tokenizer(transformers_smollm2,
     _assert_same_ids(ours, smollm2_reference, TEXTS)
 
 
-# -- GPT-2, Llama 3 and Qwen2 pre-tokenizers over GPT-2's vocabulary --------------------------------
+# -- GPT-2, SmolLM2, Llama 3 and Qwen2 pre-tokenizers over a GPT-2-sized vocabulary ------------------
 
-@pytest.fixture(scope="module")
-def gpt2_json(tmp_path_factory) -> dict:
-    """The tokenizer.json transformers writes for ../shared/data/gpt2-tokenizer (vocab.json + merges.txt)."""
+@pytest.fixture(scope="module", params=["built", "gpt2"])
+def gpt2_source(request, gpt2_files) -> Path:
+    """vocab.json + merges.txt: conftest's GPT-2-sized vocabulary (any two neighbouring ASCII
+    characters merge, so a split in the wrong place changes the ids), and GPT-2's own from ../shared
+    (skipped when absent)."""
+    if request.param == "built":
+        return gpt2_files
     if not GPT2_TOKENIZER.exists():
         pytest.skip("../shared/data/gpt2-tokenizer is absent")
+    return GPT2_TOKENIZER
+
+
+@pytest.fixture(scope="module")
+def gpt2_json(gpt2_source, tmp_path_factory) -> dict:
+    """The tokenizer.json transformers writes for gpt2_source's vocab.json + merges.txt."""
     transformers = pytest.importorskip("transformers")
     src, out = tmp_path_factory.mktemp("gpt2-src"), tmp_path_factory.mktemp("gpt2-hf")
     for name in ("vocab.json", "merges.txt"):
-        shutil.copy(GPT2_TOKENIZER / name, src / name)
+        shutil.copy(gpt2_source / name, src / name)
     transformers.GPT2TokenizerFast.from_pretrained(src).save_pretrained(out)
     return json.loads((out / "tokenizer.json").read_text())
 
@@ -201,23 +212,47 @@ def _split_then_byte_level(split: str) -> dict:
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
 
 
-def _gpt2_gguf_fields(pre: str) -> dict:
-    vocab = json.loads((GPT2_TOKENIZER / "vocab.json").read_text())
+def _gpt2_gguf_fields(source: Path, pre: str) -> dict:
+    vocab = json.loads((source / "vocab.json").read_text())
     tokens = sorted(vocab, key=vocab.get)
-    merges = [m for m in (GPT2_TOKENIZER / "merges.txt").read_text().splitlines() if m and not m.startswith("#version")]
+    merges = [m for m in (source / "merges.txt").read_text().splitlines() if m and not m.startswith("#version")]
     return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.merges": merges, "tokenizer.ggml.token_type": [3 if t == EOT else 1 for t in tokens],
             "tokenizer.ggml.bos_token_id": 50256, "tokenizer.ggml.eos_token_id": 50256}
 
 
-def test_gpt2_tokenizer_json(gpt2_json):
+def test_gpt2_tokenizer_json(gpt2_source, gpt2_json):
     ours = tokenizer_from_hf(gpt2_json)
-    files = Tokenizer.from_gpt2_files(GPT2_TOKENIZER / "vocab.json", GPT2_TOKENIZER / "merges.txt")
+    files = Tokenizer.from_gpt2_files(gpt2_source / "vocab.json", gpt2_source / "merges.txt")
     assert (ours.name, ours.ranks, ours.special, ours.pattern) == ("gpt-2", files.ranks, files.special, files.pattern)
     assert ours.stop_ids == (50256,) and ours.eos_id == 50256 and not ours.drop_unknown_bytes
     _assert_same_ids(ours, _hf(gpt2_json), TEXTS)
-    gguf = tokenizer_from_gguf(_gpt2_gguf_fields("gpt-2"))
+    gguf = tokenizer_from_gguf(_gpt2_gguf_fields(gpt2_source, "gpt-2"))
     assert (gguf.ranks, gguf.special, gguf.pattern) == (ours.ranks, ours.special, ours.pattern)
+
+
+@pytest.fixture(scope="module")
+def smollm(gpt2_json):
+    """(ours, Hugging Face's) for SmolLM2's pre-tokenizer over the vocabulary: digits one by one,
+    then GPT-2's split."""
+    tokenizer_json = {**gpt2_json, "pre_tokenizer": SMOLLM2_PRE}
+    return tokenizer_from_hf(tokenizer_json), _hf(tokenizer_json)
+
+
+def test_smollm_pre_tokenizer(gpt2_source, smollm):
+    ours, hf = smollm
+    assert ours.name == "smollm"
+    _assert_same_ids(ours, hf, TEXTS + ["a  1", "x\n\n1. y"])
+    gguf = tokenizer_from_gguf(_gpt2_gguf_fields(gpt2_source, "smollm"))
+    assert (gguf.ranks, gguf.pattern) == (ours.ranks, ours.pattern)
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=_text_strategy())
+def test_smollm_any_text(smollm, text):
+    ours, hf = smollm
+    assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids
+    assert ours.decode(ours.encode(text)) == text
 
 
 @pytest.fixture(scope="module")
@@ -231,11 +266,11 @@ def llama3(gpt2_json):
     return tokenizer_from_hf(tokenizer_json), _hf(tokenizer_json)
 
 
-def test_llama3_pre_tokenizer(llama3):
+def test_llama3_pre_tokenizer(gpt2_source, llama3):
     ours, hf = llama3
     assert (ours.name, ours.pattern, ours.add_bos, ours.bos_id) == ("llama-bpe", LLAMA3_SPLIT, True, 50256)
     _assert_same_ids(ours, hf, TEXTS)
-    gguf = tokenizer_from_gguf(_gpt2_gguf_fields("llama-bpe"))
+    gguf = tokenizer_from_gguf(_gpt2_gguf_fields(gpt2_source, "llama-bpe"))
     assert (gguf.ranks, gguf.pattern, gguf.add_bos) == (ours.ranks, LLAMA3_SPLIT, True)
 
 
@@ -247,7 +282,7 @@ def test_llama3_any_text(llama3, text):
     assert ours.decode(ours.encode(text)) == text
 
 
-def test_qwen2_pre_tokenizer_and_nfc(gpt2_json):
+def test_qwen2_pre_tokenizer_and_nfc(gpt2_source, gpt2_json):
     """Qwen2 normalizes to NFC, between special tokens only: a combining mark after `>` must not
     join it (NFC would make `>` + U+0338 one character, `≯`)."""
     tokenizer_json = {**gpt2_json, "pre_tokenizer": _split_then_byte_level(QWEN2_SPLIT), "normalizer": {"type": "NFC"}}
@@ -256,7 +291,7 @@ def test_qwen2_pre_tokenizer_and_nfc(gpt2_json):
     nfc = ["e\u0301t\u00e9 A\u030a \u212b", f"{EOT}\u0338 a>\u0338", "\u1e9b\u0323 12345"]
     _assert_same_ids(ours, _hf(tokenizer_json), TEXTS + nfc)
     assert ours.encode("e\u0301") == ours.encode("\u00e9")
-    gguf = tokenizer_from_gguf(_gpt2_gguf_fields("qwen2"))
+    gguf = tokenizer_from_gguf(_gpt2_gguf_fields(gpt2_source, "qwen2"))
     assert (gguf.pattern, gguf.normalization, gguf.encode(nfc[1])) == (QWEN2_SPLIT, "NFC", ours.encode(nfc[1]))
 
 
@@ -264,7 +299,7 @@ def test_qwen2_pre_tokenizer_and_nfc(gpt2_json):
 
 def _tiny_json(**change) -> dict:
     """A byte-level BPE over all 256 bytes plus "ab", with <s> and </s> at ids 0 and 1."""
-    stand_ins = sorted(_unicode_to_byte(), key=_unicode_to_byte().get)  # GPT-2's printable byte stand-ins
+    stand_ins = sorted(unicode_to_byte(), key=unicode_to_byte().get)  # GPT-2's printable byte stand-ins
     vocab = {"<s>": 0, "</s>": 1} | {c: 2 + i for i, c in enumerate(stand_ins)} | {"ab": 258}
     added = [{"id": i, "content": t, "special": True} for t, i in (("<s>", 0), ("</s>", 1))]
     data = {"added_tokens": added, "normalizer": None, "post_processor": None,

@@ -29,9 +29,9 @@ from tinygen.bench.ceilings import (
     read_bandwidth,
 )
 from tinygen.bench.generation import batch_section, chat_section, decode_section
+from tinygen.bench.hardware import datasheet
 from tinygen.bench.training import train_section
 from tinygen.core.config import PRESETS, ModelConfig
-from tinygen.core.hardware import datasheet
 from tinygen.errors import TinygenError
 
 SECTIONS = ("decode", "batch", "chat", "train")
@@ -54,8 +54,9 @@ def shape_config(name: str) -> ModelConfig:
     return ModelConfig(**PRESETS[name], vocab_size=8192)
 
 
-def _build(model: str | None, shape: str | None, device, dtype, quantize: str | None = None):
-    """(model, its label, the kind of file it came from: None for a shape's random weights)."""
+def _build(model: str | None, shape: str | None, device, dtype):
+    """(model, its label, the kind of file it came from: None for a shape's random weights, and the
+    matrices the file stores as 4-bit blocks: ModelInfo.stored_q4)."""
     from tinygen.core.checkpoint import load_model
     from tinygen.core.model import GPT
 
@@ -64,11 +65,9 @@ def _build(model: str | None, shape: str | None, device, dtype, quantize: str | 
         torch.manual_seed(0)
         with torch.device(device):
             net = GPT(config)
-        return net.to(dtype).eval(), f"{shape} (random weights)", None
-    from tinygen.generate.quantize import takes_gguf_q4
-
-    net, _, info = load_model(model, device=device, dtype=dtype, keep_q4=takes_gguf_q4(quantize))
-    return net, str(info.path), info.kind
+        return net.to(dtype).eval(), f"{shape} (random weights)", None, {}
+    net, _, info = load_model(model, device=device, dtype=dtype)
+    return net, str(info.path), info.kind, info.stored_q4
 
 
 def _training_net(model: str | None, shape: str | None):
@@ -84,7 +83,7 @@ def _training_net(model: str | None, shape: str | None):
 
     from tinygen.core.model import GPT
 
-    net, _, _ = _build(model, shape, torch.device("cpu"), torch.float32)
+    net = _build(model, shape, torch.device("cpu"), torch.float32)[0]
     if net.config.block_size <= TRAIN_WINDOW and net.config.dropout == 0:
         return net
     short = GPT(replace(net.config, block_size=min(net.config.block_size, TRAIN_WINDOW), dropout=0.0), init=False)
@@ -100,16 +99,17 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
     """The figures of the sections asked for, as a JSON-ready dict; say(message) hears of progress.
     sections=None runs every section that applies: an imported model's training only when asked
     for. What was left out, and why, is under "skipped"."""
-    from tinygen.core.device import inference_dtype, resolve_device, training_dtype
-    from tinygen.generate.fastlinear import decoding_layers
+    from tinygen.core.device import inference_dtype, resolve_device
+    from tinygen.generate import plan
+    from tinygen.training.precision import training_dtype
 
     unknown = set(sections or SECTIONS) - set(SECTIONS)
     if unknown or (sections is not None and not sections):
         raise TinygenError(f"unknown section {', '.join(sorted(unknown)) or '(none)'}; choose from {', '.join(SECTIONS)}")
     if threads:
         torch.set_num_threads(threads)
-    dev = resolve_device(device, quantize and f"--quantize {quantize}")
-    net, label, kind = _build(model, shape, dev, inference_dtype(dev, dtype), quantize)
+    dev = resolve_device(device, plan.cpu_only(quantize))
+    net, label, kind, stored_q4 = _build(model, shape, dev, inference_dtype(dev, dtype))
     cfg = net.config
     skipped = {}
     if sections is None:
@@ -127,7 +127,8 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
         from tinygen.bench.reference import to_transformers
 
         hf = to_transformers(net)  # from the float weights, before any quantisation
-    decoding_layers(net, quantize)  # what `sample` decodes with
+    prepared = plan.prepare(net, quantize, compile and "decode" in sections, stored_q4)  # what `sample` decodes with
+    net = prepared.model
     say(f"{label}: {params / 1e6:.1f}M params on {dev}, {torch.get_num_threads()} threads")
     result = {
         "model": label, "device": str(dev),
@@ -144,12 +145,9 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
     with torch.inference_mode():
         if "decode" in sections:
             prompt = torch.randint(0, cfg.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0))
-            decoder = None
-            if compile:
-                from tinygen.generate.compiled import StaticDecoder
-
+            decoder = prepared.decoder
+            if decoder is not None:
                 say("compiling the decode step")
-                decoder = StaticDecoder(net)
                 result["compile_seconds"] = decoder.warm_up()
             llama = _llama_cpp(label, kind, compare, dev, prompt_tokens + new_tokens, skipped, say)
             section = decode_section(net, hf, prompt.tolist(), new_tokens, repeats, dev, say, decoder, llama)
@@ -176,7 +174,7 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
         if "chat" in sections:
             result["chat"] = chat_section(net, CHAT_TURNS, repeats, dev, say)
     if "train" in sections:
-        del hf, net  # free their memory for training's
+        del hf, net, prepared  # free their memory for training's
         compute = training_dtype(dev, dtype)
         peak, peak_kind = flops_ceiling(dev, compute, say)
         net = _training_net(model, shape)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from tinygen.bench.hardware import datasheet
 from tinygen.bench.measure import median_time, sync_for
-from tinygen.core.hardware import cpu_has_bf16, datasheet
+from tinygen.core.device import cpu_has_bf16
 
 
 def read_bandwidth(device: torch.device) -> float:

@@ -39,7 +39,7 @@ def to_transformers(model: GPT):
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         state = {k: (v.t() if k.endswith(conv1d) else v) for k, v in sd.items() if k != "lm_head.weight"}
     else:
-        from tinygen.core.llama import hf_names
+        from tinygen.formats.llama import hf_names
 
         hf = _llama_like(transformers, cfg)
         # Each fused tinygen matrix splits back into the reference's own, at the reference's sizes

@@ -8,17 +8,26 @@ from typing import Annotated, Optional
 import typer
 
 from tinygen.cli import ui
-from tinygen.cli.common import compiled_decoder, load_model
-from tinygen.cli.options import CompileOpt, DeviceOpt, DtypeOpt, QuantOpt, Sampling, sampling_flags
+from tinygen.cli.common import load_model
+from tinygen.cli.options import (
+    MODEL_KINDS,
+    CompileOpt,
+    DeviceOpt,
+    DtypeOpt,
+    QuantOpt,
+    Sampling,
+    sampling_flags,
+)
 from tinygen.errors import TinygenError
 
 
 @sampling_flags(max_new_tokens=256, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
 def chat(
     model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="MODEL", envvar="TINYGEN_MODEL",
-                                                 show_envvar=False, help="Model to chat with. Default: $TINYGEN_MODEL, "
-                                                 "else the bundled chat model. A model that was never chat-tuned "
-                                                 "gets a plain User:/Assistant: transcript.", show_default=False)] = None,
+                                                 show_envvar=False, help=f"Model to chat with: {MODEL_KINDS}. "
+                                                 "Default: $TINYGEN_MODEL, else the bundled chat model. A model that "
+                                                 "was never chat-tuned gets a plain User:/Assistant: transcript.",
+                                                 show_default=False)] = None,
     system: Annotated[Optional[str], typer.Option(metavar="TEXT", help="System prompt.", show_default=False)] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", metavar="TEXT", help="Answer this one message and exit.",
                                                   show_default=False)] = None,
@@ -39,9 +48,9 @@ def chat(
         raise TinygenError("--prompt is empty: give it the message to answer, or leave it out to chat")
     params = sampling.params()
     path = resolve_model_path(model, DEFAULT_CHAT_MODEL)
-    net, tokenizer, _ = load_model(str(path), device, dtype, quantize)
+    net, tokenizer, _, decoder = load_model(str(path), device, dtype, quantize, compile)
     session = ChatSession(net, tokenizer, params, max_tokens=sampling.max_new_tokens, seed=sampling.seed, system=system,
-                          compiled=compiled_decoder(net, compile))
+                          compiled=decoder)
     repl = Repl(session, jsonl=jsonl)
     interactive = prompt is None and sys.stdin.isatty()
     if not session.template.tuned and not interactive:

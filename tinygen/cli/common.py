@@ -1,10 +1,10 @@
 """What several commands do the same way: read text from an argument or stdin, and load a model
-onto the device and dtype the flags name."""
+onto the device and dtype the flags name, prepared as --quantize and --compile ask."""
 
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from tinygen.cli import ui
 from tinygen.cli.options import Dtype, Quantize
@@ -28,34 +28,32 @@ def text_arg(text: Optional[str]) -> str:
     return ""
 
 
-def load_model(model: Optional[str], device: str, dtype: Dtype | str = "auto", quantize: Quantize | str | None = None):
-    """(model, tokenizer, info) on the device and in the dtype the flags name, quantised if asked."""
+class Loaded(NamedTuple):
+    model: object  # a GPT prepared to decode (generate/plan.py)
+    tokenizer: object
+    info: object
+    decoder: object  # the compiled decode step with --compile, warmed up; else None
+
+
+def load_model(model: Optional[str], device: str, dtype: Dtype | str = "auto", quantize: Quantize | str | None = None,
+               compile: bool = False) -> Loaded:
+    """The model the flags name, on their device and dtype, prepared to decode as they ask."""
     from tinygen.core import checkpoint
     from tinygen.core.device import inference_dtype, resolve_device
+    from tinygen.generate import plan
 
     quantize = quantize and Quantize(quantize).value
-    cpu_only = quantize and f"--quantize {quantize}"
+    cpu_only = plan.cpu_only(quantize)
     dev = resolve_device(device, cpu_only)
     if cpu_only and device == "auto" and resolve_device("auto").type != "cpu":
         ui.note(f"{cpu_only} runs on the CPU, so the model runs there rather than on the GPU")
-    from tinygen.generate.fastlinear import decoding_layers
-    from tinygen.generate.quantize import takes_gguf_q4
-
-    net, tokenizer, info = checkpoint.load_model(model, device=dev, dtype=inference_dtype(dev, Dtype(dtype).value),
-                                                 keep_q4=takes_gguf_q4(quantize))
+    net, tokenizer, info = checkpoint.load_model(model, device=dev, dtype=inference_dtype(dev, Dtype(dtype).value))
     for note in info.notes:  # what loading adapted or converted (a GGUF's dequantization, a shorter context)
         ui.note(note)
+    prepared = plan.prepare(net, quantize, compile, info.stored_q4)
+    if prepared.decoder is not None:
+        from tinygen.generate.compiled import cache_dir
 
-    return decoding_layers(net, quantize), tokenizer, info
-
-
-def compiled_decoder(net, compile: bool):
-    """The compiled batch-1 decode step, compiled now so that its cost shows up front, or None."""
-    if not compile:
-        return None
-    from tinygen.generate.compiled import StaticDecoder, cache_dir
-
-    decoder = StaticDecoder(net)
-    ui.note(f"compiling the decode step (cached in {cache_dir()})…")
-    ui.note(f"ready in {decoder.warm_up():.1f} s")
-    return decoder
+        ui.note(f"compiling the decode step (cached in {cache_dir()})…")
+        ui.note(f"ready in {prepared.decoder.warm_up():.1f} s")
+    return Loaded(prepared.model, tokenizer, info, prepared.decoder)

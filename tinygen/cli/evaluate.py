@@ -49,7 +49,7 @@ def eval_cmd(
         split_note = f"{val_split}, seed {seed}" + (", the end of the text" if split.method == "tail" else "")
     if record and quantize is not None:
         raise TinygenError("--record stores the model's own scores; drop --quantize to record")
-    net, tok, meta = load_model(model, device, dtype, quantize=quantize)
+    net, tok, meta, _ = load_model(model, device, dtype, quantize=quantize)
     if stride is not None and stride > net.config.block_size:
         raise TinygenError(f"--stride must be at most the model's context, {net.config.block_size}")
     tokens = data_lib.encode_documents(docs, tok)

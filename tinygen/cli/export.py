@@ -10,7 +10,7 @@ import typer
 from rich.filesize import decimal
 
 from tinygen.cli import ui
-from tinygen.core.export import FORMATS, GGUF_TYPES
+from tinygen.formats.export import FORMATS, GGUF_TYPES
 
 # Built from core's lists, so the flags and the library never disagree on what exists.
 Format = Enum("Format", {f: f for f in FORMATS}, type=str)
@@ -30,7 +30,7 @@ def export(
     force: Annotated[bool, typer.Option("--force", metavar="", help="Replace PATH if it exists.")] = False,
 ) -> None:
     """Write a model for other tools: a Hugging Face folder or a llama.cpp GGUF file."""
-    from tinygen.core.export import export as export_model
+    from tinygen.formats.export import export as export_model
 
     done = export_model(model, fmt.value, out, gguf_type and gguf_type.value, force)
     for note in done.notes:

@@ -50,7 +50,7 @@ def attention(
     if all_heads and (layer is not None or head is not None):
         raise TinygenError("--all shows every layer and head; drop --layer/--head")
     text = text_arg(text)
-    net, tok, meta = load_model(model, device, dtype)
+    net, tok, meta, _ = load_model(model, device, dtype)
     amap = attention_map(net, tok, tok.encode(text))
     if amap.dropped:
         ui.warn(f"the text has {len(amap.ids) + amap.dropped} tokens, more than the model's context; "
@@ -100,7 +100,7 @@ def embed(
 
     if analogy and len(words) != 3:
         raise TinygenError(f"--analogy takes three words, A B C for A - B + C; got {len(words)}")
-    net, tok, _ = load_model(model, "cpu")
+    net, tok = load_model(model, "cpu")[:2]
     results, notes = neighbours(net, tok, words, top, as_analogy=analogy)
     for note in notes:
         ui.note(note)

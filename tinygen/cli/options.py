@@ -23,6 +23,30 @@ class Dtype(str, Enum):
     bfloat16 = "bfloat16"
 
 
+# The short names people type for the dtypes above. float16's are listed only to be refused with a
+# pointer to bf16: no command runs in float16.
+DTYPE_ALIASES = {"fp32": Dtype.float32, "f32": Dtype.float32, "bf16": Dtype.bfloat16}
+FLOAT16_NAMES = ("float16", "fp16", "f16", "half")
+
+
+def parse_dtype(value: Dtype | str) -> Dtype:
+    """A --dtype value: a Dtype by its name or a short one (bf16, fp32), so that nothing below the
+    CLI sees an alias. Pass it as a --dtype option's `parser`, beside the Dtype annotation that
+    lists the canonical choices in the help."""
+    if isinstance(value, Dtype):
+        return value
+    name = value.strip().lower()
+    if name in DTYPE_ALIASES:
+        return DTYPE_ALIASES[name]
+    if name in FLOAT16_NAMES:
+        raise typer.BadParameter(f"{value!r}: float16 is not supported; use bfloat16 (bf16) for half-size "
+                                 "weights, or auto or float32 (fp32)")
+    try:
+        return Dtype(name)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a dtype; use auto, float32 (fp32) or bfloat16 (bf16)") from None
+
+
 class Quantize(str, Enum):
     int8 = "int8"
     int4 = "int4"
@@ -31,21 +55,24 @@ class Quantize(str, Enum):
     int4_g256 = "int4-g256"
 
 
+# Every kind of model that loads, for each --model help to name.
+MODEL_KINDS = ("a tinygen .safetensors file, a Hugging Face folder (GPT-2 or the Llama family: Llama, Mistral, "
+               "Qwen2, Qwen3, SmolLM2, ...) or a llama-family GGUF file")
 ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", "-m", metavar="MODEL", envvar="TINYGEN_MODEL", show_envvar=False,
-                 help="Model: a tinygen .safetensors file or a Hugging Face GPT-2 folder. "
-                 "Default: $TINYGEN_MODEL, else the bundled model.", show_default=False),
+                 help=f"Model: {MODEL_KINDS}. Default: $TINYGEN_MODEL, else the bundled model.", show_default=False),
 ]
 DeviceOpt = Annotated[str, typer.Option(metavar="DEVICE", envvar="TINYGEN_DEVICE", show_envvar=False,
                                         help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps. Default: "
                                         "$TINYGEN_DEVICE, else auto.")]
-DtypeOpt = Annotated[Dtype, typer.Option(help="Weights for generation: auto (bf16 on CUDA, float32 elsewhere), "
-                                         "float32 or bfloat16. On a CPU, bfloat16 decodes faster but prefills "
-                                         "slower.")]
-ScoreDtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Weights to score and inspect with: float32 (the "
-                                              "default on every device: the probabilities and losses training "
-                                              "reports), bfloat16, or auto (bf16 on CUDA).")]
+DtypeOpt = Annotated[Dtype, typer.Option(parser=parse_dtype, help="Weights for generation: auto (bf16 on CUDA, "
+                                         "float32 elsewhere), float32 (or fp32) or bfloat16 (or bf16). On a CPU, "
+                                         "bfloat16 decodes faster but prefills slower.")]
+ScoreDtypeOpt = Annotated[Dtype, typer.Option("--dtype", parser=parse_dtype, help="Weights to score and inspect "
+                                              "with: float32 (or fp32; the default on every device: the "
+                                              "probabilities and losses training reports), bfloat16 (or bf16), or "
+                                              "auto (bf16 on CUDA).")]
 QuantOpt = Annotated[Optional[Quantize], typer.Option("--quantize", help="Weight-only quantised linear layers "
                                                       "(CPU). int8: a quarter of float32's bytes per token; int4: "
                                                       "an eighth, in groups of 32 inputs (-g64 ... -g256: larger "
@@ -86,7 +113,9 @@ class Sampling:
     seed: Optional[int]
 
     def params(self):
-        from tinygen.generate.sampling import SamplingParams  # torch: only once a command runs
+        from tinygen.generate.sampling import (
+            SamplingParams,  # torch: only once a command runs
+        )
 
         return SamplingParams(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
 

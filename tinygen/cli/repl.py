@@ -9,13 +9,19 @@ split it at its newlines, so the file is written here.
 
 Replies go to stdout; banners, notices, stats and command output go to stderr, so that
 `tinygen chat < questions.txt > answers.txt` captures only the model's words.
+
+Ctrl-C never ends a session on a terminal: it stops a reply, or clears the line at the prompt, as
+ollama's does. A Ctrl-C pressed a moment too late to stop a reply would otherwise land at the prompt
+or on the stats line, and quit with the conversation unsaved.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.text import Text
@@ -32,8 +38,9 @@ HELP = [
     ("/undo", "take back your last message and its reply"),
     ("/save FILE", "write the conversation as JSON (messages format)"),
     ("/load FILE", "continue a saved conversation"),
-    ("/exit, /bye", "leave (so do Ctrl-D and Ctrl-C at the prompt)"),
+    ("/exit, /bye", "leave (so does Ctrl-D at the prompt; Ctrl-C stops a reply or clears the line)"),
 ]
+QUIT_HINT = "(Ctrl-D or /bye to quit)"
 MULTILINE = '"""'
 HISTORY_LENGTH = 1000
 
@@ -97,6 +104,8 @@ class Repl:
         self.out = ui.out()
         self.err = ui.err()
         self.styled = ui.is_tty() and not self.out.no_color
+        self.interruptible = False  # whether a Ctrl-C may raise KeyboardInterrupt now; see interactive()
+        self.interrupt_held = False
 
     # -- output ----------------------------------------------------------------------------------
 
@@ -119,15 +128,16 @@ class Repl:
         # Shown as the history stores it, stripped: whitespace is held back until text follows it.
         started, held = False, ""
         try:
-            for piece in replies:
-                text = held + piece
-                if not started:
-                    text = text.lstrip()
-                    started = bool(text)
-                body = text.rstrip()
-                held = text[len(body):]
-                if body and not self.jsonl:
-                    self._show(body)
+            with self.interrupts():
+                for piece in replies:
+                    text = held + piece
+                    if not started:
+                        text = text.lstrip()
+                        started = bool(text)
+                    body = text.rstrip()
+                    held = text[len(body):]
+                    if body and not self.jsonl:
+                        self._show(body)
         except KeyboardInterrupt:
             replies.close()  # the partial reply joins the history
             if not self.jsonl:
@@ -207,6 +217,33 @@ class Repl:
         except TinygenError as e:
             ui.error(str(e))
 
+    # -- Ctrl-C --------------------------------------------------------------------------------
+
+    @contextmanager
+    def interrupts(self):
+        """The stretch where a Ctrl-C raises KeyboardInterrupt: at the prompt and while a reply
+        streams. In the REPL, one pressed elsewhere is held for the next prompt (on_sigint)."""
+        self.interruptible = True
+        try:
+            yield
+        finally:
+            self.interruptible = False
+
+    def on_sigint(self, signum, frame) -> None:
+        # Holding, not raising, outside interrupts() is what keeps every moment between a reply and
+        # the prompt (the stats line, the history, a command) from ending the session.
+        if self.interruptible:
+            raise KeyboardInterrupt
+        self.interrupt_held = True
+
+    def prompt_for_message(self) -> str:
+        """The next message; KeyboardInterrupt for a Ctrl-C at the prompt or held since the last one."""
+        with self.interrupts():
+            if self.interrupt_held:
+                self.interrupt_held = False
+                raise KeyboardInterrupt
+            return self.read_message()
+
     # -- the two loops ---------------------------------------------------------------------------
 
     def interactive(self, banner: str) -> None:
@@ -218,25 +255,29 @@ class Repl:
         for entry in read_history(hist):
             readline.add_history(entry)
         self.err.print(Text(banner, style="bold"))
-        self.note('/help for commands · end a line with \\ or wrap it in """ for several lines · Ctrl-D quits')
+        self.note('/help for commands · end a line with \\ or wrap it in """ for several lines · '
+                  'Ctrl-C stops a reply · Ctrl-D quits')
+        previous = signal.signal(signal.SIGINT, self.on_sigint)
         try:
             while True:
                 try:
-                    line = self.read_message()
-                except (EOFError, KeyboardInterrupt):
+                    line = self.prompt_for_message()
+                except EOFError:
                     self.err.print()
                     return
+                except KeyboardInterrupt:  # readline has dropped the line; the cursor is still on it
+                    self.err.print()
+                    self.note(QUIT_HINT)
+                    continue
                 n = readline.get_current_history_length()
                 if line.strip() and (not n or readline.get_history_item(n) != line):
                     readline.add_history(line)
-                try:
-                    if line.strip():
-                        self.handle(line.strip(), show_stats=True)
-                except KeyboardInterrupt:  # during a command, or between a reply and the prompt
-                    self.note("(interrupted)")
+                if line.strip():
+                    self.handle(line.strip(), show_stats=True)
         except Exit:
             return
         finally:
+            signal.signal(signal.SIGINT, previous)
             entries = [readline.get_history_item(i) for i in range(1, readline.get_current_history_length() + 1)]
             try:
                 write_history(hist, entries)

@@ -12,9 +12,18 @@ from typing import Annotated, Optional
 import typer
 
 from tinygen.cli import ui
-from tinygen.cli.common import compiled_decoder, load_model, read_stdin, text_arg
-from tinygen.cli.options import (CompileOpt, DeviceOpt, Dtype, DtypeOpt, ModelOpt, QuantOpt, Sampling, StopOpt,
-                                 sampling_flags)
+from tinygen.cli.common import load_model, read_stdin, text_arg
+from tinygen.cli.options import (
+    CompileOpt,
+    DeviceOpt,
+    Dtype,
+    DtypeOpt,
+    ModelOpt,
+    QuantOpt,
+    Sampling,
+    StopOpt,
+    sampling_flags,
+)
 from tinygen.errors import TinygenError
 
 
@@ -68,8 +77,8 @@ def sample(
     text = text_arg(prompt)
     if explain_k and Dtype(dtype) == Dtype.auto:
         dtype = Dtype.float32  # --explain shows probabilities: in float32 unless --dtype says otherwise
-    net, tokenizer, _ = load_model(model, device, dtype, quantize)
-    textgen = TextGenerator(net, tokenizer, compiled=compiled_decoder(net, compile and num_samples == 1))
+    net, tokenizer, _, decoder = load_model(model, device, dtype, quantize, compile and num_samples == 1)
+    textgen = TextGenerator(net, tokenizer, compiled=decoder)
     n_prompt = len(textgen.encode_prompt(text))
     if n_prompt > textgen.block_size:
         ui.warn(f"prompt has {n_prompt} tokens, more than the model's context of {textgen.block_size}; "

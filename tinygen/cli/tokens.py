@@ -76,7 +76,7 @@ def _token_probs(model: Optional[str], text: str, device: str, dtype: Dtype) -> 
     from tinygen.cli import views
     from tinygen.inspect.explain import surprisal
 
-    net, tok, _ = load_model(model, device, dtype)
+    net, tok = load_model(model, device, dtype)[:2]
     ids = tok.encode(text)
     if not ids:
         raise TinygenError("no text to score")

@@ -153,6 +153,7 @@ def train(
                                          "slower.")] = Dtype.auto,
 ) -> None:
     """Train a model (and its tokenizer) on your own text."""
+    from tinygen.bench.hardware import peak_bf16_flops
     from tinygen.cli.progress import TrainDisplay
     from tinygen.core.device import resolve_device
     from tinygen.training.distributed import init_distributed, shutdown_distributed
@@ -180,7 +181,7 @@ def train(
     )
     dist, dev = init_distributed(resolve_device(device))
     if dist.master and dtype == Dtype.bfloat16 and dev.type == "cpu":
-        from tinygen.core.hardware import cpu_has_bf16
+        from tinygen.core.device import cpu_has_bf16
 
         if cpu_has_bf16() is False:
             ui.warn("this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 training runs many times "
@@ -192,7 +193,7 @@ def train(
         run = prepare(recipe, dist=dist)
         events = train_loop(run.model, run.tokenizer, run.train_data, run.val_data, out, run.settings, device=dev,
                             dist=dist, resume=resume, val_bytes=run.val_bytes, provenance=run.provenance,
-                            recipe=run.recipe, chat=run.chat, should_stop=stop)
+                            recipe=run.recipe, chat=run.chat, should_stop=stop, peak_flops=peak_bf16_flops(dev))
         if not dist.master:
             with stop.installed():
                 for _ in events:

@@ -2,9 +2,10 @@
 
 Metadata keys (all strings, as safetensors requires): format="tinygen", format_version, config
 (JSON of ModelConfig), tokenizer (JSON of Tokenizer.to_dict), provenance (JSON: steps, tokens,
-losses, data). Models made elsewhere (Hugging Face GPT-2 and Llama-family folders, llama GGUF
-files) load too, through imported.py. Reading the header needs no torch, so `info` and
-`tokenize` stay fast; only load_model imports it.
+losses, data). Models made elsewhere (Hugging Face folders, GGUF files) load through the same
+functions: formats/ registers a ModelFormat for each (register_format), and read_info, load_tokenizer
+and load_model hand such a file to it, so this module never imports formats/. Reading the header
+needs no torch, so `info` and `tokenize` stay fast; only load_model imports it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,15 +22,12 @@ from tinygen.atomic import atomic_path
 from tinygen.core.config import ModelConfig
 from tinygen.core.template import template_for
 from tinygen.core.tokenizer import Tokenizer
-from tinygen.errors import TinygenError
+from tinygen.errors import TinygenError, one_line
 
 FORMAT = "tinygen"
 FORMAT_VERSION = 1
 DEFAULT_MODEL = "stories.safetensors"
 DEFAULT_CHAT_MODEL = "chat.safetensors"
-HF_WEIGHTS = "model.safetensors"
-# GPT-2 stores these as Conv1D, whose weight is (in, out): the transpose of nn.Linear's.
-HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # A block's tensors: transformer.h.3.attn... (h.3... in GPT-2 files, model.layers.3... in Llama ones).
 LAYER_NAME = re.compile(r"(?:^|\.)(?:h|layers)\.(\d+)\.")
@@ -46,16 +45,11 @@ class ModelInfo:
     format_version: int | None = None
     file_size: int = 0
     tensors: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # name -> (shape, dtype) of each weight
-    shards: tuple[Path, ...] = ()  # a Hugging Face folder's weight files, when there are several
+    weight_files: tuple[Path, ...] = ()  # the safetensors files that hold the weights; () means path itself
     notes: tuple[str, ...] = ()  # what loading adapted, for stderr (a context limited to what tinygen allows)
-
-    @property
-    def weights_path(self) -> Path:
-        return self.path / HF_WEIGHTS if self.kind in ("gpt2", "llama") else self.path
-
-    @property
-    def weight_files(self) -> tuple[Path, ...]:
-        return self.shards or (self.weights_path,)
+    # Matrices the file stores as Q4_0/Q4_1 blocks, by module name, each read as stored when called:
+    # the decode plan (generate/plan.py) alone reads them, to run a file's own 4-bit numbers.
+    stored_q4: dict[str, Callable] = field(default_factory=dict)
 
     @property
     def n_params(self) -> int:
@@ -96,7 +90,30 @@ def resolve_model_path(model: str | os.PathLike | None, default: str = DEFAULT_M
     return Path(model) if model else default_model_path(default)
 
 
-def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], str]]]:
+@dataclass(frozen=True)
+class ModelFormat:
+    """A kind of model file made elsewhere, read by formats/ (which registers it with register_format)."""
+
+    kinds: tuple[str, ...]  # the ModelInfo.kind values it reads
+    claims: Callable[[Path], bool]  # whether an existing path is such a file or folder, from a cheap look
+    read_info: Callable[[Path], ModelInfo]
+    load_tokenizer: Callable[[ModelInfo], Tokenizer]
+    load: Callable[..., tuple]  # (path, device, dtype) -> (model, tokenizer, info), as load_model
+
+
+FORMATS: list[ModelFormat] = []
+
+
+def register_format(fmt: ModelFormat) -> None:
+    if fmt not in FORMATS:
+        FORMATS.append(fmt)
+
+
+def _claimed(path: Path) -> ModelFormat | None:
+    return next((fmt for fmt in FORMATS if fmt.claims(path)), None)
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], str]]]:
     """(metadata, {name: (shape, dtype)}) from a safetensors file, validated by safetensors itself."""
     from safetensors import SafetensorError, safe_open
 
@@ -108,15 +125,10 @@ def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[tuple[int,
                 piece = f.get_slice(k)
                 tensors[k] = (tuple(piece.get_shape()), piece.get_dtype())
     except SafetensorError as e:
-        raise TinygenError(f"{path} is not a valid safetensors file (corrupt or truncated?): {_one_line(e)}") from e
+        raise TinygenError(f"{path} is not a valid safetensors file (corrupt or truncated?): {one_line(e)}") from e
     except OSError as e:
         raise TinygenError(f"cannot read {path}: {e.strerror or e}") from e
     return meta, tensors
-
-
-def _one_line(e: Exception) -> str:
-    """A library's message, folded onto one line (the CLI promises one line per error)."""
-    return " ".join(str(e).split())
 
 
 def _json_field(meta: dict, key: str, path: Path) -> dict:
@@ -130,18 +142,16 @@ def _json_field(meta: dict, key: str, path: Path) -> dict:
 
 
 def read_info(model: str | os.PathLike | None) -> ModelInfo:
-    """Read a model's header: a tinygen .safetensors file or a Hugging Face GPT-2 folder."""
+    """Read a model's header: a tinygen .safetensors file, or a file or folder a ModelFormat reads."""
     path = resolve_model_path(model)
     if not path.exists():
         hint = "pass --model or set TINYGEN_MODEL" if model is None else "check the path"
         raise TinygenError(f"no model at {path}; train one with `tinygen train` or {hint}")
-    from tinygen.core import imported
-
+    if (fmt := _claimed(path)) is not None:
+        return fmt.read_info(path)
     if path.is_dir():
-        return imported.read_hf_info(path)
-    if imported.is_gguf(path):
-        return imported.read_gguf_info(path)
-    meta, tensors = _read_header(path)
+        raise TinygenError(f"{path} is a folder, not a model file")
+    meta, tensors = read_safetensors_header(path)
     if meta.get("format") != FORMAT:
         raise TinygenError(
             f"{path} is a safetensors file but not a tinygen checkpoint (no tinygen metadata); "
@@ -156,7 +166,7 @@ def read_info(model: str | os.PathLike | None) -> ModelInfo:
     return ModelInfo(
         path=path,
         kind="tinygen",
-        config=_config(_json_field(meta, "config", path), path),
+        config=config_from_fields(_json_field(meta, "config", path), path),
         tokenizer_data=_json_field(meta, "tokenizer", path),
         provenance=_json_field(meta, "provenance", path) if "provenance" in meta else {},
         format_version=version,
@@ -165,7 +175,7 @@ def read_info(model: str | os.PathLike | None) -> ModelInfo:
     )
 
 
-def _config(fields: dict, path: Path) -> ModelConfig:
+def config_from_fields(fields: dict, path: Path) -> ModelConfig:
     try:
         return ModelConfig.from_dict(fields)
     except TinygenError as e:
@@ -173,33 +183,16 @@ def _config(fields: dict, path: Path) -> ModelConfig:
 
 
 def load_tokenizer(model: str | os.PathLike | None = None, info: ModelInfo | None = None) -> Tokenizer:
-    """The tokenizer of a model (checkpoint or GPT-2 folder), without importing torch."""
+    """The tokenizer of a model, without importing torch."""
     info = info or read_info(model)
-    if info.kind == "gpt2" and (info.path / "tokenizer.json").exists():
-        # What `tinygen export --format hf` writes for a gpt2 model: its own split pattern, which
-        # vocab.json + merges.txt could not carry.
-        from tinygen.core import imported
-
-        tokenizer = imported.hf_tokenizer(info.path)
-    elif info.kind == "gpt2":
-        vocab, merges = info.path / "vocab.json", info.path / "merges.txt"
-        if not (vocab.exists() and merges.exists()):
-            raise TinygenError(f"{info.path} has no vocab.json + merges.txt, so its tokenizer is unknown")
-        tokenizer = Tokenizer.from_gpt2_files(vocab, merges)
-    elif info.kind == "llama":
-        from tinygen.core import imported
-
-        tokenizer = imported.hf_tokenizer(info.path)
-    elif info.kind == "gguf":
-        from tinygen.core import imported
-
-        tokenizer = imported.gguf_tokenizer(info)
-    else:
+    if info.kind == "tinygen":
         try:
             tokenizer = Tokenizer.from_dict(info.tokenizer_data)
             template_for(tokenizer)  # a broken chat template is a broken checkpoint: say so now, not mid-chat
         except TinygenError as e:
             raise TinygenError(f"{info.path}: {e}") from None
+    else:
+        tokenizer = next(fmt for fmt in FORMATS if info.kind in fmt.kinds).load_tokenizer(info)
     if tokenizer.n_vocab > info.config.vocab_size:
         raise TinygenError(f"{info.path}: tokenizer has {tokenizer.n_vocab} tokens but the model only {info.config.vocab_size}")
     return tokenizer
@@ -221,35 +214,33 @@ def load_tokenizer_source(source: str | os.PathLike) -> Tokenizer:
     return load_tokenizer(path)
 
 
-def load_model(model: str | os.PathLike | None = None, device="cpu", dtype=None, keep_q4: bool = False):
-    """(GPT in eval mode on device, Tokenizer, ModelInfo) from a checkpoint, a Hugging Face GPT-2 or
-    Llama-family folder, or a llama GGUF (keep_q4: imported.load_gguf's)."""
-    from safetensors.torch import load_file
-
-    from tinygen.core import imported
-
+def load_model(model: str | os.PathLike | None = None, device="cpu", dtype=None):
+    """(GPT in eval mode on device, Tokenizer, ModelInfo) from a tinygen checkpoint, or from a file
+    or folder a ModelFormat reads (Hugging Face folders, GGUF files)."""
     path = resolve_model_path(model)
-    if path.is_file() and imported.is_gguf(path):
-        return imported.load_gguf(path, device, dtype, keep_q4)
+    if path.exists() and (fmt := _claimed(path)) is not None:
+        return fmt.load(path, device, dtype)
     info = read_info(model)
     tokenizer = load_tokenizer(info=info)
-    _check_fits(info)
+    return build_model(info, load_weights(info, device), device, dtype), tokenizer, info
+
+
+def load_weights(info: ModelInfo, device) -> dict:
+    """Every tensor of the model's safetensors files, by its stored name, on device; refuses first a
+    header whose config the stored weights cannot fill (check_fits)."""
+    from safetensors.torch import load_file
+
+    check_fits(info)
     state = {}
-    for weights in info.weight_files:
+    for weights in info.weight_files or (info.path,):
         try:
             state.update(load_file(str(weights), device=str(device)))
         except Exception as e:  # safetensors raises its own error types for bad data
-            raise TinygenError(f"cannot load weights from {weights}: {_one_line(e)}") from e
-    if info.kind == "gpt2":
-        state = imported.from_hf_gpt2(state)
-    elif info.kind == "llama":
-        from tinygen.core.llama import state_from_hf
-
-        state = state_from_hf(state, info.config, str(info.path))
-    return _build(info, tokenizer, state, device, dtype), tokenizer, info
+            raise TinygenError(f"cannot load weights from {weights}: {one_line(e)}") from e
+    return state
 
 
-def _build(info: ModelInfo, tokenizer: Tokenizer, state: dict, device, dtype):
+def build_model(info: ModelInfo, state: dict, device, dtype):
     """The model of this config holding these weights (tinygen names), on device in dtype."""
     import torch
 
@@ -276,7 +267,7 @@ def _build(info: ModelInfo, tokenizer: Tokenizer, state: dict, device, dtype):
     return net.to(dtype=dtype or state["transformer.wte.weight"].dtype).eval()
 
 
-def _check_fits(info: ModelInfo) -> None:
+def check_fits(info: ModelInfo) -> None:
     """Refuse, from the header alone, a config that the stored weights cannot fill. The model is
     sized by the config and the weights by the file, so without this a corrupt header could make
     load_model build a model of gigabytes (or of a million blocks) before the shapes are compared.
@@ -305,7 +296,7 @@ def update_provenance(path: str | os.PathLike, extra: dict) -> None:
     info = read_info(path)
     if info.kind != "tinygen":
         raise TinygenError(f"{info.path} is not a tinygen checkpoint, so it has no provenance to update")
-    meta, _ = _read_header(info.path)
+    meta, _ = read_safetensors_header(info.path)
     tensors = load_file(str(info.path))
     meta["provenance"] = json.dumps({**info.provenance, **extra})
     with atomic_path(info.path) as tmp:

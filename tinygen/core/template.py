@@ -14,6 +14,7 @@ encoded as ordinary text. A model without a template (a base model) gets PLAIN, 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tinygen.core.tokenizer import CHAT_TOKENS, Tokenizer
@@ -81,86 +82,32 @@ PLAIN = ChatTemplate(
 )
 
 
+# How a model's own Jinja template becomes a ChatTemplate: formats/jinja.py's from_jinja, which the
+# formats package registers (core never imports formats/).
+_jinja_readers: list[Callable[[Tokenizer], ChatTemplate]] = []
+
+
+def register_jinja_reader(read: Callable[[Tokenizer], ChatTemplate]) -> None:
+    if read not in _jinja_readers:
+        _jinja_readers.append(read)
+
+
 def template_for(tokenizer: Tokenizer) -> ChatTemplate:
     """The model's own template, or PLAIN when it was never chat-tuned."""
     # A stored template first: a converted model keeps its Jinja template taken apart, so loading
     # it needs no jinja2.
     if tokenizer.chat_template is None and tokenizer.jinja_template is not None:
-        return from_jinja(tokenizer)
+        if not _jinja_readers:
+            raise TinygenError("this model's chat template is Jinja, and no Jinja reader is registered "
+                               "(import tinygen.formats)")
+        return _jinja_readers[0](tokenizer)
     if tokenizer.chat_template is None:
         return PLAIN
     template = ChatTemplate.from_dict(tokenizer.chat_template)
-    missing = [t for t in _special_parts(template) if t not in tokenizer.special]
+    missing = [t for t in special_parts(template) if t not in tokenizer.special]
     if missing:
         raise TinygenError(f"the chat template uses {', '.join(missing)}, which the tokenizer lacks")
     return template
-
-
-# Stand-ins for message text while a Jinja template is taken apart: plain words no template
-# rewrites, each unlike any template text.
-_PROBES = {"system": "Sys7tem5Probe", "user": "Us3rProbe", "assistant": "Ass1stantProbe"}
-
-
-def from_jinja(tokenizer: Tokenizer) -> ChatTemplate:
-    """A model's own Jinja chat template (tokenizer.jinja_template) as per-message prefixes and
-    suffixes, so that a conversation is rendered one message at a time (a message's ids never
-    change when later ones are added), and checked against the template itself on conversations
-    with and without a system prompt. A template that does not render messages that way (one that
-    changes earlier text as the conversation grows) is refused."""
-    from tinygen.core.jinja_template import JinjaChatTemplate
-
-    names = {i: n for n, i in tokenizer.special.items()}
-    jt = JinjaChatTemplate(tokenizer.jinja_template, names.get(tokenizer.bos_id), names.get(tokenizer.eos_id))
-    s, u, a = (_PROBES[r] for r in ROLES)
-    msgs = [{"role": "system", "content": s}, {"role": "user", "content": u}, {"role": "assistant", "content": a}]
-    full = jt.render(msgs, add_generation_prompt=False)
-    base = jt.render(msgs[:2], add_generation_prompt=False)
-    asked = jt.render(msgs[:2], add_generation_prompt=True)
-
-    def fail(why: str) -> TinygenError:
-        return TinygenError(f"the model's chat template ({jt.name}) cannot be rendered message by message: {why}")
-
-    if not (asked.startswith(base) and full.startswith(base) and all(p in full for p in (s, u, a))):
-        raise fail("adding messages changes what came before")
-    generation = asked[len(base):]
-    lead_sys, rest = full.split(s, 1)
-    between_su, rest = rest.split(u, 1)
-    between_ua, a_suffix = rest.split(a, 1)
-    if not between_ua.endswith(generation):
-        raise fail("the assistant's turn opens unlike its generation prompt")
-    u_suffix = between_ua[: len(between_ua) - len(generation)]
-    if not between_su.startswith(u_suffix):  # every role is assumed to close its turn alike; checked below
-        raise fail("the system turn closes unlike the user's")
-    s_suffix, u_prefix = u_suffix, between_su[len(u_suffix):]
-    # The lead is what sits before the first turn's role marker, e.g. BOS.
-    lead = ""
-    bos = names.get(tokenizer.bos_id)
-    if bos and lead_sys.startswith(bos) and not u_prefix.startswith(bos):  # BOS, not a role marker
-        lead, lead_sys = bos, lead_sys[len(bos):]
-    stops = [m for m in re.findall(r"<\|[^|<>]+\|>", a_suffix) if m in tokenizer.special][:1]
-    if not stops:
-        raise fail("no special token ends the assistant's turn")
-    template = ChatTemplate(
-        roles={"system": (lead_sys, s_suffix), "user": (u_prefix, u_suffix), "assistant": (generation, a_suffix)},
-        generation_prompt=generation, stop=tuple(stops), lead=lead, default_system=jt.default_system_prompt,
-        name=jt.name,
-    )
-    _check_against(template, jt, fail)
-    return template
-
-
-def _check_against(template: ChatTemplate, jt, fail) -> None:
-    """Per-message rendering equals the Jinja template's on conversations of several shapes."""
-    turns = [{"role": "user", "content": "Hi there!"}, {"role": "assistant", "content": "Hello. How can I help?"},
-             {"role": "user", "content": "Tell me\na story."}]
-    system = template.default_system
-    for convo in (turns, [{"role": "system", "content": "Be brief."}, *turns]):
-        shown = convo if convo[0]["role"] == "system" or system is None else \
-            [{"role": "system", "content": system}, *convo]
-        ours = template.lead + "".join(template.roles[m["role"]][0] + m["content"] + template.roles[m["role"]][1]
-                                       for m in shown) + template.generation_prompt
-        if ours != jt.render(convo, add_generation_prompt=True):
-            raise fail("its output differs from the per-message rendering")
 
 
 def with_chat_template(tokenizer: Tokenizer, template: ChatTemplate = SPECIAL) -> tuple[Tokenizer, int]:
@@ -178,7 +125,7 @@ def with_chat_template(tokenizer: Tokenizer, template: ChatTemplate = SPECIAL) -
     return out, added
 
 
-def _special_parts(template: ChatTemplate) -> set[str]:
+def special_parts(template: ChatTemplate) -> set[str]:
     """Tokens written like specials (`<|...|>`) in the template's fixed text."""
     fixed = [*(p for ps in template.roles.values() for p in ps), template.generation_prompt, *template.stop]
     return {m for text in fixed for m in re.findall(r"<\|[^|<>]+\|>", text)}
@@ -191,7 +138,7 @@ class Renderer:
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate):
         self.tokenizer = tokenizer
         self.template = template
-        specials = sorted(_special_parts(template), key=len, reverse=True)
+        specials = sorted(special_parts(template), key=len, reverse=True)
         self._split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
         # Stop markers that are single special tokens stop generation by id; the rest by text.
         self.stop_ids = tuple(tokenizer.special[s] for s in template.stop if s in tokenizer.special)

@@ -218,7 +218,7 @@ class Tokenizer:
         if (not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values())
                 or sorted(vocab.values()) != list(range(len(vocab)))):
             raise TinygenError(f"{vocab_path} is not a GPT-2 vocabulary: want a JSON object of tokens to ids 0..N-1")
-        decoder = _unicode_to_byte()
+        decoder = unicode_to_byte()
 
         def to_bytes(token: str) -> bytes:
             return bytes(decoder[ch] for ch in token)
@@ -298,7 +298,7 @@ def _check(ranks: list[bytes | None], pattern: str, special: dict[str, int], nam
 
 
 @lru_cache(maxsize=1)
-def _unicode_to_byte() -> dict[str, int]:
+def unicode_to_byte() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: the printable stand-ins it uses for raw bytes."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     chars = printable[:]

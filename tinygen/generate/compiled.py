@@ -72,7 +72,8 @@ def _compiled(step, device: torch.device, sized: bool):
 
 
 class StaticDecoder:
-    """Decode steps for one row, from a cache of its own at a fixed address."""
+    """Decode steps for one row, from a cache of its own at a fixed address. The model is one that
+    plan.prepare made: on a CPU its layers are those a compiled step multiplies fastest."""
 
     def __init__(self, model: GPT, compile: bool = True):
         self.model = model
@@ -84,13 +85,6 @@ class StaticDecoder:
         self.compile_seconds: float | None = None
         self._allocate(FIRST_SLOTS if self.sized else block)
         self._step = self._eager
-        if compile and self.on_cpu:
-            from tinygen.generate.fastlinear import SplitLinear, fuse_small_linears
-
-            for m in model.modules():
-                if isinstance(m, SplitLinear):
-                    m.keep_int8_blocks()
-            fuse_small_linears(model)
         if compile:
             # Inductor reads this once, when it first compiles; a user's own setting wins.
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))

@@ -6,8 +6,7 @@ memory bandwidth the machine has, because it does not share one vector product b
 Viewing the rows of W as one block per thread (a free view: the blocks are contiguous) and
 multiplying them in one batched call does: on a 2-core CPU it reads GPT-2's weights 1.6x faster.
 
-Training never sees this: `decoding_layers` swaps it in, in place, when a model is loaded to
-generate, after `quantize` has swapped in int8 layers where they were asked for.
+Training never sees these layers: plan.py puts them in a model prepared to decode on a CPU.
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Below this many weights, one matmul call is as fast as any split (the matrix sits in cache).
-SPLIT_MIN_WEIGHTS = 1 << 18
 # Above this many rows (prefill, batches) the plain matmul already uses every core well.
 SPLIT_MAX_ROWS = 4
 INT8_BLOCK = 32  # a GGUF Q8_0 block: 32 int8 codes and one float16 scale
@@ -139,7 +136,7 @@ class SplitLinear(nn.Module):
 
 
 class SmallLinear(nn.Module):
-    """A small CPU layer (below SPLIT_MIN_WEIGHTS: its matrix stays in cache) for compiled decode
+    """A small CPU layer (below plan.SPLIT_MIN_WEIGHTS: its matrix stays in cache) for compiled decode
     steps, sharing the nn.Linear's weight and bias. Compiled, a few rows multiply it as one
     reduction that Inductor fuses with its neighbours; a BLAS call for such a matrix costs tens
     of microseconds of threading and dispatch: the bundled 3.4M model's compiled step decoded
@@ -157,33 +154,3 @@ class SmallLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         y = (x.reshape(rows, 1, self.in_features) * self.weight).sum(-1).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
-
-
-def _swap_cpu_linears(model: nn.Module, large: bool, swap) -> None:
-    """Replace the model's plain nn.Linear layers on a CPU, the large ones (SPLIT_MIN_WEIGHTS or
-    more) or the small ones, by swap(layer), in place."""
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if type(child) is nn.Linear and child.weight.device.type == "cpu"
-               and (child.weight.numel() >= SPLIT_MIN_WEIGHTS) == large]
-    for parent, name, child in targets:
-        setattr(parent, name, swap(child))
-
-
-def fuse_small_linears(model: nn.Module) -> None:
-    """Swap the small linear layers of a model on a CPU for SmallLinear, in place: for a compiled
-    decode step (compiled.StaticDecoder), which alone takes their fused form."""
-    _swap_cpu_linears(model, False, SmallLinear)
-
-
-def split_linears(model: nn.Module) -> nn.Module:
-    """Swap the model's large linear layers for SplitLinear, in place, when it decodes on a CPU."""
-    _swap_cpu_linears(model, True, SplitLinear)
-    return model
-
-
-def decoding_layers(model: nn.Module, quantize: str | None = None) -> nn.Module:
-    """The linear layers a loaded model generates with: int8 ones with --quantize int8, and the
-    split matrix-vector product for the large float ones left on a CPU."""
-    from tinygen.generate.quantize import quantize as quantize_layers
-
-    return split_linears(quantize_layers(model, quantize))

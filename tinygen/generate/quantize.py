@@ -10,9 +10,9 @@ scales, so nothing is dequantised into a full float matrix. The embedding table 
 Int4 halves the bytes again: 4-bit codes in groups of 32 inputs (or 64, 128, 256), each group
 with a scale and a zero point, through `_weight_int4pack_mm_for_cpu`. That layout is exactly
 llama.cpp's Q4_1 (a scale and a minimum per block of 32) and, with the minimum fixed at -8 times
-the scale, Q4_0: a GGUF's 4-bit matrices go in as stored (gguf_file.Q4Weight), with no dequantise
-and requantise between the file and the kernel, and its matrices stored at 8 bits or more stay in
-float32 (exactly the file's values), as the file's author kept them at higher precision.
+the scale, Q4_0: a GGUF's 4-bit matrices go in as stored (core/quantized.Q4Weight), with no
+dequantise and requantise between the file and the kernel. plan.py decides which layer becomes
+which.
 
 The cost in accuracy is measured, not assumed: `tinygen eval --quantize int8` scores held-out
 text through the same modules.
@@ -23,18 +23,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tinygen.core.gguf_file import Q4_BLOCK, Q4Weight
-from tinygen.errors import TinygenError
+from tinygen.core.quantized import Q4Weight
 
 # --quantize's values: int4 alone has groups of 32 inputs, a GGUF Q4 block.
 INT4_GROUPS = {"int4": 32, "int4-g64": 64, "int4-g128": 128, "int4-g256": 256}
 MODES = ("int8", *INT4_GROUPS)
-
-
-def takes_gguf_q4(mode: str | None) -> bool:
-    """Whether this --quantize mode runs a GGUF's Q4_0/Q4_1 blocks as stored: int4 in the file's
-    own groups of 32. Loaders keep those blocks (load_model's keep_q4) only for such a mode."""
-    return INT4_GROUPS.get(mode) == Q4_BLOCK
 
 
 class Int8Linear(nn.Module):
@@ -62,7 +55,7 @@ def prefill_dtype() -> torch.dtype:
     """What an int4 layer's prefill multiplies in. With AVX512-BF16 (a Zen 4 EPYC), SmolLM2's int4
     prefill ran at 1.8-2.0x float32's speed in bf16 (256 and 128 tokens); emulated bf16, without those
     instructions, is many times slower than float32."""
-    from tinygen.core.hardware import cpu_has_bf16
+    from tinygen.core.device import cpu_has_bf16
 
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
@@ -117,44 +110,3 @@ class Int4Linear(nn.Module):
                                                             self.scales_zeros).to(x.dtype)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
-
-
-def quantize(model: nn.Module, mode: str | None) -> nn.Module:
-    """Replace the model's linear layers, in place, by quantised ones; None leaves it as it is."""
-    if mode is None:
-        return model
-    if mode not in MODES:
-        raise TinygenError(f"unknown quantisation {mode!r}; choose from {', '.join(MODES)}")
-    device = next(model.parameters()).device
-    if device.type != "cpu":
-        raise TinygenError(f"--quantize {mode} is for CPUs; on a GPU, bf16 weights (the default there) are faster")
-    if next(model.parameters()).dtype != torch.float32:
-        raise TinygenError(f"--quantize {mode} starts from float32 weights; drop --dtype")
-    # A GGUF's 4-bit matrices as stored (imported.load_gguf keeps them for int4), by module name.
-    stored = getattr(model, "file_q4", None)
-    if stored is not None:
-        del model.file_q4  # held only until now: the packed copies replace them
-    group = INT4_GROUPS.get(mode)
-    from_file = bool(stored) and takes_gguf_q4(mode)  # else every matrix is quantised from its float values
-    linears = [(f"{prefix}.{name}".lstrip("."), parent, name, child) for prefix, parent in model.named_modules()
-               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    for path, parent, name, child in linears:
-        if group and Int4Linear.fits(child.out_features, child.in_features, group):
-            if not from_file:
-                layer = Int4Linear.from_linear(child, group)
-            elif path in stored:
-                w = stored[path]
-                layer = Int4Linear(w.q, w.scales, w.lows, child.bias)
-            else:
-                # The file kept this matrix at 8 bits or more (SmolLM2's Q8_0 head): it stays in
-                # float32, which holds those values exactly. Requantized to int8 rows, its greedy
-                # text left float32's within 2-17 tokens on every prompt tried; in float32 two of four
-                # agreed for 64, for 10% less decode speed.
-                continue
-            setattr(parent, name, layer)
-            continue
-        # The int8 kernel reads rows in runs of 8: with another width it crashes (a segfault in
-        # torch 2.13), so such a layer, which only odd test shapes have, stays in float.
-        if child.in_features % 8 == 0:
-            setattr(parent, name, Int8Linear(child))
-    return model.eval()

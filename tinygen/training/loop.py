@@ -22,16 +22,26 @@ import numpy as np
 import torch
 
 from tinygen.core.checkpoint import save_checkpoint
-from tinygen.core.device import training_dtype
 from tinygen.core.evaluate import score_tokens
-from tinygen.core.hardware import peak_bf16_flops
 from tinygen.core.model import GPT
 from tinygen.core.tokenizer import Tokenizer
 from tinygen.errors import TinygenError
 from tinygen.training.distributed import Dist
 from tinygen.training.metrics import MetricsLog
-from tinygen.training.optim import DEFAULT_LR, OPTIMIZERS, default_optimizer, make_optimizer
-from tinygen.training.state import load_state, read_state_meta, remove_state, rng_states, save_state
+from tinygen.training.optim import (
+    DEFAULT_LR,
+    OPTIMIZERS,
+    default_optimizer,
+    make_optimizer,
+)
+from tinygen.training.precision import training_dtype
+from tinygen.training.state import (
+    load_state,
+    read_state_meta,
+    remove_state,
+    rng_states,
+    save_state,
+)
 from tinygen.training.stopping import PeerFailed, agree
 
 SCHEDULES = ("cosine", "wsd")
@@ -200,9 +210,11 @@ def train(
     recipe: dict | None = None,
     chat: ChatSupervision | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    peak_flops: float | None = None,
 ) -> Iterator[Start | Step | Eval | Saved]:
     """Train, yielding events on rank 0. `recipe` (what the run was made from) is kept in the state
-    file for --resume to check; `should_stop` is read at each step boundary."""
+    file for --resume to check; `should_stop` is read at each step boundary. `peak_flops`, a GPU's
+    datasheet bf16 FLOP/s (bench/hardware.py), is what a bf16 run's MFU is put against."""
     dist = dist or Dist()
     cfg = model.config
     block = cfg.block_size
@@ -250,9 +262,9 @@ def train(
     # fp16 it needs no loss scaling.
     compute = training_dtype(device, s.dtype)
     autocast = torch.autocast(device.type, dtype=compute) if compute != torch.float32 else nullcontext()
-    # MFU only against a GPU's datasheet peak, which bf16 training aims at; `tinygen bench --train`
+    # MFU only against a datasheet's bf16 peak, which bf16 training aims at; `tinygen bench --train`
     # measures a peak where there is no datasheet.
-    peak = peak_bf16_flops(device) if compute == torch.bfloat16 else None
+    peak = peak_flops if compute == torch.bfloat16 else None
     fpt = flops_per_token(model)
     metrics = MetricsLog(out)
     if dist.master:

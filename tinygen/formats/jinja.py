@@ -1,5 +1,6 @@
 """A model's own Jinja chat template (GGUF `tokenizer.chat_template`, tokenizer_config.json's
-`chat_template`), rendered as transformers' `apply_chat_template` renders it.
+`chat_template`), rendered as transformers' `apply_chat_template` renders it, and taken apart into
+the per-message pieces of a ChatTemplate (from_jinja), which core/template.py renders without jinja2.
 
 A template is code that came with a downloaded file, so it runs in jinja2's immutable sandbox.
 jinja2 is imported only when a template is first compiled, so that tinygen starts fast.
@@ -8,10 +9,13 @@ jinja2 is imported only when a template is first compiled, so that tinygen start
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import cached_property, lru_cache
 
-from tinygen.errors import TinygenError
+from tinygen.core.template import ROLES, ChatTemplate
+from tinygen.core.tokenizer import Tokenizer
+from tinygen.errors import TinygenError, one_line
 
 # Markers of well-known formats, for `tinygen info`; the first one found names the template.
 FAMILIES = (("<|im_start|>", "ChatML"), ("<|start_header_id|>", "Llama 3"), ("[INST]", "Llama 2 / Mistral"),
@@ -51,7 +55,7 @@ class JinjaChatTemplate:
         try:
             return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
         except (jinja2.TemplateError, TypeError, ValueError, LookupError, ArithmeticError, RecursionError) as e:
-            raise TinygenError(f"the chat template failed: {_one_line(e)}") from None
+            raise TinygenError(f"the chat template failed: {one_line(e)}") from None
 
     @cached_property
     def default_system_prompt(self) -> str | None:
@@ -76,9 +80,9 @@ class JinjaChatTemplate:
         try:
             return _environment().from_string(self.source)
         except jinja2.TemplateSyntaxError as e:
-            raise TinygenError(f"the chat template has a syntax error on line {e.lineno}: {_one_line(e)}") from None
+            raise TinygenError(f"the chat template has a syntax error on line {e.lineno}: {one_line(e)}") from None
         except jinja2.TemplateError as e:
-            raise TinygenError(f"the chat template cannot be compiled: {_one_line(e)}") from None
+            raise TinygenError(f"the chat template cannot be compiled: {one_line(e)}") from None
 
 
 @lru_cache(maxsize=1)
@@ -112,5 +116,66 @@ def _environment():
     return env
 
 
-def _one_line(e: Exception) -> str:
-    return " ".join(str(getattr(e, "message", None) or e).split()) or type(e).__name__
+# Stand-ins for message text while a Jinja template is taken apart: plain words no template
+# rewrites, each unlike any template text.
+_PROBES = {"system": "Sys7tem5Probe", "user": "Us3rProbe", "assistant": "Ass1stantProbe"}
+
+
+def from_jinja(tokenizer: Tokenizer) -> ChatTemplate:
+    """A model's own Jinja chat template (tokenizer.jinja_template) as per-message prefixes and
+    suffixes, so that a conversation is rendered one message at a time (a message's ids never
+    change when later ones are added), and checked against the template itself on conversations
+    with and without a system prompt. A template that does not render messages that way (one that
+    changes earlier text as the conversation grows) is refused."""
+    names = {i: n for n, i in tokenizer.special.items()}
+    jt = JinjaChatTemplate(tokenizer.jinja_template, names.get(tokenizer.bos_id), names.get(tokenizer.eos_id))
+    s, u, a = (_PROBES[r] for r in ROLES)
+    msgs = [{"role": "system", "content": s}, {"role": "user", "content": u}, {"role": "assistant", "content": a}]
+    full = jt.render(msgs, add_generation_prompt=False)
+    base = jt.render(msgs[:2], add_generation_prompt=False)
+    asked = jt.render(msgs[:2], add_generation_prompt=True)
+
+    def fail(why: str) -> TinygenError:
+        return TinygenError(f"the model's chat template ({jt.name}) cannot be rendered message by message: {why}")
+
+    if not (asked.startswith(base) and full.startswith(base) and all(p in full for p in (s, u, a))):
+        raise fail("adding messages changes what came before")
+    generation = asked[len(base):]
+    lead_sys, rest = full.split(s, 1)
+    between_su, rest = rest.split(u, 1)
+    between_ua, a_suffix = rest.split(a, 1)
+    if not between_ua.endswith(generation):
+        raise fail("the assistant's turn opens unlike its generation prompt")
+    u_suffix = between_ua[: len(between_ua) - len(generation)]
+    if not between_su.startswith(u_suffix):  # every role is assumed to close its turn alike; checked below
+        raise fail("the system turn closes unlike the user's")
+    s_suffix, u_prefix = u_suffix, between_su[len(u_suffix):]
+    # The lead is what sits before the first turn's role marker, e.g. BOS.
+    lead = ""
+    bos = names.get(tokenizer.bos_id)
+    if bos and lead_sys.startswith(bos) and not u_prefix.startswith(bos):  # BOS, not a role marker
+        lead, lead_sys = bos, lead_sys[len(bos):]
+    stops = [m for m in re.findall(r"<\|[^|<>]+\|>", a_suffix) if m in tokenizer.special][:1]
+    if not stops:
+        raise fail("no special token ends the assistant's turn")
+    template = ChatTemplate(
+        roles={"system": (lead_sys, s_suffix), "user": (u_prefix, u_suffix), "assistant": (generation, a_suffix)},
+        generation_prompt=generation, stop=tuple(stops), lead=lead, default_system=jt.default_system_prompt,
+        name=jt.name,
+    )
+    _check_against(template, jt, fail)
+    return template
+
+
+def _check_against(template: ChatTemplate, jt, fail) -> None:
+    """Per-message rendering equals the Jinja template's on conversations of several shapes."""
+    turns = [{"role": "user", "content": "Hi there!"}, {"role": "assistant", "content": "Hello. How can I help?"},
+             {"role": "user", "content": "Tell me\na story."}]
+    system = template.default_system
+    for convo in (turns, [{"role": "system", "content": "Be brief."}, *turns]):
+        shown = convo if convo[0]["role"] == "system" or system is None else \
+            [{"role": "system", "content": system}, *convo]
+        ours = template.lead + "".join(template.roles[m["role"]][0] + m["content"] + template.roles[m["role"]][1]
+                                       for m in shown) + template.generation_prompt
+        if ours != jt.render(convo, add_generation_prompt=True):
+            raise fail("its output differs from the per-message rendering")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from tinygen.core.export import bos_name, jinja_chat_template, merges, token_text
-from tinygen.core.gguf_file import LAYER_NAMES, TOP_NAMES, _llama3_divisors
 from tinygen.core.tokenizer import GPT4_PATTERN, Tokenizer
 from tinygen.errors import TinygenError
+from tinygen.formats.bpe_vocab import bos_name, jinja_chat_template, merges, token_text
+from tinygen.formats.gguf_layout import LAYER_NAMES, TOP_NAMES, llama3_divisors
 
 Q8_0_BLOCK = 32  # a Q8_0 row is whole blocks of 32 weights
 
@@ -93,7 +93,7 @@ def gguf_pre(tokenizer: Tokenizer) -> str:
     first; "llama-bpe" (Llama 3) looks pieces up as tiktoken does, and its pattern differs from
     GPT-4's only in spelling (`\\s*[\\r\\n]+` for `\\s*[\\r\\n]`, plain for possessive quantifiers), which
     matches the same text. tinygen's GGUF reader knows it too."""
-    from tinygen.core.tokenizer_import import GGUF_PRE
+    from tinygen.formats.tokenizer_import import GGUF_PRE
 
     if tokenizer.pattern == GPT4_PATTERN and tokenizer.normalization is None:
         return "llama-bpe"
@@ -145,7 +145,7 @@ def _add_tokenizer(w, tokenizer: Tokenizer, pre: str, vocab_size: int) -> None:
 
 def _tensors(model):
     """(GGUF name, tensor) for every weight, q and k permuted for llama.cpp's llama rotary layout."""
-    from tinygen.core.export_hf import hf_state
+    from tinygen.formats.export_hf import hf_state
 
     cfg = model.config
     heads = {"attn_q": cfg.n_head, "attn_k": cfg.kv_heads} if cfg.family == "llama" else {}
@@ -173,4 +173,4 @@ def _rope_freqs(cfg) -> torch.Tensor:
     """Llama 3's rotary scaling as llama.cpp holds it: one divisor per frequency (convert_hf_to_gguf.py's
     rope_freqs), from the model's own original context."""
     inv_freq = cfg.rope_theta ** -(torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
-    return _llama3_divisors(2 * math.pi / inv_freq, cfg.rope_scaling).float()
+    return llama3_divisors(2 * math.pi / inv_freq, cfg.rope_scaling).float()

@@ -1,6 +1,7 @@
 """What a GPU can do, from its datasheet: dense bf16 tensor-core FLOP/s and memory bandwidth,
-looked up by the exact product name the CUDA driver reports. Training's MFU and bench's
-roofline put their speeds against these figures; where none applies, they measure a ceiling.
+looked up by the exact product name the CUDA driver reports. Training's MFU (which `tinygen train`
+puts against peak_bf16_flops) and bench's roofline put their speeds against these figures; where
+none applies, they measure a ceiling.
 """
 
 from __future__ import annotations
@@ -57,17 +58,3 @@ def peak_bf16_flops(device: torch.device | str) -> float | None:
     """Dense bf16 FLOP/s from the datasheet, the denominator of training's MFU; None where unknown."""
     sheet = datasheet(device)
     return sheet.bf16_flops if sheet is not None else None
-
-
-def cpu_has_bf16() -> bool | None:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX on x86). Without those, torch
-    emulates bf16 matmuls: on an AVX2-only EPYC a 1024x1024 bf16 matmul ran 57x slower than fp32,
-    and training under bf16 autocast 14x slower. None where torch cannot tell (not x86)."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without these probes
-        return None

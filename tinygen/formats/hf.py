@@ -1,7 +1,7 @@
-"""Models made elsewhere, in tinygen's terms: Hugging Face folders (GPT-2, and the Llama family
-through llama.py) and llama GGUF files (through gguf_file.py). For each: what its header says
-(a ModelInfo), its tokenizer, and its weights under tinygen's names. checkpoint.py dispatches here;
-nothing in this module imports torch, gguf or jinja2 until a model is actually loaded.
+"""Hugging Face model folders (GPT-2, and the Llama family through llama.py) in tinygen's terms:
+what the folder's header says (a ModelInfo), its tokenizer, and its weights under tinygen's names.
+core/checkpoint.py hands a folder here through the ModelFormat this module registers (FORMAT);
+nothing here imports torch until a model is actually loaded.
 """
 
 from __future__ import annotations
@@ -9,28 +9,30 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tinygen.core import llama  # plain Python, no torch: cheap to import here
 from tinygen.core.checkpoint import (
-    HF_CONV1D,
-    HF_WEIGHTS,
+    ModelFormat,
     ModelInfo,
-    _build,
-    _config,
-    _one_line,
-    _read_header,
+    build_model,
+    config_from_fields,
     load_tokenizer,
+    load_weights,
+    read_safetensors_header,
 )
 from tinygen.core.tokenizer import Tokenizer
-from tinygen.errors import TinygenError
+from tinygen.errors import TinygenError, one_line
+from tinygen.formats import llama  # plain Python, no torch: cheap to import here
 
+HF_WEIGHTS = "model.safetensors"
 HF_SHARDS = "model.safetensors.index.json"
+# GPT-2 stores these as Conv1D, whose weight is (in, out): the transpose of nn.Linear's.
+HF_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def _read_json(path: Path, what: str):
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError, OSError) as e:
-        raise TinygenError(f"{path} is not valid JSON: {_one_line(e)}") from e
+        raise TinygenError(f"{path} is not valid JSON: {one_line(e)}") from e
     if not isinstance(data, dict):
         raise TinygenError(f"{path} is not a JSON object, so not {what}")
     return data
@@ -56,8 +58,8 @@ def read_hf_info(path: Path) -> ModelInfo:
                   "arch": "gpt2", "norm_eps": hf.get("layer_norm_epsilon", 1e-5)}
     except KeyError as e:
         raise TinygenError(f"{cfg_path} has no {e.args[0]!r}; it is not a complete GPT-2 config") from None
-    config = _config(fields, cfg_path)
-    _, tensors = _read_header(path / HF_WEIGHTS)
+    config = config_from_fields(fields, cfg_path)
+    _, tensors = read_safetensors_header(path / HF_WEIGHTS)
     weights = {k: v for k, v in tensors.items() if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
     return ModelInfo(
         path=path,
@@ -67,48 +69,7 @@ def read_hf_info(path: Path) -> ModelInfo:
         provenance={"source": "Hugging Face GPT-2 folder"},
         file_size=sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
         tensors=weights,
-    )
-
-
-def is_gguf(path: Path) -> bool:
-    if path.suffix.lower() == ".gguf":
-        return True
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
-def read_gguf_info(path: Path) -> ModelInfo:
-    """A GGUF's header: its config, tokenizer fields and each tensor's storage type."""
-    from tinygen.core.gguf_file import read_gguf_header
-
-    header = read_gguf_header(path)
-    return gguf_info(path, header.config, header.fields, header.tensors)
-
-
-def gguf_tokenizer(info: ModelInfo) -> Tokenizer:
-    from tinygen.core.tokenizer_import import tokenizer_from_gguf
-
-    try:
-        return tokenizer_from_gguf(info.tokenizer_data)
-    except TinygenError as e:
-        raise TinygenError(f"{info.path}: {e}") from None
-
-
-def gguf_info(path: Path, hf: dict, fields: dict, tensors: dict) -> ModelInfo:
-    config, notes = llama.config_from_hf(hf, path.name)
-    name = fields.get("general.name")
-    return ModelInfo(
-        path=path,
-        kind="gguf",
-        config=config,
-        tokenizer_data={k: v for k, v in fields.items() if k.startswith("tokenizer.")},
-        provenance={"source": "GGUF file", **({"name": name} if isinstance(name, str) else {})},
-        file_size=path.stat().st_size,
-        tensors=tensors,
-        notes=tuple(notes),
+        weight_files=(path / HF_WEIGHTS,),
     )
 
 
@@ -129,7 +90,7 @@ def _read_llama_info(path: Path, hf: dict) -> ModelInfo:
                            f"(never pickle)")
     tensors = {}
     for shard in shards:
-        tensors.update(_read_header(shard)[1])
+        tensors.update(read_safetensors_header(shard)[1])
     return ModelInfo(
         path=path,
         kind="llama",
@@ -138,9 +99,30 @@ def _read_llama_info(path: Path, hf: dict) -> ModelInfo:
         provenance={"source": f"Hugging Face {hf['model_type']} folder"},
         file_size=sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
         tensors={k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")},
-        shards=shards if len(shards) > 1 else (),
+        weight_files=shards,
         notes=tuple(notes),
     )
+
+
+def load_hf_tokenizer(info: ModelInfo) -> Tokenizer:
+    """A folder's tokenizer: tokenizer.json where there is one (a Llama-family folder, or what `tinygen
+    export --format hf` writes for a gpt2 model, whose own split pattern vocab.json + merges.txt could
+    not carry), else GPT-2's vocab.json + merges.txt."""
+    if info.kind == "gpt2" and not (info.path / "tokenizer.json").exists():
+        vocab, merges = info.path / "vocab.json", info.path / "merges.txt"
+        if not (vocab.exists() and merges.exists()):
+            raise TinygenError(f"{info.path} has no vocab.json + merges.txt, so its tokenizer is unknown")
+        return Tokenizer.from_gpt2_files(vocab, merges)
+    return hf_tokenizer(info.path)
+
+
+def load_hf(path: Path, device, dtype):
+    """(model, tokenizer, info) from a Hugging Face folder, as core's load_model gives them."""
+    info = read_hf_info(path)
+    tokenizer = load_tokenizer(info=info)
+    state = load_weights(info, device)
+    state = from_hf_gpt2(state) if info.kind == "gpt2" else llama.state_from_hf(state, info.config, str(info.path))
+    return build_model(info, state, device, dtype), tokenizer, info
 
 
 def hf_tokenizer(path: Path) -> Tokenizer:
@@ -148,7 +130,7 @@ def hf_tokenizer(path: Path) -> Tokenizer:
     template."""
     if not (path / "tokenizer.json").exists():
         raise TinygenError(f"{path} has no tokenizer.json; tinygen reads fast (byte-level BPE) tokenizers only")
-    from tinygen.core.tokenizer_import import tokenizer_from_hf
+    from tinygen.formats.tokenizer_import import tokenizer_from_hf
 
     config_path = path / "tokenizer_config.json"
     config = _read_json(config_path, "a tokenizer config") if config_path.exists() else None
@@ -161,34 +143,6 @@ def hf_tokenizer(path: Path) -> Tokenizer:
         raise TinygenError(f"{path}: {e}") from None
 
 
-def load_gguf(path: Path, device, dtype, keep_q4: bool = False):
-    """A GGUF, dequantized (gguf_file.py) into a float model: one read of the file serves the
-    config, the tokenizer and the weights. With keep_q4 the model also holds the file's Q4_0/Q4_1
-    matrices as stored, by module name (model.file_q4), for quantize's int4 path to take as they are."""
-    import torch
-
-    from tinygen.core.gguf_file import Q4Weight, read_gguf
-
-    gguf = read_gguf(path, dtype=dtype or torch.float32, keep_q4=keep_q4)
-    shapes = {name: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in gguf.tensors.items()}
-    info = gguf_info(path, gguf.config, gguf.fields, shapes)
-    info.notes = (*info.notes, gguf.report.summary())
-    tokenizer = load_tokenizer(info=info)
-    state = llama.state_from_hf(gguf.tensors, info.config, path.name)
-    net = _build(info, tokenizer, {k: v.to(device) for k, v in state.items()}, device, dtype)
-    if keep_q4:
-        stored = {}
-        for ours, parts in llama.hf_names(info.config).items():
-            if ours.endswith(".weight") and all(p in gguf.q4 for p in parts):  # q, k and v fuse as rows
-                w = [gguf.q4[p] for p in parts]
-                stored[ours.removesuffix(".weight")] = Q4Weight(*(torch.cat(x) for x in zip(
-                    *((p.q, p.scales, p.lows.float()) for p in w))))
-        if info.config.tie_embeddings and "transformer.wte" in stored:
-            stored["lm_head"] = stored.pop("transformer.wte")  # the tied head is the embedding, read as a matrix
-        net.file_q4 = stored
-    return net, tokenizer, info
-
-
 def from_hf_gpt2(state: dict) -> dict:
     out = {}
     for key, value in state.items():
@@ -199,3 +153,7 @@ def from_hf_gpt2(state: dict) -> dict:
             value = value.t().contiguous()
         out["transformer." + name] = value
     return out
+
+
+FORMAT = ModelFormat(kinds=("gpt2", "llama"), claims=Path.is_dir, read_info=read_hf_info,
+                     load_tokenizer=load_hf_tokenizer, load=load_hf)

@@ -12,18 +12,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tinygen.core.checkpoint import HF_CONV1D, HF_WEIGHTS
 from tinygen.core.config import ModelConfig
-from tinygen.core.export import (
+from tinygen.core.tokenizer import Tokenizer
+from tinygen.errors import TinygenError
+from tinygen.formats.bpe_vocab import (
     bos_name,
     jinja_chat_template,
     merges,
     special_name,
     token_text,
 )
-from tinygen.core.llama import hf_names
-from tinygen.core.tokenizer import Tokenizer
-from tinygen.errors import TinygenError
+from tinygen.formats.hf import HF_CONV1D, HF_WEIGHTS
+from tinygen.formats.llama import hf_names
 
 HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 

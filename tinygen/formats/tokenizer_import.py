@@ -9,7 +9,7 @@ other than NFC, other pre-tokenizers) is refused by name, never approximated.
 
 from __future__ import annotations
 
-from tinygen.core.tokenizer import GPT2_PATTERN, Tokenizer, _unicode_to_byte
+from tinygen.core.tokenizer import GPT2_PATTERN, Tokenizer, unicode_to_byte
 from tinygen.errors import TinygenError
 
 
@@ -150,7 +150,7 @@ def _ranks(ordinary: dict[str, int], merges: list, special: dict[str, int], wher
     ids = list(ordinary.values()) + list(special.values())
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) or sorted(ids) != list(range(len(ids))):
         raise TinygenError(f"{where}: token ids must run 0..{len(ids) - 1} without gaps or repeats")
-    decoder = _unicode_to_byte()
+    decoder = unicode_to_byte()
 
     def to_bytes(text: str) -> bytes:
         try:
