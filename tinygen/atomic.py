@@ -1,19 +1,12 @@
 """Atomic file writes: write in a temp folder beside the target, then rename the file over it.
 
-A crash, kill or power cut mid-write leaves the old file whole: the new file's data is on the disk
-(fsync) before the rename that names it, the rename is atomic on one filesystem, and its folder is
-synced before the write returns. So a checkpoint on disk is always either the previous one or the
-new one, never half of each, and a save that returned is still there after the power comes back.
-
-The temp folder is hidden and named for its target and writer (`.NAME.PID.tmp/`). A folder,
-not a file, because writers such as safetensors make temp files of their own beside the path
-they are given; inside the folder, whatever a killed writer leaves is in one place, which the
-next write of the same target removes. Nothing that looks for models (`*.safetensors`) sees it.
-
-No rename puts a folder over a folder, so replacing one (`export --force`) takes two: the old one
-into the temp folder, then the new one in. The old one is deleted only once the new one is in;
-until then, whatever stops the write (an error, a kill, a power cut) leaves it where a clean-up
-of the temp folder moves it back.
+A crash or power cut mid-write leaves the old file whole: the data is fsynced before the atomic rename
+and the folder after it, so a checkpoint on disk is the previous one or the new one, never a mix. The
+temp is a hidden folder (`.NAME.PID.tmp/`, unseen by a search for `*.safetensors`), not a file, because
+writers such as safetensors make temp files of their own beside their path; the next write of the
+target removes what a killed writer left there. No rename puts a folder over a folder, so replacing
+one (`export --force`) moves the old one into the temp folder first and deletes it only once the new
+one is in; if the write stops between, the clean-up moves it back.
 """
 
 from __future__ import annotations

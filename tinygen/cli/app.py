@@ -59,7 +59,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     # Boxed, coloured help on a terminal; plain text in a pipe, which also skips importing Rich's
-    # Markdown renderer (a third of the start-up time of `tinygen --help`).
+    # Markdown renderer, a large share of `tinygen --help`'s start-up (docs/speed.md).
     rich_markup_mode="rich" if RICH_HELP else None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from tinygen.cli import ui
-from tinygen.cli.options import Dtype
+from tinygen.cli.options import Dtype, parse_dtype
 from tinygen.errors import TinygenError
 
 
@@ -17,8 +17,8 @@ def convert(
                                           "checkpoint.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="The tinygen checkpoint to write "
                                       "(.safetensors).", show_default=False)],
-    dtype: Annotated[Dtype, typer.Option(help="Weights to store: float32, or bfloat16 (half the size). auto keeps "
-                                         "float32.")] = Dtype.auto,
+    dtype: Annotated[Dtype, typer.Option(parser=parse_dtype, help="Weights to store: float32 (fp32), or bfloat16 "
+                                         "(bf16, half the size). auto keeps float32.")] = Dtype.auto,
     force: Annotated[bool, typer.Option("--force", metavar="", help="Replace FILE if it exists.")] = False,
 ) -> None:
     """Save a model as one tinygen .safetensors file: it then loads in a moment, without gguf or jinja2."""

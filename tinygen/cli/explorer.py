@@ -2,8 +2,7 @@
 
 explorer.html holds the page (plain JS, CSS and SVG); this module inlines the attention data into
 it. Weights travel as the causal lower triangle of each head, in integer 1/100000 units: the upper
-triangle is all zeros, and a short integer takes far less text than a float. A 512-token input on
-a 6 x 6 model makes a page of about 13 MB; the full nested float lists would be about 70 MB.
+triangle is all zeros, and a short integer takes far less text than a float.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import numpy as np
 from tinygen.atomic import write_bytes
 
 # 0.001% steps, ten times finer than the page shows: at 0.01% steps the page rounded twice
-# (35.548% -> 35.55% -> "35.6%") and disagreed with the terminal's 35.5%. Costs ~20% more text.
+# (35.548% -> 35.55% -> "35.6%") and disagreed with the terminal's 35.5%.
 SCALE = 100_000
 PLACEHOLDER = "__TINYGEN_EXPLORER_DATA__"
 

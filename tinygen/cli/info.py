@@ -9,7 +9,7 @@ import typer
 from rich.filesize import decimal
 
 from tinygen.cli import ui
-from tinygen.cli.options import ModelOpt
+from tinygen.cli.options import MODEL_KINDS, ModelOpt
 from tinygen.errors import TinygenError
 
 if TYPE_CHECKING:
@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 def info(
     ctx: typer.Context,
-    path: Annotated[Optional[str], typer.Argument(metavar="MODEL", help="Model file or GPT-2 folder; the same as "
-                                                  "--model.", show_default=False)] = None,
+    path: Annotated[Optional[str], typer.Argument(metavar="MODEL", help="The same as --model: "
+                                                  f"{MODEL_KINDS}.", show_default=False)] = None,
     model: ModelOpt = None,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Machine-readable output, at full "
                                           "precision.")] = False,

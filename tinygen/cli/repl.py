@@ -1,18 +1,12 @@
 """The `tinygen chat` front end: an interactive REPL on a terminal, a line protocol in pipes.
 
-Line editing is GNU readline, through Python's standard `readline` module: arrow keys, history
-(saved across sessions), Ctrl-R search, the user's own ~/.inputrc, and bracketed paste (a pasted
-block arrives as one message), with no extra dependency and no start-up cost. prompt_toolkit
-would add a full-screen-capable editor we do not need. History holds whole messages, so that
-Up recalls a message typed over several lines as one entry; readline's own history file would
-split it at its newlines, so the file is written here.
-
-Replies go to stdout; banners, notices, stats and command output go to stderr, so that
-`tinygen chat < questions.txt > answers.txt` captures only the model's words.
-
-Ctrl-C never ends a session on a terminal: it stops a reply, or clears the line at the prompt, as
-ollama's does. A Ctrl-C pressed a moment too late to stop a reply would otherwise land at the prompt
-or on the stats line, and quit with the conversation unsaved.
+Line editing is GNU readline through Python's `readline` (history, Ctrl-R, ~/.inputrc, bracketed
+paste), with no extra dependency or start-up cost; prompt_toolkit's full-screen editor is more than
+chat needs. History holds whole messages, in a file written here: readline's own would split a
+multi-line message at its newlines. Replies go to stdout and everything else to stderr, so
+`tinygen chat < questions.txt > answers.txt` captures only the model's words. Ctrl-C on a terminal
+stops a reply or clears the line, never the session (as ollama's): one pressed a moment too late to
+stop a reply would otherwise quit with the conversation unsaved.
 """
 
 from __future__ import annotations

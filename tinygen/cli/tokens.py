@@ -19,8 +19,9 @@ def tokenize(
                                                   "or piped stdin reads stdin.", show_default=False)] = None,
     model: ModelOpt = None,
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", metavar="PATH", help="Use this tokenizer "
-                                                      "instead: a checkpoint, a GPT-2 model folder, a folder with "
-                                                      "vocab.json + merges.txt, or a file from --train.",
+                                                      "instead: any model that loads (a checkpoint, a Hugging Face "
+                                                      "folder, a GGUF), a folder with vocab.json + merges.txt, or "
+                                                      "a file from --train.",
                                                       show_default=False)] = None,
     ids: Annotated[bool, typer.Option("--ids", metavar="", help="Print only the ids, space-separated.")] = False,
     decode: Annotated[bool, typer.Option("--decode", metavar="", help="Turn ids (space or comma separated) back "

@@ -249,7 +249,7 @@ def build_model(info: ModelInfo, state: dict, device, dtype):
     broken = next((k for k, v in state.items() if not torch.isfinite(v).all()), None)
     if broken is not None:  # a flipped exponent bit; sampling would fail on NaN probabilities later
         raise TinygenError(f"{info.path}: tensor {broken} holds NaN or infinite values; the file is corrupt")
-    # Built straight on the target device (a meta-device model would cost a second of imports).
+    # Built straight on the target device: a meta-device model would add imports to every load.
     with torch.device(device):
         net = GPT(info.config, init=False)
     expected = {k: v for k, v in net.state_dict().items() if k != "lm_head.weight" or not info.config.tie_embeddings}

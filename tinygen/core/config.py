@@ -22,7 +22,7 @@ MAX_BLOCK_SIZE = 1 << 16
 # Named model shapes (`train --preset`, `bench --shape`), smallest first. n_head always divides
 # n_embd into 64- or 32-wide heads.
 PRESETS = {
-    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),  # ~1M: minutes on a laptop CPU
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),  # ~1M: trains on a laptop CPU
     "mini": dict(n_layer=6, n_head=6, n_embd=192, block_size=256),
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=512),  # ~15M
     "medium": dict(n_layer=8, n_head=8, n_embd=512, block_size=1024),

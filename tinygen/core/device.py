@@ -56,8 +56,7 @@ def inference_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
 
 def cpu_has_bf16() -> bool | None:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX on x86). Without those, torch
-    emulates bf16 matmuls: on an AVX2-only EPYC a 1024x1024 bf16 matmul ran 57x slower than fp32,
-    and training under bf16 autocast 14x slower. None where torch cannot tell (not x86)."""
+    emulates bf16 matmuls, far slower than fp32 (docs/speed.md). None where torch cannot tell (not x86)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     try:

@@ -20,16 +20,12 @@ from tinygen.core.config import ModelConfig
 class KVCache:
     """Keys and values of every layer, preallocated so decoding never allocates.
 
-    ks[layer], vs[layer]: (B, kv_heads, max_len, head_dim). Slot s of a row holds the keys and
-    values of that row's token at position s, so rows of different lengths share one batch without
-    left padding. The cache holds tensors only: which slots a pass writes and reads, and what each
-    query may see, come with the pass (CacheSlots), as in gpt-fast's KVCache.update(input_pos, k, v).
-
-    One tensor per layer, not one for all of them, as gpt-fast keeps them: a compiled decode step
-    writes a layer's slot in place only into a tensor of its own. Into a layer's view of a shared
-    tensor, torch.compile's functionalization copied the whole shared tensor (a 12-layer step of
-    index_copy_ and attention ran 9x slower compiled than eager that way, and 1.1x faster with a
-    tensor per layer).
+    ks[layer], vs[layer]: (B, kv_heads, max_len, head_dim). Slot s of a row holds that row's token at
+    position s, so rows of different lengths share a batch without left padding. Which slots a pass
+    writes and reads, and what each query may see, come with the pass (CacheSlots), as in gpt-fast's
+    KVCache.update(input_pos, k, v). One tensor per layer, as gpt-fast keeps them, not one shared: into
+    a layer's view of a shared tensor, torch.compile's functionalization copies the whole tensor at
+    every in-place write (docs/speed.md).
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, device, dtype, max_len: int | None = None):
@@ -135,11 +131,8 @@ def llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x1, x2) = (x[..., i], x[..., i + D/2]) of each head by position-dependent
     angles: (x1 cos - x2 sin, x2 cos + x1 sin). x (B, H, T, D); cos, sin (T, D) or (B, 1, T, D),
-    sin signed as rotary_tables makes it.
-
-    Rolling x by half a head gives (x2, x1), and the signed sin turns that into (-x2 sin, x1 sin):
-    four operations where chunk, negate and concatenate took seven, which a decode step, made of
-    many small operations, feels in every layer."""
+    sin signed as rotary_tables makes it. Rolling x by half a head and the signed sin take four
+    operations where chunk, negate and concatenate took seven, felt by a decode step in every layer."""
     return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin).type_as(x)
 
 
@@ -209,11 +202,9 @@ class CausalSelfAttention(nn.Module):
         return y, att
 
     def norm_heads(self, qk: torch.Tensor) -> torch.Tensor:
-        """q_norm on the query heads and k_norm on the key heads of qk (B, H+G, T, D), in one norm.
-
-        The same numbers as the two norms on a split and a concatenation, in a third of the
-        operations: a decode step is bound by how many small operations it runs, and splitting,
-        norming twice and joining cost a batch-1 step more than the attention itself."""
+        """q_norm on the query heads and k_norm on the key heads of qk (B, H+G, T, D), in one norm: the
+        same numbers as two norms on a split and a concatenation, in a third of the operations (a
+        batch-1 decode step is bound by how many small operations it runs)."""
         H, G, D = self.n_head, self.n_kv_head, qk.size(-1)
         gains = torch.cat((self.q_norm.weight.expand(H, D), self.k_norm.weight.expand(G, D)))  # (H+G, D)
         return F.rms_norm(qk, (D,), None, self.q_norm.eps) * gains[:, None]

@@ -1,14 +1,12 @@
 """Chat templates: how a conversation becomes one token sequence, and which of its tokens train.
 
-A chat-tuned tinygen model carries its template in its tokenizer metadata (`chat_template`), so it
-always renders conversations the way it was fine-tuned on them. The template is built from the
-special tokens every tinygen tokenizer reserves:
+A chat-tuned model carries its template in its tokenizer metadata (`chat_template`), so it renders
+conversations as it was fine-tuned on them, from the special tokens every tinygen tokenizer reserves:
 
     <|system|>You are kind.<|end|><|user|>Hi!<|end|><|assistant|>Hello! How are you?<|end|>
 
-Role markers are special tokens, so no user text can forge them: message contents are always
-encoded as ordinary text. A model without a template (a base model) gets PLAIN, a "User:" /
-"Assistant:" transcript that any text model can continue.
+Role markers are special tokens and message contents are always encoded as ordinary text, so no user
+text can forge them. A base model gets PLAIN, a "User:" / "Assistant:" transcript it can continue.
 """
 
 from __future__ import annotations

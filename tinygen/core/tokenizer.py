@@ -63,7 +63,7 @@ class Tokenizer:
         self.add_bos = add_bos  # whether the model expects bos_id before a plain prompt (Llama 3 does)
         self.normalization = normalization  # "NFC" for Qwen2, whose Hugging Face tokenizer normalizes first
         self.drop_unknown_bytes = drop_unknown_bytes
-        self.jinja_template = jinja_template  # the model's own chat template source; see jinja_template.py
+        self.jinja_template = jinja_template  # the model's own chat template source; see formats/jinja.py
         _check(ranks, pattern, special, name, drop_unknown_bytes)
         self._n_ids = len(ranks) + sum(1 for i in special.values() if i >= len(ranks))
         self._check_settings()

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tinygen.atomic import atomic_path
+from tinygen.atomic import atomic_path, remove_stale
 from tinygen.errors import TinygenError
 
 FORMATS = ("hf", "gguf")
@@ -40,6 +40,8 @@ def export(model: str | os.PathLike, fmt: str, out: str | os.PathLike, gguf_type
     if gguf_type not in GGUF_TYPES:
         raise TinygenError(f"unknown GGUF type {gguf_type!r}; use one of {', '.join(GGUF_TYPES)}")
     out = Path(out)
+    if out.parent.is_dir():
+        remove_stale(out)  # an export cut off between its two renames gets its old folder back first
     if out.exists() and not force:
         raise TinygenError(f"{out} exists; pass --force to replace it")
     if not out.parent.is_dir():

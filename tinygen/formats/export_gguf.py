@@ -3,7 +3,7 @@ written with gguf.GGUFWriter.
 
 The file is what llama.cpp's convert_hf_to_gguf.py makes of the same model in Hugging Face form:
 the standard llama.* (or qwen3.*) keys, llama.cpp's tensor names, for llama the rows of q and k
-permuted for its rotary layout (gguf_file.py undoes it on reading; qwen3 rotates Hugging Face's
+permuted for its rotary layout (gguf_reader.py undoes it on reading; qwen3 rotates Hugging Face's
 halves as they are, so nothing is permuted), norms in F32 whatever the type, Llama 3's rope scaling
 as a rope_freqs tensor, and the tokenizer as a byte-level BPE ("gpt2") with a pre-tokenizer name
 llama.cpp knows for the split pattern.
@@ -23,7 +23,7 @@ from tinygen.formats.gguf_layout import LAYER_NAMES, TOP_NAMES, llama3_divisors
 
 Q8_0_BLOCK = 32  # a Q8_0 row is whole blocks of 32 weights
 
-# Hugging Face name -> GGUF name: gguf_file.py's reading tables, turned round.
+# Hugging Face name -> GGUF name: gguf_layout.py's reading tables, turned round.
 TOP = {hf: name for name, hf in TOP_NAMES.items() if hf != "rope_freqs"}
 LAYER = {hf: name for name, hf in LAYER_NAMES.items()}
 

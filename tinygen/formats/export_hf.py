@@ -1,10 +1,11 @@
 """A tinygen model as a Hugging Face folder that transformers loads with no custom code.
 
 "rope" models become LlamaForCausalLM (Qwen2ForCausalLM with q/k/v biases, which Llama's
-attention_bias would put on o_proj too; Qwen3ForCausalLM with qk-norm), "gpt2" models GPT2LMHeadModel. Weights keep their dtype;
-fused matrices are split back with llama.hf_names, the inverse of loading. The tokenizer becomes
-a tokenizer.json that the `tokenizers` library runs as tiktoken does: tinygen's split regex, then
-byte-level BPE that looks a whole piece up before merging (ignore_merges), as tiktoken does.
+attention_bias would put on o_proj too; Qwen3ForCausalLM with qk-norm), "gpt2" models
+GPT2LMHeadModel. Weights keep their dtype; fused matrices are split back with llama.hf_names, the
+inverse of loading. The tokenizer becomes a tokenizer.json that the `tokenizers` library runs as
+tiktoken does: tinygen's split regex, then byte-level BPE that looks a whole piece up before merging
+(ignore_merges).
 """
 
 from __future__ import annotations

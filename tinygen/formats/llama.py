@@ -1,7 +1,7 @@
 """Llama-family models in Hugging Face form, as tinygen's own: a config.json becomes a ModelConfig,
 and a Llama state dict becomes tinygen's weights.
 
-Hugging Face folders and GGUF files (gguf_file.py) both arrive in this form. The `rope` family is
+Hugging Face folders and GGUF files (gguf_reader.py) both arrive in this form. The `rope` family is
 the Llama architecture (rotary positions, RMSNorm, SwiGLU, no biases), so the mapping is a renaming
 plus two fusions: q, k and v become one c_attn matmul, gate and up one c_fc matmul. Qwen2 adds
 biases to q, k and v (qkv_bias); Qwen3 an RMSNorm on each query and key head (qk_norm). A config switch

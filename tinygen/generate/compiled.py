@@ -1,23 +1,12 @@
-"""A decode step at fixed shapes, for torch.compile and CUDA graphs.
+"""A decode step at fixed shapes, for torch.compile and CUDA graphs; the engine prefills into its cache.
 
-At batch 1 on a GPU a small model's decode step is a few hundred tiny kernels, and launching
-them from Python costs more than running them. Replaying the step as one CUDA graph removes
-that, but a graph has fixed shapes and fixed memory addresses. So this step reads the whole
-preallocated cache every time, with a mask built from the position on the device (rather than
-a cache view that grows by one slot per token), and keeps its cache at one address for the
-life of the decoder. The engine prefills into that same cache and calls the step where it
-would call its own. Compiled with mode="reduce-overhead", torch.compile captures the graph;
-Inductor's on-disk cache (under $XDG_CACHE_HOME/tinygen) makes the compile a one-time cost.
-
-On a CPU there is no graph to replay, only the fusion of the step's small operations, so the
-step reads just the slots its token may see (a view whose length is a dynamic dimension of the
-compiled step: no mask, and no recompile as it grows). A model with a long context (SmolLM2:
-8,192 tokens) gets a cache sized to the request and grown by doubling (reserve), its length
-dynamic too, so that growing it compiles nothing new either.
-
-A compiled CPU step also pays, each token, for what runs around its kernels: Dynamo checks its
-guards on every tensor the step reads (SmolLM2: 429 inputs), and Inductor's wrapper asserts each
-input's size and strides. See _compiled for what is cut there.
+On a GPU a batch-1 step is hundreds of tiny kernels that cost more to launch from Python than to run,
+so the step replays as one CUDA graph (mode="reduce-overhead"): it reads the whole preallocated cache
+under a mask built on the device, and the cache keeps one address for the decoder's life. On a CPU,
+where compiling only fuses small operations, the step reads just the slots its token may see (a dynamic
+length: no mask, no recompile as it grows), and a long context's cache is sized to the request and
+doubled as needed (reserve). Inductor's on-disk cache (under $XDG_CACHE_HOME/tinygen) makes compiling a
+one-time cost.
 """
 
 from __future__ import annotations
@@ -43,14 +32,10 @@ FIRST_SLOTS = 256  # a sized cache's first length, doubled as requests need
 
 
 def _compiled(step, device: torch.device, sized: bool):
-    """torch.compile(step) for this device, with less of the work around the kernels on a CPU.
-
-    Measured on SmolLM2 int4 (2-core Zen 4, steps alternated in one process): guards checked by
-    module, each module's dict tag standing for the tensors under it, rather than tensor by tensor
-    (Dynamo's use_recursive_dict_tags_for_guards): 1.08x; and no size asserts in Inductor's
-    wrapper (639 a token; Dynamo's guards already check the inputs' sizes): 1.06x on top.
-    Inductor's C++ wrapper (cpp_wrapper) gained 1.007x for a first compile of 55-120 s, so it is
-    not used. A GPU step replays one CUDA graph, where none of this runs per token."""
+    """torch.compile(step) for this device. A CPU step pays each token for the work around its kernels
+    (a GPU's graph replay skips it), so there Dynamo guards by each module's dict tag rather than tensor
+    by tensor, and Inductor's wrapper drops its size asserts, which Dynamo's guards already make.
+    Inductor's C++ wrapper is not used: too little gain for its slow first compile (docs/speed.md)."""
     if device.type == "cuda":
         return torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
     compiled = torch.compile(step, options={"size_asserts": False}, fullgraph=True,
@@ -60,7 +45,7 @@ def _compiled(step, device: torch.device, sized: bool):
 
     def call(*args):
         # Dynamo builds a frame's guards when it compiles it, which happens inside this call; set
-        # and restored by hand, as config.patch costs 16 us a call and this 4.
+        # and restored by hand, as config.patch costs several times as much on every token.
         before = config.use_recursive_dict_tags_for_guards
         config.use_recursive_dict_tags_for_guards = True
         try:
@@ -94,7 +79,7 @@ class StaticDecoder:
         self.max_len = max_len
         # On a CPU, a slot more than any step sees (never written or read): a step's view of all of
         # a cache's slots would be a contiguous tensor, which a compiled step guards on and compiles
-        # apart, a stall of seconds at the context's last position.
+        # apart: a recompile stall at the context's last position.
         spare = 1 if self.on_cpu else 0
         self.cache = KVCache(self.model.config, 1, self.model.device, self.model.dtype, max_len + spare)
         self.slots = torch.arange(max_len, device=self.model.device)
@@ -120,9 +105,8 @@ class StaticDecoder:
             # The cache's own length, not the int max_len, which a compile would specialize on.
             slots = CacheSlots(self.cache, pos, self.slots.size(0), mask)
         else:
-            # The first seen.size(0) slots, all visible: SmolLM2's int4 step at position ~150 of a
-            # 256-slot cache ran 1.02-1.04x faster so than masked over all 256 (flash attention at
-            # 56 against 104 us a layer), and a chat whose cache has doubled gains more.
+            # The first seen.size(0) slots, all visible: attention reads only the filled slots, not a
+            # masked whole cache, which a chat's doubled cache would make mostly empty.
             slots = CacheSlots(self.cache, pos, seen.size(0))
         h, _ = self.model.hidden(tokens[:, None], slots)
         return self.model.head(h[:, -1])

@@ -1,12 +1,8 @@
-"""A faster matrix-vector product for CPU decode steps, swapped into a model for inference.
+"""A faster matrix-vector product for CPU decode steps, swapped in by plan.py (training never sees it).
 
-A decode step multiplies one row by each weight matrix: a matrix-vector product whose speed is
-the speed of reading the matrix. The BLAS call for it reads a large matrix at about half the
-memory bandwidth the machine has, because it does not share one vector product between cores.
-Viewing the rows of W as one block per thread (a free view: the blocks are contiguous) and
-multiplying them in one batched call does: on a 2-core CPU it reads GPT-2's weights 1.6x faster.
-
-Training never sees these layers: plan.py puts them in a model prepared to decode on a CPU.
+A decode step's speed is that of reading each weight matrix once, and the BLAS call for one row does
+not share that read between cores. Viewing W's rows as one block per thread (a free view: the blocks
+are contiguous) and multiplying them in one batched call does (measured in docs/speed.md).
 """
 
 from __future__ import annotations
@@ -52,10 +48,8 @@ def split_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def register_realized() -> None:
     """torch.ops.tinygen.realized(x): x, as a buffer of its own in a compiled graph, since Inductor
     cannot fuse through a custom op. Without it Inductor fused the final RMSNorm (and the residual
-    add before it) into the int8 head's reduction, recomputing them for each of SmolLM2's 49,152
-    outputs: the head read 28 MB at 10 GB/s, and the step decoded at 85-88 tok/s against 99-113
-    with the norm computed once. Registered when a compiled step first needs it, not at import:
-    registering costs ~35 ms, which every `tinygen sample` would pay."""
+    add before it) into the int8 head's reduction, recomputing them for each of the head's outputs.
+    Registered when a compiled step first needs it, not at import, where every `tinygen sample` would pay for it."""
 
     @torch.library.custom_op("tinygen::realized", mutates_args=())
     def realized(x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +70,7 @@ def exact_int8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if K % INT8_BLOCK or weight.dtype != torch.float32:
         return None
     # The first row alone, then the whole: an ordinary float matrix fails on its first row, without
-    # the whole matrix's temporaries (seconds for GPT-2's head, at every compiled start).
+    # the whole matrix's temporaries, which a large head would cost every compiled start.
     for rows in (weight[:1], weight):
         w = rows.detach().reshape(rows.size(0), K // INT8_BLOCK, INT8_BLOCK)
         scales = w.abs().amax(dim=-1) / 127
@@ -96,9 +90,8 @@ class SplitLinear(nn.Module):
         # A decode step is hundreds of small calls, each paying for its views: the blocks view is
         # made once per thread count (and weight), not once per call.
         self._blocks: tuple[int, int, torch.Tensor] | None = None
-        # What a compiled step splits by: torch.compile cannot trace get_num_threads, and Inductor's
-        # own matrix-vector product reads at the BLAS's speed (SmolLM2 decoded at 15.6 tok/s
-        # compiled that way, against 25.6 eager). Set when the layer is swapped in.
+        # What a compiled step splits by (set when the layer is swapped in): torch.compile cannot
+        # trace get_num_threads, and Inductor's own matrix-vector product reads no faster than the BLAS's.
         self.compile_threads = torch.get_num_threads()
         self.int8_blocks: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -137,11 +130,9 @@ class SplitLinear(nn.Module):
 
 class SmallLinear(nn.Module):
     """A small CPU layer (below plan.SPLIT_MIN_WEIGHTS: its matrix stays in cache) for compiled decode
-    steps, sharing the nn.Linear's weight and bias. Compiled, a few rows multiply it as one
-    reduction that Inductor fuses with its neighbours; a BLAS call for such a matrix costs tens
-    of microseconds of threading and dispatch: the bundled 3.4M model's compiled step decoded
-    2.6x faster so (1373 against 539 tok/s, alternated in one process). Everything else, eager
-    steps and prefills, is the plain F.linear."""
+    steps, sharing the nn.Linear's weight and bias. Compiled, a few rows multiply it as one reduction
+    that Inductor fuses with its neighbours, where a BLAS call would spend more on threading and
+    dispatch than on the product. Eager steps and prefills use the plain F.linear."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()

@@ -1,21 +1,12 @@
-"""Weight-only quantisation, int8 and int4, for decoding on a CPU.
+"""Weight-only quantisation, int8 and int4, for decoding on a CPU, where a token's speed is set by the
+bytes of weights it reads; plan.py decides which layer becomes which.
 
-Decoding one token reads every weight once, so on a CPU its speed is set by the bytes of the
-weights. Storing each matrix as int8 with one float scale per output row (symmetric, absmax)
-reads a quarter of the bytes of float32. Activations stay in floating point: PyTorch's
-`_weight_int8pack_mm` kernel multiplies bf16 activations by the int8 rows and applies the
-scales, so nothing is dequantised into a full float matrix. The embedding table stays float
-(a lookup reads one row); the output head, tied to it, gets its own int8 copy.
-
-Int4 halves the bytes again: 4-bit codes in groups of 32 inputs (or 64, 128, 256), each group
-with a scale and a zero point, through `_weight_int4pack_mm_for_cpu`. That layout is exactly
-llama.cpp's Q4_1 (a scale and a minimum per block of 32) and, with the minimum fixed at -8 times
-the scale, Q4_0: a GGUF's 4-bit matrices go in as stored (core/quantized.Q4Weight), with no
-dequantise and requantise between the file and the kernel. plan.py decides which layer becomes
-which.
-
-The cost in accuracy is measured, not assumed: `tinygen eval --quantize int8` scores held-out
-text through the same modules.
+int8: one float scale per output row (symmetric absmax), through `_weight_int8pack_mm`, which takes
+bf16 activations and applies the scales, so no full float matrix is made. int4: 4-bit codes in groups
+of 32 inputs (or 64, 128, 256) with a scale and a zero point, through `_weight_int4pack_mm_for_cpu`:
+llama.cpp's Q4_1 layout (and Q4_0, with the minimum at -8 scales), so a GGUF's 4-bit matrices go in as
+stored (core/quantized.Q4Weight). The embedding stays float (a lookup reads one row); a tied output
+head gets its own int8 copy. `tinygen eval --quantize int8` scores the accuracy cost through these modules.
 """
 
 from __future__ import annotations
@@ -52,28 +43,26 @@ class Int8Linear(nn.Module):
 
 
 def prefill_dtype() -> torch.dtype:
-    """What an int4 layer's prefill multiplies in. With AVX512-BF16 (a Zen 4 EPYC), SmolLM2's int4
-    prefill ran at 1.8-2.0x float32's speed in bf16 (256 and 128 tokens); emulated bf16, without those
-    instructions, is many times slower than float32."""
+    """What an int4 layer's prefill multiplies in: bf16, the precision its decode steps already have,
+    where the CPU has native bf16 math (faster than float32 there: docs/speed.md); else float32, as
+    emulated bf16 is many times slower."""
     from tinygen.core.device import cpu_has_bf16
 
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
 # At most this many rows (decode steps, small batches) go through the int4 kernel; more (a prefill)
-# multiply the dequantized float32 matrix, which the kernel is 1.6x slower than at 128 rows here.
+# multiply the dequantized matrix, which is faster than the kernel at many rows.
 INT4_MAX_ROWS = 8
 
 
 class Int4Linear(nn.Module):
     """y = x Wᵀ + b with W as 4-bit codes q, and w = q * scale + low over each group of inputs.
 
-    Decode steps read the codes (an eighth of float32's bytes). The kernel takes bf16
-    activations and scales: with float32 ones it falls back to a generic path, 10x slower on one
-    row and 45x on 128 (measured on this AVX2 CPU), as the int8 kernel does. Prefills multiply
-    the same weights dequantized once, kept outside the module's buffers (they are not read per
-    decoded token): in bf16 where the CPU has bf16 instructions (the precision decode steps
-    already have, at twice float32's speed), else in float32."""
+    Decode steps read the codes (an eighth of float32's bytes) with bf16 activations and scales: with
+    float32 ones the kernel falls back to a far slower generic path, as the int8 kernel does. Prefills
+    multiply the same weights dequantized once into prefill_dtype(), kept outside the module's
+    buffers since no decoded token reads them."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()

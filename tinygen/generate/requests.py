@@ -1,13 +1,10 @@
 """Batch-mode input: lines of prompts, or JSON requests, into Requests with a seed for every row.
 
-Plain lines are prompts, one per line; an empty line is an empty prompt (a fresh document), so
-there is one completion per input line. JSON lines are {"prompt": ..., and any of the sampling
-fields, "max_new_tokens", "stop" and "seed"}; blank JSON lines are skipped.
-
-Seeds: each of a request's num_samples rows gets its own. A request's own "seed" gives seed + j
-for its j-th sample; otherwise the command's --seed gives seed + i * num_samples + j for the j-th
-sample of the i-th request, so no two rows share a stream and none depends on its neighbours.
-Without either, rows are seeded afresh.
+A plain line is one prompt (an empty one is a fresh document), so there is one completion per line.
+A JSON line is {"prompt": ..., and any sampling field, "max_new_tokens", "stop" or "seed"}; blank ones
+are skipped. Every row gets its own seed: a request's "seed" gives seed + j to its j-th sample, else
+--seed gives seed + i * num_samples + j to the j-th sample of request i, so no two rows share a stream
+and none depends on its neighbours; with neither, rows are seeded afresh.
 """
 
 from __future__ import annotations
