@@ -292,3 +292,17 @@ def test_export_force_puts_a_gguf_in_place_of_a_folder(tmp_path, model_path, exp
     export(model_path, "gguf", out, force=True)
     assert snapshot(out) == exports["gguf"]
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_an_export_cut_off_between_its_renames_is_recovered_before_the_exists_check(tmp_path, model_path, exports,
+                                                                                      dead_pid):
+    """The killed export left the target missing and the old one set aside: an export without --force
+    still finds the old one there (moved back) and refuses, rather than writing over it."""
+    out = tmp_path / "hf"
+    work = tmp_path / f".hf.{dead_pid}.tmp"
+    work.mkdir()
+    put(work / "hf.old", exports["old"])
+    with pytest.raises(TinygenError, match="exists; pass --force"):
+        export(model_path, "hf", out)
+    assert snapshot(out) == exports["old"]
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
