@@ -139,23 +139,29 @@ def test_chat_cli_on_smollm2_tells_a_story(cli):
     assert "<|im_end|>" not in r.out and "<|im_start|>" not in r.out
 
 
-@needs_smollm2
-def test_a_converted_gguf_loads_without_gguf_or_jinja2(cli, tmp_path):
+def assert_chats_without_gguf_or_jinja2(converted) -> None:
+    """A converted model chats in its ChatML template, its Jinja taken apart, in a process that
+    imports neither gguf nor jinja2."""
     import subprocess
     import sys
 
-    out = tmp_path / "smol.safetensors"
-    r = cli("convert", SMOLLM2, "-o", out, "--dtype", "bfloat16", timeout=300)
-    assert r.rc == 0, r.err
-    assert "wrote" in r.err and out.stat().st_size < 300e6
-    assert_one_line_error(cli("convert", SMOLLM2, "-o", out), "--force")
     probe = ("import sys; from tinygen.core.checkpoint import load_model; from tinygen.generate.chat import ChatSession; "
-             f"net, tok, info = load_model({str(out)!r}); s = ChatSession(net, tok); "
+             f"net, tok, info = load_model({str(converted)!r}); s = ChatSession(net, tok); "
              "assert s.template.name == 'ChatML' and tok.stop_ids, tok.stop_ids; "
              "print(sorted(m for m in ('gguf', 'jinja2') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@needs_smollm2
+def test_a_converted_gguf_loads_without_gguf_or_jinja2(cli, tmp_path):
+    out = tmp_path / "smol.safetensors"
+    r = cli("convert", SMOLLM2, "-o", out, "--dtype", "bfloat16", timeout=300)
+    assert r.rc == 0, r.err
+    assert "wrote" in r.err and out.stat().st_size < 300e6
+    assert_one_line_error(cli("convert", SMOLLM2, "-o", out), "--force")
+    assert_chats_without_gguf_or_jinja2(out)
     r = cli("sample", "-m", out, "The capital of France is", "-n", "4", "-t", "0", "--device", "cpu", timeout=180)
     assert r.rc == 0 and "Paris" in r.out, r.err
 
@@ -259,21 +265,12 @@ def test_chat_cli_on_a_built_gguf(cli, built):
 
 
 def test_a_converted_built_gguf_loads_without_gguf_or_jinja2(cli, tmp_path, built):
-    import subprocess
-    import sys
-
     out = tmp_path / "built.safetensors"
     r = cli("convert", built[0], "-o", out)
     assert r.rc == 0, r.err
     assert "wrote" in r.err
     assert_one_line_error(cli("convert", built[0], "-o", out), "--force")
-    probe = ("import sys; from tinygen.core.checkpoint import load_model; from tinygen.generate.chat import ChatSession; "
-             f"net, tok, info = load_model({str(out)!r}); s = ChatSession(net, tok); "
-             "assert s.template.name == 'ChatML' and tok.stop_ids, tok.stop_ids; "
-             "print(sorted(m for m in ('gguf', 'jinja2') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    assert_chats_without_gguf_or_jinja2(out)
     args = (PROMPTS[2], "-n", "8", "-t", "0")
     converted, original = cli("sample", "-m", out, *args), cli("sample", "-m", built[0], *args)
     assert converted.rc == original.rc == 0 and converted.out == original.out and converted.out.strip()
