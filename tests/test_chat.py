@@ -21,6 +21,7 @@ from tinygen.core.tokenizer import EOT, Tokenizer
 from tinygen.errors import TinygenError
 from tinygen.generate.chat import ChatSession
 from tinygen.generate.sampling import SamplingParams
+from tinygen.training.batches import get_batch
 from tinygen.training.chatdata import (
     dolly,
     encode_conversations,
@@ -30,7 +31,6 @@ from tinygen.training.chatdata import (
     to_jsonl,
     topical_chat,
 )
-from tinygen.training.loop import get_batch
 
 from conftest import STORY_LINES, assert_ok, assert_one_line_error, clean_env, make_model, run_real
 

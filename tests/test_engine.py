@@ -404,7 +404,7 @@ def test_a_request_sized_cache_grows_and_decodes_as_the_dynamic_path(model, size
 
 
 def test_a_chat_keeps_its_cache_when_the_decoders_grows(model, sized_cache):
-    from tinygen.generate.engine import Context
+    from tinygen.generate.context import Context
 
     decoder, context = sized_cache.StaticDecoder(model, compile=False), Context()
     first = [3, 1, 4, 1, 5]

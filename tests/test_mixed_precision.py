@@ -20,7 +20,8 @@ from tinygen.errors import TinygenError
 from tinygen.generate.engine import generate_batch, stream
 from tinygen.generate.sampling import SamplingParams
 from tinygen.inspect.attention import attention_map
-from tinygen.training.loop import TrainSettings, train
+from tinygen.training.loop import train
+from tinygen.training.settings import TrainSettings
 
 GREEDY = SamplingParams(temperature=0)
 BF16 = torch.autocast("cpu", dtype=torch.bfloat16)

@@ -13,8 +13,11 @@ from tinygen.core.config import ModelConfig
 from tinygen.core.model import GPT
 from tinygen.errors import TinygenError
 from tinygen.training import data as data_lib
-from tinygen.training.loop import Saved, Start, Step, TrainSettings, train
-from tinygen.training.optim import OPTIMIZERS, Combined, Float32Muon, make_optimizer, orthogonalized
+from tinygen.training.events import Saved, Start, Step
+from tinygen.training.loop import train
+from tinygen.training.settings import TrainSettings
+from tinygen.training.optim import Combined, Float32Muon, make_optimizer, orthogonalized
+from tinygen.training.settings import OPTIMIZERS
 from tinygen.training.state import load_state, save_state, state_paths
 
 from conftest import STORY_LINES, assert_ok, assert_one_line_error

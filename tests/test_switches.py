@@ -17,7 +17,8 @@ from tinygen.core.model import GPT
 from tinygen.errors import TinygenError
 from tinygen.generate.engine import generate_batch
 from tinygen.generate.sampling import SamplingParams
-from tinygen.training.loop import TrainSettings, lr_at
+from tinygen.training.loop import lr_at
+from tinygen.training.settings import TrainSettings
 from tinygen.training.optim import make_optimizer
 
 from conftest import TINY, assert_ok, assert_one_line_error, make_model

@@ -19,7 +19,9 @@ from tinygen.core.evaluate import score_tokens
 from tinygen.core.model import GPT
 from tinygen.errors import TinygenError
 from tinygen.training import data as data_lib
-from tinygen.training.loop import Eval, Saved, Start, Step, TrainSettings, train
+from tinygen.training.events import Eval, Saved, Start, Step
+from tinygen.training.loop import train
+from tinygen.training.settings import TrainSettings
 
 from conftest import STORY_LINES, TINY, ctrl_c_during, make_model
 

@@ -15,7 +15,9 @@ from tinygen.core.model import GPT
 from tinygen.errors import TinygenError
 from tinygen.training import data as data_lib
 from tinygen.training.distributed import Dist
-from tinygen.training.loop import Step, TrainSettings, train
+from tinygen.training.events import Step
+from tinygen.training.loop import train
+from tinygen.training.settings import TrainSettings
 from tinygen.training.metrics import metrics_path, read_metrics
 from tinygen.training.recipe import Recipe, prepare
 from tinygen.training.state import state_paths

@@ -23,7 +23,9 @@ from tinygen.core.checkpoint import load_model
 from tinygen.core.config import ModelConfig
 from tinygen.core.model import GPT
 from tinygen.training import data as data_lib
-from tinygen.training.loop import TrainingFailed, TrainSettings, train
+from tinygen.training.events import TrainingFailed
+from tinygen.training.loop import train
+from tinygen.training.settings import TrainSettings
 from tinygen.training.state import state_paths
 from tinygen.training.stopping import StopFlag
 

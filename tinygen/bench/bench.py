@@ -75,10 +75,9 @@ def _training_net(model: str | None, shape: str | None):
     context cut to TRAIN_WINDOW tokens.
 
     The reference model has no dropout (Llama has none, and the GPT-2 one is built without), so
-    ours trains without it too: with the bundled model's 0.1, drawing the masks was 7% of a step,
-    a difference of settings rather than of loops. Training reads windows of the whole context,
-    and an imported model's (8,192 tokens for SmolLM2) would make one step of batch 8 take minutes
-    and gigabytes of logits."""
+    ours trains without it too: drawing dropout masks is a difference of settings, not of loops.
+    Training reads windows of the whole context, and an imported model's (8,192 tokens for
+    SmolLM2) would make one step of batch 8 take minutes and gigabytes of logits."""
     from dataclasses import replace
 
     from tinygen.core.model import GPT
@@ -101,7 +100,6 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
     for. What was left out, and why, is under "skipped"."""
     from tinygen.core.device import inference_dtype, resolve_device
     from tinygen.generate import plan
-    from tinygen.training.precision import training_dtype
 
     unknown = set(sections or SECTIONS) - set(SECTIONS)
     if unknown or (sections is not None and not sections):
@@ -113,11 +111,7 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
     cfg = net.config
     skipped = {}
     if sections is None:
-        sections = SECTIONS
-        if kind in IMPORTED:
-            sections = tuple(s for s in SECTIONS if s != "train")
-            skipped["train"] = (f"not timed by default for an imported model ({net.num_params() / 1e6:.1f}M params); "
-                                f"--only train times it, on windows of at most {TRAIN_WINDOW:,} tokens")
+        sections = _default_sections(net, kind, skipped)
     longest = prompt_tokens + max(new_tokens, batch_new_tokens)
     if longest > cfg.block_size:
         raise TinygenError(f"prompt + new tokens ({longest}) exceed the context ({cfg.block_size})")
@@ -130,6 +124,38 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
     prepared = plan.prepare(net, quantize, compile and "decode" in sections, stored_q4)  # what `sample` decodes with
     net = prepared.model
     say(f"{label}: {params / 1e6:.1f}M params on {dev}, {torch.get_num_threads()} threads")
+    result = _heading(label, net, cfg, params, dev, quantize, repeats, compile, compare)
+    with torch.inference_mode():
+        if "decode" in sections:
+            result["decode"] = _decode(net, hf, prepared.decoder, result, skipped, say, label=label, kind=kind,
+                                       compare=compare, dev=dev, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                                       repeats=repeats)
+        if "batch" in sections:
+            sizes = _fitting(batch_sizes, cfg, net.dtype, dev, skipped, prompt_tokens + batch_new_tokens)
+            rows = batch_section(net, hf, prompt_tokens, batch_new_tokens, sizes, repeats, dev, say)
+            result["batch"] = {"prompt_tokens": prompt_tokens, "new_tokens": batch_new_tokens, "rows": rows}
+        if "chat" in sections:
+            result["chat"] = chat_section(net, CHAT_TURNS, repeats, dev, say)
+    if "train" in sections:
+        del hf, net, prepared  # free their memory for training's
+        result["train"] = _train(model, shape, dev, dtype, steps, repeats, train_batch, compare, compile, say)
+    if skipped:
+        result["skipped"] = skipped
+    return result
+
+
+def _default_sections(net, kind: str | None, skipped: dict) -> tuple[str, ...]:
+    """Every section, but training for an imported model only when asked for (the reason goes into skipped)."""
+    if kind not in IMPORTED:
+        return SECTIONS
+    skipped["train"] = (f"not timed by default for an imported model ({net.num_params() / 1e6:.1f}M params); "
+                        f"--only train times it, on windows of at most {TRAIN_WINDOW:,} tokens")
+    return tuple(s for s in SECTIONS if s != "train")
+
+
+def _heading(label: str, net, cfg: ModelConfig, params: int, dev, quantize, repeats: int, compile: bool,
+             compare: bool) -> dict:
+    """What was measured, and where: the model as prepared to decode, the machine and the versions."""
     result = {
         "model": label, "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
@@ -142,47 +168,57 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
         import transformers
 
         result["transformers_version"] = transformers.__version__
-    with torch.inference_mode():
-        if "decode" in sections:
-            prompt = torch.randint(0, cfg.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0))
-            decoder = prepared.decoder
-            if decoder is not None:
-                say("compiling the decode step")
-                result["compile_seconds"] = decoder.warm_up()
-            llama = _llama_cpp(label, kind, compare, dev, prompt_tokens + new_tokens, skipped, say)
-            section = decode_section(net, hf, prompt.tolist(), new_tokens, repeats, dev, say, decoder, llama)
-            if decoder is not None:
-                result["compile_cache_slots"] = decoder.max_len  # the whole context, or sized to the request
-            del llama  # its weights and context, before the sections after
-            # What each prefill allocates (and zeroes); a StaticDecoder holds its own, allocated once.
-            section["cache_bytes_per_row"] = cache_bytes(cfg, 1, net.dtype,
-                                                         decoder.max_len if decoder else prompt_tokens + new_tokens)
-            say("memory read bandwidth")
-            bandwidth = read_bandwidth(dev)
-            per_token = decode_bytes(net, decode_context(prompt_tokens, new_tokens, decoder))
-            achieved = per_token * section["tinygen"]["decode_tok_s"]
-            section["roofline"] = {"bytes_per_token": per_token, "achieved_bytes_s": achieved,
-                                   "measured_bytes_s": bandwidth, "of_measured": achieved / bandwidth}
-            if (sheet := datasheet(dev)) is not None:
-                section["roofline"].update(peak_bytes_s=sheet.bandwidth, of_peak=achieved / sheet.bandwidth,
-                                           peak_kind=f"datasheet ({sheet.name})")
-            result["decode"] = section
-        if "batch" in sections:
-            sizes = _fitting(batch_sizes, cfg, net.dtype, dev, skipped, prompt_tokens + batch_new_tokens)
-            rows = batch_section(net, hf, prompt_tokens, batch_new_tokens, sizes, repeats, dev, say)
-            result["batch"] = {"prompt_tokens": prompt_tokens, "new_tokens": batch_new_tokens, "rows": rows}
-        if "chat" in sections:
-            result["chat"] = chat_section(net, CHAT_TURNS, repeats, dev, say)
-    if "train" in sections:
-        del hf, net, prepared  # free their memory for training's
-        compute = training_dtype(dev, dtype)
-        peak, peak_kind = flops_ceiling(dev, compute, say)
-        net = _training_net(model, shape)
-        result["train"] = train_section(net, steps, repeats, train_batch, compare, dev, peak, say, compile, compute)
-        result["train"].update(peak_flops=peak, peak_kind=peak_kind, dtype=str(compute).removeprefix("torch."))
-    if skipped:
-        result["skipped"] = skipped
     return result
+
+
+def _decode(net, hf, decoder, result: dict, skipped: dict, say, *, label: str, kind: str | None, compare: bool,
+            dev, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
+    """The decode section: batch-1 decode and prefill (generation.py), then the KV cache a row
+    allocates and the memory-bandwidth roofline. A compiled step's compile time and cache length
+    go into result."""
+    prompt = torch.randint(0, net.config.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0))
+    if decoder is not None:
+        say("compiling the decode step")
+        result["compile_seconds"] = decoder.warm_up()
+    llama = _llama_cpp(label, kind, compare, dev, prompt_tokens + new_tokens, skipped, say)
+    section = decode_section(net, hf, prompt.tolist(), new_tokens, repeats, dev, say, decoder, llama)
+    if decoder is not None:
+        result["compile_cache_slots"] = decoder.max_len  # the whole context, or sized to the request
+    del llama  # its weights and context, before the bandwidth is measured
+    # What each prefill allocates (and zeroes); a StaticDecoder holds its own, allocated once.
+    section["cache_bytes_per_row"] = cache_bytes(net.config, 1, net.dtype,
+                                                 decoder.max_len if decoder else prompt_tokens + new_tokens)
+    section["roofline"] = _roofline(net, dev, decode_context(prompt_tokens, new_tokens, decoder),
+                                    section["tinygen"]["decode_tok_s"], say)
+    return section
+
+
+def _roofline(net, dev, context: int, tok_s: float, say) -> dict:
+    """The bytes one decoded token reads, at the rate measured, against the read bandwidth measured
+    now (and a known device's datasheet)."""
+    say("memory read bandwidth")
+    bandwidth = read_bandwidth(dev)
+    per_token = decode_bytes(net, context)
+    achieved = per_token * tok_s
+    roofline = {"bytes_per_token": per_token, "achieved_bytes_s": achieved,
+                "measured_bytes_s": bandwidth, "of_measured": achieved / bandwidth}
+    if (sheet := datasheet(dev)) is not None:
+        roofline.update(peak_bytes_s=sheet.bandwidth, of_peak=achieved / sheet.bandwidth,
+                        peak_kind=f"datasheet ({sheet.name})")
+    return roofline
+
+
+def _train(model, shape, dev, dtype, steps: int, repeats: int, train_batch: int, compare: bool, compile: bool,
+           say) -> dict:
+    """The training section, against the matmul peak of the dtype it computes in."""
+    from tinygen.training.precision import training_dtype
+
+    compute = training_dtype(dev, dtype)
+    peak, peak_kind = flops_ceiling(dev, compute, say)
+    net = _training_net(model, shape)
+    section = train_section(net, steps, repeats, train_batch, compare, dev, peak, say, compile, compute)
+    section.update(peak_flops=peak, peak_kind=peak_kind, dtype=str(compute).removeprefix("torch."))
+    return section
 
 
 def _llama_cpp(path: str, kind: str | None, compare: bool, dev, n_ctx: int, skipped: dict, say):

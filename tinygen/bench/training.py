@@ -25,7 +25,9 @@ def train_section(net, steps: int, repeats: int, batch_size: int, compare: bool,
     import numpy as np
 
     from tinygen.core.tokenizer import Tokenizer
-    from tinygen.training.loop import Step, TrainSettings, flops_per_token, train
+    from tinygen.training.events import Step
+    from tinygen.training.loop import flops_per_token, train
+    from tinygen.training.settings import TrainSettings
 
     cfg = net.config
     fpt = flops_per_token(net)

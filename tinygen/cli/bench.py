@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from tinygen.cli import ui
-from tinygen.cli.options import DeviceOpt, Dtype, ModelOpt, QuantOpt
+from tinygen.cli.options import DeviceOpt, Dtype, ModelOpt, QuantOpt, parse_dtype
 from tinygen.core.config import PRESETS
 from tinygen.errors import TinygenError
 
@@ -46,9 +46,10 @@ def bench(
                                                    "tinygen's choice).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", metavar="", help="Machine-readable output.")] = False,
     device: DeviceOpt = "auto",
-    dtype: Annotated[Dtype, typer.Option(help="Weights for generation, and what training computes in: auto (bf16 on "
-                                         "CUDA, float32 elsewhere), float32, or bfloat16 (bf16 weights to "
-                                         "generate; bf16 autocast over float32 weights to train).")] = Dtype.auto,
+    dtype: Annotated[Dtype, typer.Option(parser=parse_dtype, help="Weights for generation, and what training "
+                                         "computes in: auto (bf16 on CUDA, float32 elsewhere), float32 (or fp32), "
+                                         "or bfloat16 (or bf16): bf16 weights to generate, bf16 autocast over "
+                                         "float32 weights to train.")] = Dtype.auto,
     quantize: QuantOpt = None,
     compile: Annotated[bool, typer.Option("--compile", metavar="", help="Compile the batch-1 decode step (CUDA "
                                           "graphs on a GPU), and both training loops.")] = False,
@@ -79,71 +80,109 @@ def bench(
 
 
 def print_table(result: dict, console) -> None:
+    """The figures as one table (ours, the reference, their ratio and, with --compare, its range),
+    then notes on how to read them."""
     from rich.table import Table
 
-    cfg = result["config"]
-    quant = f" · --quantize {result['quantize']}" if result["quantize"] else ""
-    quant += " · --compile" if result.get("compile") else ""
-    title = (f"{result['model']} · {result['params'] / 1e6:.1f}M params · {cfg['arch']} · {result['device']} "
-             f"{result['dtype']}{quant} · {result['threads']} threads\n{result['device_name']}")
     compared = "transformers_version" in result
-    table = Table(title=title, title_justify="left")
+    table = Table(title=_title(result), title_justify="left")
     table.add_column("metric")
     table.add_column("tinygen", justify="right")
     table.add_column("reference", justify="right")  # the roofline is one even without --compare
     table.add_column("ratio", justify="right", style="bold")
     if compared:
         table.add_column("range", justify="right")
-
-    def row(label, ours, ref=None, ratio=None, spread=None):
-        cells = [label, ours, ref or "", f"{ratio:.2f}x" if isinstance(ratio, float) else ratio or ""]
-        if compared:
-            cells.append(f"{spread[0]:.2f}–{spread[1]:.2f}" if spread and spread[0] != spread[1] else "")
-        table.add_row(*cells)
-
-    if d := result.get("decode"):
-        t, r, q, s = d["tinygen"], d.get("transformers"), d.get("ratio", {}), d.get("spread", {})
-        n = f"prompt {d['prompt_tokens']}, {d['new_tokens']} new"
-        row(f"decode tok/s, batch 1 ({n})", f"{t['decode_tok_s']:.1f}", r and f"{r['decode_tok_s']:.1f}",
-            q.get("decode"), s.get("decode"))
-        row("time to first token, ms", f"{t['first_token_ms']:.1f}", r and f"{r['first_token_ms']:.1f}",
-            q.get("first_token"), s.get("first_token"))
-        row("prefill tok/s", f"{t['prefill_tok_s']:.0f}", r and f"{r['prefill_tok_s']:.0f}", q.get("prefill"),
-            s.get("prefill"))
-        if lc := d.get("llama_cpp"):
-            lq, ls = lc["ratio"], lc["spread"]
-            row("llama.cpp, same file: decode tok/s", f"{t['decode_tok_s']:.1f}", f"{lc['decode_tok_s']:.1f} llama.cpp",
-                lq["decode"], ls["decode"])
-            row("llama.cpp, same file: time to first token, ms", f"{t['first_token_ms']:.1f}",
-                f"{lc['first_token_ms']:.1f} llama.cpp", lq["first_token"], ls["first_token"])
-            row("llama.cpp, same file: prefill tok/s", f"{t['prefill_tok_s']:.0f}",
-                f"{lc['prefill_tok_s']:.0f} llama.cpp", lq["prefill"], ls["prefill"])
-        rl = d["roofline"]
-        row(f"decode read bandwidth, GB/s ({rl['bytes_per_token'] / 1e6:.1f} MB/token)",
-            f"{rl['achieved_bytes_s'] / 1e9:.1f}", f"{rl['measured_bytes_s'] / 1e9:.1f} measured", f"{rl['of_measured']:.0%}")
-        if "peak_bytes_s" in rl:
-            row("", "", f"{rl['peak_bytes_s'] / 1e9:.0f} datasheet", f"{rl['of_peak']:.0%}")
-    if b := result.get("batch"):
-        for r in b["rows"]:
-            row(f"generation tok/s, batch {r['batch']} ({b['new_tokens']} new)", f"{r['tinygen_tok_s']:.0f}",
-                f"{r['transformers_tok_s']:.0f}" if "transformers_tok_s" in r else None, r.get("ratio"), r.get("spread"))
-    if c := result.get("chat"):
-        # The reference here is tinygen itself, re-prefilling the history each turn (how chat ran before).
-        first, last = c["tinygen"]["first_token_ms"], c["reprefill"]["first_token_ms"]
-        row(f"chat: first token of turn 1, ms ({c['message_tokens']}-token turns)", f"{first[0]:.1f}",
-            f"{last[0]:.1f} re-prefill")
-        row(f"chat: first token of turn {c['turns']}, ms", f"{first[-1]:.1f}", f"{last[-1]:.1f} re-prefill",
-            c["ratio"], c["spread"])
-        row(f"chat: turn {c['turns']} over turn 1", f"{c['last_over_first']:.2f}x", f"{last[-1] / last[0]:.2f}x")
-    if tr := result.get("train"):
-        t, r = tr["tinygen"], tr.get("reference")
-        bf16 = ", bf16 autocast" if tr.get("dtype") == "bfloat16" else ""
-        row(f"training tok/s (batch {tr['batch'][0]} x {tr['batch'][1]}{bf16})", f"{t['tok_s']:,.0f}",
-            r and f"{r['tok_s']:,.0f}", tr.get("ratio"), tr.get("spread"))
-        row(f"MFU (of {tr['peak_kind']} peak {tr['peak_flops'] / 1e12:.2f} TFLOP/s)", f"{t['mfu']:.1%}",
-            r and f"{r['mfu']:.1%}", None)
+    for section_rows in (_decode_rows, _batch_rows, _chat_rows, _train_rows):
+        for label, ours, ref, ratio, spread in section_rows(result):
+            cells = [label, ours, ref or "", f"{ratio:.2f}x" if isinstance(ratio, float) else ratio or ""]
+            if compared:
+                cells.append(f"{spread[0]:.2f}–{spread[1]:.2f}" if spread and spread[0] != spread[1] else "")
+            table.add_row(*cells)
     console.print(table)
-    notes = []
+    for note in _notes(result, compared):
+        console.print(f"[dim]{note}[/dim]")
+
+
+def _title(result: dict) -> str:
+    quant = f" · --quantize {result['quantize']}" if result["quantize"] else ""
+    quant += " · --compile" if result.get("compile") else ""
+    return (f"{result['model']} · {result['params'] / 1e6:.1f}M params · {result['config']['arch']} · "
+            f"{result['device']} {result['dtype']}{quant} · {result['threads']} threads\n{result['device_name']}")
+
+
+# Each section's rows: (metric, ours, reference, ratio, range), the last three None where there is none.
+
+def _decode_rows(result: dict) -> list[tuple]:
+    if not (d := result.get("decode")):
+        return []
+    t, r, q, s = d["tinygen"], d.get("transformers"), d.get("ratio", {}), d.get("spread", {})
+    n = f"prompt {d['prompt_tokens']}, {d['new_tokens']} new"
+    rows = [
+        (f"decode tok/s, batch 1 ({n})", f"{t['decode_tok_s']:.1f}", r and f"{r['decode_tok_s']:.1f}",
+         q.get("decode"), s.get("decode")),
+        ("time to first token, ms", f"{t['first_token_ms']:.1f}", r and f"{r['first_token_ms']:.1f}",
+         q.get("first_token"), s.get("first_token")),
+        ("prefill tok/s", f"{t['prefill_tok_s']:.0f}", r and f"{r['prefill_tok_s']:.0f}", q.get("prefill"),
+         s.get("prefill")),
+    ]
+    if lc := d.get("llama_cpp"):
+        lq, ls = lc["ratio"], lc["spread"]
+        rows += [
+            ("llama.cpp, same file: decode tok/s", f"{t['decode_tok_s']:.1f}", f"{lc['decode_tok_s']:.1f} llama.cpp",
+             lq["decode"], ls["decode"]),
+            ("llama.cpp, same file: time to first token, ms", f"{t['first_token_ms']:.1f}",
+             f"{lc['first_token_ms']:.1f} llama.cpp", lq["first_token"], ls["first_token"]),
+            ("llama.cpp, same file: prefill tok/s", f"{t['prefill_tok_s']:.0f}",
+             f"{lc['prefill_tok_s']:.0f} llama.cpp", lq["prefill"], ls["prefill"]),
+        ]
+    rl = d["roofline"]
+    rows.append((f"decode read bandwidth, GB/s ({rl['bytes_per_token'] / 1e6:.1f} MB/token)",
+                 f"{rl['achieved_bytes_s'] / 1e9:.1f}", f"{rl['measured_bytes_s'] / 1e9:.1f} measured",
+                 f"{rl['of_measured']:.0%}", None))
+    if "peak_bytes_s" in rl:
+        rows.append(("", "", f"{rl['peak_bytes_s'] / 1e9:.0f} datasheet", f"{rl['of_peak']:.0%}", None))
+    return rows
+
+
+def _batch_rows(result: dict) -> list[tuple]:
+    if not (b := result.get("batch")):
+        return []
+    return [(f"generation tok/s, batch {r['batch']} ({b['new_tokens']} new)", f"{r['tinygen_tok_s']:.0f}",
+             f"{r['transformers_tok_s']:.0f}" if "transformers_tok_s" in r else None, r.get("ratio"), r.get("spread"))
+            for r in b["rows"]]
+
+
+def _chat_rows(result: dict) -> list[tuple]:
+    if not (c := result.get("chat")):
+        return []
+    # The reference here is tinygen itself, re-prefilling the history each turn (how chat ran before).
+    first, last = c["tinygen"]["first_token_ms"], c["reprefill"]["first_token_ms"]
+    return [
+        (f"chat: first token of turn 1, ms ({c['message_tokens']}-token turns)", f"{first[0]:.1f}",
+         f"{last[0]:.1f} re-prefill", None, None),
+        (f"chat: first token of turn {c['turns']}, ms", f"{first[-1]:.1f}", f"{last[-1]:.1f} re-prefill",
+         c["ratio"], c["spread"]),
+        (f"chat: turn {c['turns']} over turn 1", f"{c['last_over_first']:.2f}x", f"{last[-1] / last[0]:.2f}x",
+         None, None),
+    ]
+
+
+def _train_rows(result: dict) -> list[tuple]:
+    if not (tr := result.get("train")):
+        return []
+    t, r = tr["tinygen"], tr.get("reference")
+    bf16 = ", bf16 autocast" if tr.get("dtype") == "bfloat16" else ""
+    return [
+        (f"training tok/s (batch {tr['batch'][0]} x {tr['batch'][1]}{bf16})", f"{t['tok_s']:,.0f}",
+         r and f"{r['tok_s']:,.0f}", tr.get("ratio"), tr.get("spread")),
+        (f"MFU (of {tr['peak_kind']} peak {tr['peak_flops'] / 1e12:.2f} TFLOP/s)", f"{t['mfu']:.1%}",
+         r and f"{r['mfu']:.1%}", None, None),
+    ]
+
+
+def _notes(result: dict, compared: bool) -> list[str]:
+    """What the table needs said beside it: the references, the compile time, what looks odd, what was skipped."""
+    d, notes = result.get("decode"), []
     if compared:
         notes.append("reference: transformers generate() on the same weights; for training, a bare PyTorch loop "
                      "around the same transformers model")
@@ -167,9 +206,9 @@ def print_table(result: dict, console) -> None:
     if d and (slots := result.get("compile_cache_slots", 0)) > 4 * (d["prompt_tokens"] + d["new_tokens"]):
         notes.append(f"the compiled step reads its whole {slots:,}-token cache every token, masked: "
                      "with a short reply, it can be slower than the eager step")
-    if (tr := result.get("train")) and tr["batch"][1] < cfg["block_size"]:
-        notes.append(f"training windows: {tr['batch'][1]:,} of the model's {cfg['block_size']:,} tokens of context")
+    if (tr := result.get("train")) and tr["batch"][1] < result["config"]["block_size"]:
+        notes.append(f"training windows: {tr['batch'][1]:,} of the model's {result['config']['block_size']:,} tokens "
+                     "of context")
     for name, why in result.get("skipped", {}).items():
         notes.append(f"skipped {name}: {why}")
-    for note in notes:
-        console.print(f"[dim]{note}[/dim]")
+    return notes

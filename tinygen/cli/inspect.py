@@ -40,15 +40,9 @@ def attention(
     dtype: ScoreDtypeOpt = Dtype.float32,
 ) -> None:
     """Show which earlier tokens a token attends to, in each layer and head."""
-    from tinygen.cli import views
     from tinygen.inspect.attention import attention_map, find_word, query_at
 
-    if token is not None and position is not None:
-        raise TinygenError("give --token or --position, not both")
-    if sum((all_heads, matrix, as_json, html is not None)) > 1:
-        raise TinygenError("pick one of --all, --matrix, --json and --html")
-    if all_heads and (layer is not None or head is not None):
-        raise TinygenError("--all shows every layer and head; drop --layer/--head")
+    _check_views(token, position, layer, head, all_heads, matrix, as_json, html)
     text = text_arg(text)
     net, tok, meta, _ = load_model(model, device, dtype)
     amap = attention_map(net, tok, tok.encode(text))
@@ -62,16 +56,31 @@ def attention(
     head_i = None if head is None else amap.head_index(head)
     if as_json:
         ui.write(json.dumps(amap.to_dict(meta.path.name, text, query.position), ensure_ascii=False) + "\n")
-        return
-    if html is not None:
+    elif html is not None:
         from tinygen.cli.explorer import write_html
 
         # The page opens on the view the flags name; every layer and head is in it either way.
         page = {**amap.to_dict(meta.path.name, text, query.position, decimals=None), "layer": layer_i, "head": head_i}
         write_html(html, page)
         ui.note(f"wrote {html}: open it in a browser")
-        return
-    q = query.position
+    else:
+        _draw(amap, query.position, layer_i, head_i, all_heads, matrix)
+
+
+def _check_views(token, position, layer, head, all_heads: bool, matrix: bool, as_json: bool, html) -> None:
+    """Refuse flags that ask for two queries or two views at once."""
+    if token is not None and position is not None:
+        raise TinygenError("give --token or --position, not both")
+    if sum((all_heads, matrix, as_json, html is not None)) > 1:
+        raise TinygenError("pick one of --all, --matrix, --json and --html")
+    if all_heads and (layer is not None or head is not None):
+        raise TinygenError("--all shows every layer and head; drop --layer/--head")
+
+
+def _draw(amap, q: int, layer_i: int, head_i: int | None, all_heads: bool, matrix: bool) -> None:
+    """The view the flags ask for, on stdout: every layer and head, one map, or one query's bars."""
+    from tinygen.cli import views
+
     where = f"layer {layer_i} of 0–{amap.n_layer - 1}, " + (f"head {head_i}" if head_i is not None
                                                         else f"mean of its {amap.n_head} heads")
     console = ui.out()

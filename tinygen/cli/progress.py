@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 from tinygen.core.tokenizer import Tokenizer
-from tinygen.training.loop import Eval, Saved, Start, Step
+from tinygen.training.events import Eval, Saved, Start, Step
 from tinygen.training.metrics import metrics_path, read_metrics
 
 

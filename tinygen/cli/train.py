@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from tinygen.cli import ui
-from tinygen.cli.options import DeviceOpt, Dtype
+from tinygen.cli.options import MODEL_KINDS, DeviceOpt, Dtype, parse_dtype
 from tinygen.core.config import ARCHES, PRESETS
 from tinygen.errors import TinygenError
 
@@ -20,12 +20,12 @@ Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
 Arch = Enum("Arch", {name: name for name in ARCHES}, type=str)
 
 
-class Optimizer(str, Enum):  # training.optim.OPTIMIZERS, which --help must not wait for torch to import
+class Optimizer(str, Enum):  # training.settings.OPTIMIZERS, which --help must not wait for torch to import
     adamw = "adamw"
     muon = "muon"
 
 
-class Schedule(str, Enum):  # training.loop.SCHEDULES
+class Schedule(str, Enum):  # training.settings.SCHEDULES
     cosine = "cosine"
     wsd = "wsd"
 
@@ -97,9 +97,10 @@ def train(
                                               "values of the first N and last N blocks (rope arch).")] = 0,
     vocab_size: Annotated[int, typer.Option(metavar="N", help="Size of the BPE vocabulary to train, special tokens "
                                             "included.")] = 4096,
-    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", metavar="MODEL", help="Reuse this checkpoint's "
-                                                      "(or GPT-2 folder's, or tokenizer file's) tokenizer instead of "
-                                                      "training one.", show_default=False)] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", metavar="MODEL", help="Reuse this model's "
+                                                      f"tokenizer instead of training one: {MODEL_KINDS}; or a folder "
+                                                      "of vocab.json and merges.txt, or a tokenizer file from "
+                                                      "`tinygen tokenize --train`.", show_default=False)] = None,
     init: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Start from this checkpoint's weights "
                                                  "(fine-tuning).", show_default=False)] = None,
     resume: Annotated[bool, _flag("Continue the interrupted run saved at --out.", "--resume")] = False,
@@ -146,21 +147,15 @@ def train(
                                       "validation split.")] = 1337,
     compile: Annotated[bool, _flag("torch.compile the model (GPU).", "--compile")] = False,
     device: DeviceOpt = "auto",
-    dtype: Annotated[Dtype, typer.Option(help="What training computes in: auto (bf16 on CUDA and on CPUs with bf16 "
-                                         "instructions, float32 elsewhere), float32, or bfloat16 (mixed precision: the weights, optimizer and "
-                                         "checkpoint stay float32). On a CPU, bfloat16 pays only with bf16 "
+    dtype: Annotated[Dtype, typer.Option(parser=parse_dtype, help="What training computes in: auto (bf16 on CUDA "
+                                         "and on CPUs with bf16 instructions, float32 elsewhere), float32 (or fp32), "
+                                         "or bfloat16 (or bf16): mixed precision, where the weights, optimizer and "
+                                         "checkpoint stay float32. On a CPU, bfloat16 pays only with bf16 "
                                          "instructions (AVX512-BF16, AMX); without them it is many times "
                                          "slower.")] = Dtype.auto,
 ) -> None:
     """Train a model (and its tokenizer) on your own text."""
-    from tinygen.bench.hardware import peak_bf16_flops
-    from tinygen.cli.progress import TrainDisplay
-    from tinygen.core.device import resolve_device
-    from tinygen.training.distributed import init_distributed, shutdown_distributed
-    from tinygen.training.loop import Saved, TrainingFailed
-    from tinygen.training.loop import train as train_loop
-    from tinygen.training.recipe import Recipe, prepare
-    from tinygen.training.stopping import PeerFailed, StopFlag
+    from tinygen.training.settings import Recipe
 
     # What the user typed, as click saw it: on --resume only these are checked against the saved run.
     typed = frozenset("tie_embeddings" if name == "untied_head" else name for name in ctx.params
@@ -179,33 +174,38 @@ def train(
                    eval_every=eval_every, eval_tokens=eval_tokens, seed=seed, compile=compile,
                    dtype=Dtype(dtype).value),
     )
+    _run(recipe, device, dtype)
+
+
+def _run(recipe, device: str, dtype: Dtype) -> None:
+    """Train the recipe on this process's share of the devices, rank 0 showing the progress; after
+    a stop request, say how to continue."""
+    from tinygen.bench.hardware import peak_bf16_flops
+    from tinygen.core.device import resolve_device
+    from tinygen.training.distributed import init_distributed, shutdown_distributed
+    from tinygen.training.events import Saved, TrainingFailed
+    from tinygen.training.loop import train as train_loop
+    from tinygen.training.recipe import prepare
+    from tinygen.training.stopping import PeerFailed, StopFlag
+
     dist, dev = init_distributed(resolve_device(device))
     if dist.master and dtype == Dtype.bfloat16 and dev.type == "cpu":
-        from tinygen.core.device import cpu_has_bf16
-
-        if cpu_has_bf16() is False:
-            ui.warn("this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 training runs many times "
-                    "slower than float32 here; drop --dtype bfloat16")
+        _warn_if_bf16_is_emulated()
     console = ui.err()
     stop = StopFlag(on_request=(lambda: ui.warn("stopping: saving a checkpoint (Ctrl-C again to abort)"))
                     if dist.master else None)
     try:
         run = prepare(recipe, dist=dist)
-        events = train_loop(run.model, run.tokenizer, run.train_data, run.val_data, out, run.settings, device=dev,
-                            dist=dist, resume=resume, val_bytes=run.val_bytes, provenance=run.provenance,
-                            recipe=run.recipe, chat=run.chat, should_stop=stop, peak_flops=peak_bf16_flops(dev))
+        events = train_loop(run.model, run.tokenizer, run.train_data, run.val_data, recipe.out, run.settings,
+                            device=dev, dist=dist, resume=recipe.resume, val_bytes=run.val_bytes,
+                            provenance=run.provenance, recipe=run.recipe, chat=run.chat, should_stop=stop,
+                            peak_flops=peak_bf16_flops(dev))
         if not dist.master:
             with stop.installed():
                 for _ in events:
                     pass
             return
-        for note in run.notes:
-            console.print(f"[dim]{note}[/dim]", highlight=False)
-        last = None
-        with stop.installed(), TrainDisplay(console, run.tokenizer, out) as display:
-            for last in events:
-                display.handle(last)
-        display.finish()
+        last = _show(events, run, stop, console, recipe.out)
     except TrainingFailed as e:
         raise TinygenError(f"{e}; continue with: {_resume_command(dist)}" if e.saved_step >= 0 else str(e)) from e
     except PeerFailed:
@@ -219,6 +219,28 @@ def train(
         # As `sample` and `eval` do on Ctrl-C, so that `train && eval` stops here. torchrun's workers
         # stopped together and exit 0: torchrun would report anything else as a crash.
         raise typer.Exit(0 if dist.torchrun else 130)
+
+
+def _show(events, run, stop, console, out: Path):
+    """Rank 0's display of the run's notes and events; the last event."""
+    from tinygen.cli.progress import TrainDisplay
+
+    for note in run.notes:
+        console.print(f"[dim]{note}[/dim]", highlight=False)
+    last = None
+    with stop.installed(), TrainDisplay(console, run.tokenizer, out) as display:
+        for last in events:
+            display.handle(last)
+    display.finish()
+    return last
+
+
+def _warn_if_bf16_is_emulated() -> None:
+    from tinygen.core.device import cpu_has_bf16
+
+    if cpu_has_bf16() is False:
+        ui.warn("this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 training runs many times "
+                "slower than float32 here; drop --dtype bfloat16")
 
 
 def _resume_command(dist) -> str:

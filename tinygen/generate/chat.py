@@ -15,6 +15,7 @@ from pathlib import Path
 from tinygen.core.template import ROLES, Renderer, template_for
 from tinygen.errors import TinygenError
 from tinygen.generate import engine
+from tinygen.generate.context import Context
 from tinygen.generate.sampling import SamplingParams
 from tinygen.generate.textgen import Completion, Request, TextGenerator
 
@@ -58,7 +59,7 @@ class ChatSession:
         # The KV cache outlives a turn: the next prompt is this one plus the reply and a new
         # message, so only those are prefilled. History edits need no call here: the cache is
         # reused only as far as the new prompt's ids match the ones it holds.
-        self.kv = engine.Context() if keep_cache else None
+        self.kv = Context() if keep_cache else None
         # A chat-tuned model may skip <|end|> and open the next turn itself; that ends the reply too.
         self._stop_ids = tuple(dict.fromkeys(self.renderer.stop_ids + tokenizer.stop_ids + tuple(
             tokenizer.special[p] for p, _ in self.template.roles.values() if p in tokenizer.special)))

@@ -95,7 +95,7 @@ class StaticDecoder:
     def reserve(self, need: int) -> None:
         """Make the cache hold need slots (at most the context). Only a request-sized cache ever
         grows; the others hold the whole context from the start. A grown cache starts empty: a
-        prefill fills it, and a chat's engine.Context copies over the slots it reuses."""
+        prefill fills it, and a chat's context.Context copies over the slots it reuses."""
         if need > self.max_len and self.sized:
             self._allocate(min(self.model.config.block_size, max(need, 2 * self.max_len)))
 

@@ -9,6 +9,7 @@ own random generator, its limit and where it stands. A Batch holds the rows deco
 the tensors that follow them (the KV cache, the repetition masks, the sampling settings), and
 changes them in one place when rows join or leave. What a row generates depends only on its own
 prompt, settings and seed: never on its neighbours, its slot, the batch size or who finished first.
+A Context (context.py) keeps one conversation's cache from a call to the next.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from tinygen.core.model import GPT, CacheSlots, KVCache
 from tinygen.errors import TinygenError
 from tinygen.generate.compiled import StaticDecoder
+from tinygen.generate.context import Context
 from tinygen.generate.sampling import RowSettings, SamplingParams, sample_next
 
 
@@ -30,46 +32,6 @@ def window_keep(block_size: int) -> int:
     time means one re-prefill per block_size/4 tokens instead of one per token; at least one
     token goes, so the newest always has a position to sit at."""
     return block_size - max(1, block_size // 4)
-
-
-class Context:
-    """One conversation's KV cache, kept from one call of generate to the next, with the ids whose
-    keys and values it holds (slot i holds ids[i]). A call whose prompt starts with some of those
-    ids prefills only the rest, as llama.cpp's prompt-cache reuse and ollama's context reuse do: a
-    chat turn then costs its new message, not the whole history. Whatever changes the prompt
-    (history trimmed to fit, /undo, /reset, another system prompt) only shortens the prefix that
-    matches, so the cache never answers for ids it does not hold."""
-
-    def __init__(self):
-        self.cache: KVCache | None = None
-        self.ids: list[int] = []
-        self.reused = 0  # prompt tokens the last call found in the cache
-
-    def prefill(self, model: GPT, window: list[int], need: int, fixed: KVCache | None = None
-                ) -> tuple[KVCache, torch.Tensor]:
-        """The cache holding window (need slots at least) and the logits (1, V) after its last token."""
-        n = 0
-        for a, b in zip(self.ids, window[:-1]):  # the last token is always run: its logits are the answer
-            if a != b:
-                break
-            n += 1
-        if fixed is not None:  # a StaticDecoder's cache, which must keep its address
-            if self.cache is not fixed:  # the decoder's first call, or its cache grew (StaticDecoder.reserve)
-                if n:
-                    fixed.copy_from(self.cache, n)
-                self.cache = fixed
-        elif self.cache is None or self.cache.max_len < need:
-            # Grown by doubling from 512 slots, so a long chat reallocates a few times, not once a
-            # turn, and a model with a long context does not zero all of it for a short chat.
-            size = min(model.config.block_size, max(need, 2 * self.cache.max_len if self.cache else 512))
-            grown = KVCache(model.config, 1, model.device, model.dtype, size)
-            if n:
-                grown.copy_from(self.cache, n)
-            self.cache = grown
-        self.ids, self.reused = [], n  # until this call ends normally, the cache holds no known ids
-        if n == 0:
-            return prefill(model, [window], into=self.cache)
-        return self.cache, extend(model, self.cache, window[n:], n)
 
 
 @dataclass
@@ -97,8 +59,12 @@ class Batch:
         self.rows = rows
         self.shared_generator = shared_generator  # one stream for every row, when the caller gave one
         windows = [self.window(r) for r in rows]
-        if context is not None:
-            self.cache, self.logits = context.prefill(model, windows[0], cache_len, cache)
+        if context is not None:  # one row, whose window may start with tokens the cache holds already
+            self.cache, held = context.reuse(model, windows[0], cache_len, cache)
+            if held:
+                self.logits = extend(model, self.cache, windows[0][held:], held)
+            else:
+                _, self.logits = prefill(model, windows, into=self.cache)
         else:
             self.cache, self.logits = prefill(model, windows, cache, cache_len)
         for row, w in zip(rows, windows):
@@ -217,21 +183,14 @@ def generate(
     if context is not None and len(prompts) != 1:
         raise ValueError("a Context follows one conversation: one prompt at a time")
     shared = generator if isinstance(generator, torch.Generator) else None
-    waiting = deque(_rows(prompts, params, max_new_tokens, None if shared else generator, seeds))
-    for row in [r for r in waiting if r.max_new_tokens <= 0]:
-        waiting.remove(row)
-        if finished:
-            finished(row.index)
+    waiting = _queue(prompts, params, max_new_tokens, None if shared else generator, seeds, finished)
     if not waiting:
         return
     width = min(batch_size or len(waiting), len(waiting))
     if decoder is not None and width != 1:
         raise ValueError("a StaticDecoder decodes one row at a time")
     track_seen = any(r.params.repetition_penalty != 1.0 for r in waiting)
-    # The cache holds what the longest request can reach, not the whole context: a model with an
-    # 8,192-token context would otherwise zero 377 MB a row (SmolLM2) before a 20-token reply.
-    # A row that reaches the context's end still slides, since then the cache is the context.
-    cache_len = min(model.config.block_size, max(len(r.tokens) + r.max_new_tokens for r in waiting))
+    cache_len = _cache_len(model, waiting)
     if decoder is not None:
         decoder.reserve(cache_len)
     # Rows leave `waiting` as they start; a finished row is dropped from memory with its tokens.
@@ -286,6 +245,23 @@ def _decode(model: GPT, batch: Batch, waiting: deque, step, stop_ids: frozenset[
         batch.logits = step(batch.cache, torch.tensor(feed, device=batch.device), cached)
         for row in batch.rows:
             row.cached += 1
+
+
+def _queue(prompts: list[list[int]], params, max_new_tokens, generators, seeds, finished) -> deque[Row]:
+    """The rows waiting to start, in prompt order; a row with nothing to generate is finished at once."""
+    waiting = deque(_rows(prompts, params, max_new_tokens, generators, seeds))
+    for row in [r for r in waiting if r.max_new_tokens <= 0]:
+        waiting.remove(row)
+        if finished:
+            finished(row.index)
+    return waiting
+
+
+def _cache_len(model: GPT, rows: Iterable[Row]) -> int:
+    """The slots of the batch's cache: what the longest request can reach, not the whole context.
+    A model with an 8,192-token context would otherwise zero hundreds of MB a row before a short
+    reply. A row that reaches the context's end still slides, since then the cache is the context."""
+    return min(model.config.block_size, max(len(r.tokens) + r.max_new_tokens for r in rows))
 
 
 def _rows(prompts: list[list[int]], params, max_new_tokens, generators, seeds) -> list[Row]:

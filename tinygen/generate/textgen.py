@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from tinygen.core.tokenizer import StopMatcher, StreamDecoder, Tokenizer
 from tinygen.errors import TinygenError
 from tinygen.generate import engine
+from tinygen.generate.context import Context
 from tinygen.generate.sampling import SamplingParams
 
 
@@ -68,10 +69,10 @@ class TextGenerator:
 
     def stream_ids(self, ids: list[int], request: Request, result: Completion | None = None,
                    generator=None, stop_ids: tuple[int, ...] = (), observe=None,
-                   context: engine.Context | None = None) -> Iterator[str]:
+                   context: Context | None = None) -> Iterator[str]:
         """Like stream, from prompt ids (a chat turn renders its own); a caller's generator
         carries one random stream across calls, stop_ids add to the end-of-text stops, and a
-        context keeps the KV cache from one call to the next (engine.Context)."""
+        context keeps the KV cache from one call to the next (context.Context)."""
         text = _Text(self.tokenizer, request, result)
         start = time.perf_counter()
         tokens = engine.stream(

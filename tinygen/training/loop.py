@@ -1,12 +1,16 @@
 """The training loop: next-token cross-entropy, AdamW or Muon (optim.py), warmup then cosine or
 warmup-stable-decay, resumable.
 
-`train` is a generator of events (Start, Step, Eval, Saved); it never prints. Only rank 0
-yields events and writes files: the checkpoint, its state and the metrics (metrics.py).
-Everything needed to continue exactly where a run stopped (optimizer moments, step, tokens seen,
-the batch sampler's RNG, the dropout RNG) goes into the state files beside the checkpoint
-(state.py). Evaluation and saving happen at step boundaries, where all ranks also decide
-together whether to stop (stopping.py).
+`train` is a generator of events (events.py); it never prints. Only rank 0 yields events and
+writes files: the checkpoint, its state and the metrics (metrics.py). Everything needed to
+continue exactly where a run stopped (optimizer moments, step, tokens seen, the batch sampler's
+RNG, the dropout RNG) goes into the state files beside the checkpoint (state.py). Evaluation and
+saving happen at step boundaries, where all ranks also decide together whether to stop
+(stopping.py).
+
+A Trainer is one run. Its phases are its methods, in the order a run meets them: set-up (the
+constructor, then `begin`), the step boundary (`run`), `step`, `evaluate` and `save`, and `stop`.
+What changes as the run goes is one RunState.
 """
 
 from __future__ import annotations
@@ -26,15 +30,13 @@ from tinygen.core.evaluate import score_tokens
 from tinygen.core.model import GPT
 from tinygen.core.tokenizer import Tokenizer
 from tinygen.errors import TinygenError
+from tinygen.training.batches import Batches, ChatSupervision
 from tinygen.training.distributed import Dist
+from tinygen.training.events import Eval, Saved, Start, Step, TrainingFailed
 from tinygen.training.metrics import MetricsLog
-from tinygen.training.optim import (
-    DEFAULT_LR,
-    OPTIMIZERS,
-    default_optimizer,
-    make_optimizer,
-)
+from tinygen.training.optim import make_optimizer
 from tinygen.training.precision import training_dtype
+from tinygen.training.settings import TrainSettings
 from tinygen.training.state import (
     load_state,
     read_state_meta,
@@ -44,97 +46,6 @@ from tinygen.training.state import (
 )
 from tinygen.training.stopping import PeerFailed, agree
 
-SCHEDULES = ("cosine", "wsd")
-
-
-@dataclass
-class TrainSettings:
-    max_steps: int | None = None
-    max_tokens: int | None = None
-    max_time: float | None = None  # seconds
-    batch_size: int = 32  # sequences per micro-batch on each process
-    batch_tokens: int | None = None  # tokens per optimizer step over all processes; default: one micro-batch each
-    lr: float | None = None  # None: the optimizer's own default (optim.DEFAULT_LR)
-    min_lr_ratio: float = 0.1  # cosine decays to lr * this
-    warmup_steps: int = 20
-    schedule: str = "wsd"  # warmup, stable at lr, then a linear cooldown to 0; or "cosine" (lr_at)
-    cooldown: float = 0.2  # wsd: the share of the budget spent cooling down
-    weight_decay: float = 0.1  # decoupled, on matrices and the embedding; Muon's matrices too
-    # "muon": Muon for the blocks' matrices, AdamW for the rest (optim.py); or "adamw". None: muon
-    # where torch has it.
-    optimizer: str | None = None
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    eval_every: int = 250
-    eval_tokens: int = 200_000  # validation tokens scored per eval (all of them if fewer)
-    sample_tokens: int = 48  # length of the sample shown at each eval; 0 turns samples off
-    seed: int = 1337
-    compile: bool = False
-    dtype: str = "auto"  # what the forward and backward compute in (core/device.training_dtype)
-
-    def __post_init__(self):
-        if not (self.max_steps or self.max_tokens or self.max_time):
-            raise TinygenError("say when to stop: --max-steps, --tokens or --time")
-        for name in ("batch_size", "eval_every"):
-            if getattr(self, name) < 1:
-                raise TinygenError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.optimizer is None:
-            self.optimizer = default_optimizer()
-        if self.optimizer not in OPTIMIZERS:
-            raise TinygenError(f"unknown --optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-        if self.lr is None:
-            self.lr = DEFAULT_LR[self.optimizer]
-        if not self.lr > 0:
-            raise TinygenError(f"--lr must be positive, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise TinygenError(f"unknown --schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
-        if not 0 < self.cooldown <= 1:
-            raise TinygenError(f"--cooldown is a share of the budget, above 0 and at most 1; got {self.cooldown}")
-
-
-# -- events ---------------------------------------------------------------------------------------
-
-@dataclass
-class Start:
-    params: int
-    tokens_per_step: int
-    accum_steps: int
-    world_size: int
-    train_tokens: int
-    val_tokens: int
-    resumed_step: int
-    device: str
-    dtype: str  # "float32", or "bfloat16" (autocast over float32 weights)
-
-
-@dataclass
-class Step:
-    step: int
-    loss: float
-    lr: float
-    tokens_seen: int
-    tokens_per_s: float
-    mfu: float | None
-    elapsed: float
-    progress: float  # fraction of the budget used, 0..1
-
-
-@dataclass
-class Eval:
-    step: int
-    val_loss: float | None
-    val_bpb: float | None
-    sample: list[int] = field(default_factory=list)
-
-
-@dataclass
-class Saved:
-    path: Path
-    step: int
-    reason: str  # "eval", "final", "interrupted", "error" (on the way out after a failure)
-
-
-# -- pieces of the loop ---------------------------------------------------------------------------
 
 def lr_at(step: int, progress: float, s: TrainSettings) -> float:
     """Linear warmup, then either cosine from lr down to lr * min_lr_ratio over the rest of the
@@ -158,40 +69,20 @@ def flops_per_token(model: GPT) -> float:
 
 
 @dataclass
-class ChatSupervision:
-    """Chat fine-tuning: which targets count, and where conversations start."""
+class RunState:
+    """What changes as a run goes. The counters and `last` are what a save writes and a resume
+    restores; the rest says where the work of the step boundaries stands."""
 
-    train_mask: np.ndarray  # parallel to the training tokens: 1 where the loss counts (the assistant's tokens)
-    val_mask: np.ndarray
-    starts: np.ndarray  # offsets of the training conversations; every window begins at one
-
-
-def get_batch(data: np.ndarray, rows: torch.Tensor, block: int, device,
-              mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets (B, T) for windows starting at the given offsets; targets
-    where mask is 0 become -1, which the loss ignores."""
-    x = torch.from_numpy(np.stack([data[i : i + block] for i in rows.tolist()]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1 : i + 1 + block] for i in rows.tolist()]).astype(np.int64))
-    if mask is not None:
-        keep = np.stack([mask[i + 1 : i + 1 + block] for i in rows.tolist()])
-        y[torch.from_numpy(keep == 0)] = -1
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-# -- the loop -------------------------------------------------------------------------------------
-
-class TrainingFailed(TinygenError):
-    """Rank 0's evaluation, sampling or save failed mid-run, and every rank stopped with it. The
-    trained steps were saved on the way out when that could still be done (saved_step; -1: never)."""
-
-    def __init__(self, doing: str, cause: Exception, out: Path, saved_step: int):
-        why = str(cause) if isinstance(cause, TinygenError) else f"{type(cause).__name__}: {cause}"
-        kept = (f"the model and its training state at step {saved_step} are saved in {out}" if saved_step >= 0
-                else "nothing could be saved")
-        super().__init__(f"{doing} failed ({why}); {kept}")
-        self.saved_step = saved_step
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed: float = 0.0  # seconds trained, earlier sessions included, as the ranks agreed at the last boundary
+    # The newest metrics record: its losses go into the checkpoint's provenance. The full history
+    # is in the metrics JSONL, so the state file keeps only this one.
+    last: dict = field(default_factory=dict)
+    evaluated_at: int = 0  # the weights a run starts (or resumes) from are not evaluated again
+    final_at: int = -1  # the step whose final evaluation and save are done
+    saved_at: int = -1  # rank 0: the step the files on disk hold
+    failure: tuple[str, Exception] | None = None  # rank 0's failed evaluation or save: everyone stops next
 
 
 def train(
@@ -215,232 +106,275 @@ def train(
     """Train, yielding events on rank 0. `recipe` (what the run was made from) is kept in the state
     file for --resume to check; `should_stop` is read at each step boundary. `peak_flops`, a GPU's
     datasheet bf16 FLOP/s (bench/hardware.py), is what a bf16 run's MFU is put against."""
-    dist = dist or Dist()
-    cfg = model.config
-    block = cfg.block_size
-    train_mask, val_mask = (chat.train_mask, chat.val_mask) if chat else (None, None)
-    if len(train_data) < block + 2:
-        raise TinygenError(f"the training data ({len(train_data)} tokens) is smaller than one sequence of "
-                           f"{block + 1}; add text or use a smaller --block-size")
-    # ---------------------------------------------------------------- batch geometry
-    micro_tokens = s.batch_size * block * dist.world
-    accum = max(1, round((s.batch_tokens or micro_tokens) / micro_tokens))
-    tokens_per_step = micro_tokens * accum
-    total_steps = min(x for x in (s.max_steps, s.max_tokens and math.ceil(s.max_tokens / tokens_per_step)) if x) \
-        if (s.max_steps or s.max_tokens) else None
+    trainer = Trainer(model, tokenizer, train_data, val_data, out, s, device=device, dist=dist or Dist(),
+                      resume=resume, val_bytes=val_bytes, provenance=provenance, recipe=recipe, chat=chat,
+                      peak_flops=peak_flops)
+    if trainer.dist.master:
+        yield trainer.begin()
+    yield from trainer.run(should_stop)
 
-    # ---------------------------------------------------------------- model, optimizer, state
-    model.to(device).train()
-    optimizer = make_optimizer(model, s, device)
-    batch_rng = torch.Generator().manual_seed(s.seed)
-    torch.manual_seed(s.seed + dist.rank)  # dropout differs per rank, batches are shared
-    # The newest metrics record: its losses go into the checkpoint's provenance. The full history
-    # is in the metrics JSONL, so the state file keeps only this one.
-    step, tokens_seen, elapsed_before, last = 0, 0, 0.0, {}
-    if resume:
+
+class Trainer:
+    """One run: what it trains, on what and with what, fixed at set-up, and its RunState."""
+
+    # ---------------------------------------------------------------- set-up
+    def __init__(self, model: GPT, tokenizer: Tokenizer, train_data: np.ndarray, val_data: np.ndarray, out: Path,
+                 s: TrainSettings, *, device: torch.device, dist: Dist, resume: bool, val_bytes: int,
+                 provenance: dict | None, recipe: dict | None, chat: ChatSupervision | None,
+                 peak_flops: float | None):
+        block = model.config.block_size
+        if len(train_data) < block + 2:
+            raise TinygenError(f"the training data ({len(train_data)} tokens) is smaller than one sequence of "
+                               f"{block + 1}; add text or use a smaller --block-size")
+        self.model, self.tokenizer, self.out, self.s = model, tokenizer, out, s
+        self.train_tokens, self.val_data, self.val_bytes, self.chat = len(train_data), val_data, val_bytes, chat
+        self.device, self.dist, self.resume = device, dist, resume
+        self.provenance, self.recipe = provenance or {}, recipe or {}
+        # ------------------------------------------------------------ batch geometry
+        micro_tokens = s.batch_size * block * dist.world
+        self.accum = max(1, round((s.batch_tokens or micro_tokens) / micro_tokens))
+        self.tokens_per_step = micro_tokens * self.accum
+        self.total_steps = min(x for x in (s.max_steps, s.max_tokens and math.ceil(s.max_tokens / self.tokens_per_step))
+                               if x) if (s.max_steps or s.max_tokens) else None
+        # ------------------------------------------------------------ model, optimizer, state
+        model.to(device).train()
+        self.optimizer = make_optimizer(model, s, device)
+        batch_rng = torch.Generator().manual_seed(s.seed)
+        torch.manual_seed(s.seed + dist.rank)  # dropout differs per rank, batches are shared
+        self.state = self.resumed(batch_rng) if resume else RunState()
+        self.elapsed_before = self.state.elapsed
+        self.batches = Batches(train_data, batch_rng, (self.accum, dist.world, s.batch_size), block, dist.rank,
+                               device, chat)
+        self.runner = self.wrapped(model)
+        # Mixed precision: float32 weights, gradients and optimizer moments (and so checkpoint), with the
+        # matmuls of the forward and backward in bf16. bf16 keeps float32's exponent range, so unlike
+        # fp16 it needs no loss scaling.
+        self.compute = training_dtype(device, s.dtype)
+        self.autocast = torch.autocast(device.type, dtype=self.compute) if self.compute != torch.float32 \
+            else nullcontext()
+        # MFU only against a datasheet's bf16 peak, which bf16 training aims at; `tinygen bench --train`
+        # measures a peak where there is no datasheet.
+        self.peak = peak_flops if self.compute == torch.bfloat16 else None
+        self.flops_per_token = flops_per_token(model)
+        self.metrics = MetricsLog(out)
+        self.started = 0.0  # perf_counter when this session's steps began: set by `run`
+
+    def resumed(self, batch_rng: torch.Generator) -> RunState:
+        """The saved run's counters, with the optimizer, the batch sampler and this rank's dropout
+        generators put back where it stopped."""
+        s, out, dist = self.s, self.out, self.dist
         # Another optimizer's moments do not fit this one (runs from before --optimizer used AdamW).
         trained_with = read_state_meta(out).get("settings", {}).get("optimizer", "adamw")
         if trained_with != s.optimizer:
             raise TinygenError(f"the run at {out} was trained with --optimizer {trained_with}; resume it with "
                                f"the same optimizer, or start a new run with --force")
-        meta = load_state(out, optimizer, batch_rng, dist.rank, device)
-        step, tokens_seen, elapsed_before = meta["step"], meta["tokens_seen"], meta["elapsed"]
-        last = meta.get("last", {})
-        if meta.get("tokens_per_step", tokens_per_step) != tokens_per_step:
+        meta = load_state(out, self.optimizer, batch_rng, dist.rank, self.device)
+        if meta.get("tokens_per_step", self.tokens_per_step) != self.tokens_per_step:
             raise TinygenError(f"the run at {out} took {meta['tokens_per_step']:,} tokens per step with "
                                f"{meta.get('world', '?')} process(es), but {dist.world} would take "
-                               f"{tokens_per_step:,}; resume it with {meta.get('world', 'as many')} process(es)")
-    runner = model
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+                               f"{self.tokens_per_step:,}; resume it with {meta.get('world', 'as many')} process(es)")
+        step = meta["step"]
+        return RunState(step=step, tokens_seen=meta["tokens_seen"], elapsed=meta["elapsed"],
+                        last=meta.get("last", {}), evaluated_at=step, saved_at=step)
 
-        runner = DDP(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
-    if s.compile:
-        runner = torch.compile(runner)
-    # Mixed precision: float32 weights, gradients and optimizer moments (and so checkpoint), with the
-    # matmuls of the forward and backward in bf16. bf16 keeps float32's exponent range, so unlike
-    # fp16 it needs no loss scaling.
-    compute = training_dtype(device, s.dtype)
-    autocast = torch.autocast(device.type, dtype=compute) if compute != torch.float32 else nullcontext()
-    # MFU only against a datasheet's bf16 peak, which bf16 training aims at; `tinygen bench --train`
-    # measures a peak where there is no datasheet.
-    peak = peak_flops if compute == torch.bfloat16 else None
-    fpt = flops_per_token(model)
-    metrics = MetricsLog(out)
-    if dist.master:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if not resume:  # a fresh run: an older run's optimizer state would not belong to these weights
-            remove_state(out)
-        metrics.start(step)
-        yield Start(model.num_params(), tokens_per_step, accum, dist.world, len(train_data), len(val_data), step,
-                    str(device), str(compute).removeprefix("torch."))
+    def wrapped(self, model: GPT) -> torch.nn.Module:
+        """What runs the forward and backward: the model, under DDP across processes, compiled if asked."""
+        runner = model
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
-    def progress_at(step_: int, elapsed_: float) -> float:
+            runner = DDP(model, device_ids=[self.dist.local_rank] if self.device.type == "cuda" else None)
+        if self.s.compile:
+            runner = torch.compile(runner)
+        return runner
+
+    def begin(self) -> Start:
+        """Rank 0's files made ready for the run, and its Start event."""
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        if not self.resume:  # a fresh run: an older run's optimizer state would not belong to these weights
+            remove_state(self.out)
+        self.metrics.start(self.state.step)
+        return Start(self.model.num_params(), self.tokens_per_step, self.accum, self.dist.world, self.train_tokens,
+                     len(self.val_data), self.state.step, str(self.device), str(self.compute).removeprefix("torch."))
+
+    # ---------------------------------------------------------------- the step boundary
+    def run(self, should_stop: Callable[[], bool]) -> Iterator[Step | Eval | Saved]:
+        """Steps until the budget is spent or the ranks agree to stop; evaluation, saving and
+        stopping all happen at the boundary between two steps."""
+        st = self.state
+        self.started = time.perf_counter()
+        while True:
+            stop, failed, st.elapsed = agree(self.dist, should_stop(), st.failure is not None, self.clock())
+            finished = self.progress(st.step, st.elapsed) >= 1.0
+            if failed or stop or (finished and st.final_at == st.step):
+                yield from self.stop(stop, failed)
+                return
+            if finished or (st.step != st.evaluated_at and st.step % self.s.eval_every == 0):
+                yield from self.evaluate(finished)
+                continue
+            if (event := self.step()) is not None:
+                yield event
+
+    def clock(self) -> float:
+        """Seconds trained, this session and the ones before it."""
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def progress(self, step: int, elapsed: float) -> float:
         """Fraction of the budget used: of the steps (or tokens) and of the time, whichever is further."""
         fractions = []
-        if total_steps:
-            fractions.append(step_ / total_steps)
-        if s.max_time:
-            fractions.append(elapsed_ / s.max_time)
+        if self.total_steps:
+            fractions.append(step / self.total_steps)
+        if self.s.max_time:
+            fractions.append(elapsed / self.s.max_time)
         return max(fractions) if fractions else 0.0
 
-    def save(reason: str, rngs: dict) -> Saved:
-        nonlocal saved_at
-        prov = {**(provenance or {}), "optimizer": s.optimizer, "steps": step, "tokens_seen": tokens_seen,
-                "train_seconds": round(elapsed, 1)}
-        prov.update({k: last[k] for k in ("train_loss", "val_loss", "val_bpb") if last.get(k) is not None})
-        save_checkpoint(out, model, tokenizer, prov)
-        at_boundary = torch.Generator()
-        at_boundary.set_state(boundary_rng)
-        save_state(out, optimizer, at_boundary, rngs, {"step": step, "tokens_seen": tokens_seen, "elapsed": elapsed,
-                                               "tokens_per_step": tokens_per_step, "world": dist.world,
-                                               "settings": asdict(s),
-                                               "recipe": recipe or {}, "last": last})
-        saved_at = step
-        return Saved(out, step, reason)
-
-    def validation(final: bool):
-        if len(val_data) < 2:
-            return None
-        if final:  # all of it, in sliding windows and float32: the numbers `tinygen eval --val-split` reports
-            return score_tokens(model, val_data, n_bytes=val_bytes, mask=val_mask)
-        n = min(len(val_data), s.eval_tokens)  # a cheaper look mid-run: non-overlapping windows over the first n
-        with autocast:
-            return score_tokens(model, val_data, stride=block, max_tokens=n, n_bytes=int(val_bytes * n / len(val_data)),
-                                mask=val_mask)
-
-    def sample() -> list[int]:
-        if not s.sample_tokens or tokenizer.eot_id is None:
-            return []
-        from tinygen.generate.engine import generate_batch
-        from tinygen.generate.sampling import SamplingParams
-
-        gen = torch.Generator(device=device).manual_seed(step)  # its own RNG: samples never shift training
-        model.eval()
-        try:
-            # In the weights' own dtype, outside autocast: a sample is a few dozen batch-1 steps,
-            # where bf16 saves nothing, and it reads as the saved checkpoint will generate.
-            return generate_batch(model, [[tokenizer.eot_id]], SamplingParams(temperature=0.8), s.sample_tokens,
-                                  stop_ids=[tokenizer.eot_id], generator=gen)[0]
-        finally:
-            model.train()
-
-    # ---------------------------------------------------------------- batches
-    shape = (accum, dist.world, s.batch_size)
-
-    def draw() -> torch.Tensor:
-        """One step's window offsets (accum, world, batch). All processes draw the same; each takes
-        its own slice of every micro-batch, so N processes see exactly the rows one process would
-        see with the same global batch."""
-        if chat is None:
-            return torch.randint(0, len(train_data) - block - 1, shape, generator=batch_rng)
-        # Whole conversations from their start, so a reply always sees what it answers.
-        picks = torch.randint(0, len(chat.starts), shape, generator=batch_rng)
-        return torch.from_numpy(chat.starts)[picks].clamp(max=len(train_data) - block - 1)
-
-    def fetch(offsets: torch.Tensor, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return get_batch(train_data, offsets[micro, dist.rank], block, device, train_mask)
-
-    # The next step's offsets and first micro-batch, drawn during the step before. batch_rng has
-    # then moved past them, so saves write boundary_rng, its state where the next step draws: a
-    # resumed run draws the same batches whether or not one was fetched ahead.
-    ahead: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
-    boundary_rng = batch_rng.get_state()
-
-    # ---------------------------------------------------------------- train
-    start = time.perf_counter()
-    elapsed = elapsed_before
-    evaluated_at = step  # the weights a run starts (or resumes) from are not evaluated again
-    final_at = -1  # the step whose final evaluation and save are done
-    saved_at = step if resume else -1  # rank 0: the step the files on disk hold
-    failure: tuple[str, Exception] | None = None  # rank 0's failed evaluation or save: everyone stops next
-    while True:
-        # ------------------------------------------------------------ step boundary: decided by all ranks
-        stop, failed, elapsed = agree(dist, should_stop(), failure is not None,
-                                      elapsed_before + time.perf_counter() - start)
-        finished = progress_at(step, elapsed) >= 1.0
-        if failed or stop or (finished and final_at == step):
-            dist.stopped_together = True
-            # Gathered from every rank, before rank 0 may save: a collective all ranks reach together.
-            rngs = rng_states(dist, device) if failed or (stop and final_at != step) else {}
-            if failed and not dist.master:
-                raise PeerFailed("stopped because rank 0 failed; its error is above")
-            if failed:
-                if saved_at != step:
-                    with suppress(Exception):  # the save itself may be what failed
-                        yield save("error", rngs)
-                raise TrainingFailed(*failure, out, saved_at) from failure[1]
-            if stop and final_at != step and dist.master:
-                yield save("interrupted", rngs) if saved_at != step else Saved(out, step, "interrupted")
-            return
-        if finished or (step != evaluated_at and step % s.eval_every == 0):
-            rngs = rng_states(dist, device)  # every rank, at the boundary the save will hold
-            if dist.master:
-                doing = f"evaluation at step {step}"
-                try:
-                    val = validation(finished)
-                    doing = f"sampling at step {step}"
-                    ev = Eval(step, val.loss if val else None, val.bits_per_byte if val else None, sample())
-                    last.update(val_loss=ev.val_loss, val_bpb=ev.val_bpb)
-                    if ev.val_loss is not None:
-                        metrics.write({"step": step, "val_loss": ev.val_loss, "val_bpb": ev.val_bpb})
-                    yield ev
-                    doing = f"saving at step {step}"
-                    yield save("final" if finished else "eval", rngs)
-                except Exception as e:
-                    failure = (doing, e)
-            evaluated_at = step
-            final_at = step if finished else final_at
-            continue
-        # ------------------------------------------------------------ one optimizer step
+    # ---------------------------------------------------------------- one optimizer step
+    def step(self) -> Step | None:
+        """One optimizer step on every rank; on rank 0 its metrics row is written and its event returned."""
+        s, st = self.s, self.state
         t0 = time.perf_counter()
-        lr = lr_at(step, progress_at(step, elapsed), s)
-        for group in optimizer.param_groups:
+        lr = lr_at(st.step, self.progress(st.step, st.elapsed), s)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if ahead is None:
-            offsets = draw()
-            batch = fetch(offsets, 0)
-        else:
-            offsets, batch = ahead
-        loss_sum = torch.zeros((), device=device)
+        loss = self.mean_loss(self.forward_backward())
+        if s.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        st.step += 1
+        st.tokens_seen += self.tokens_per_step
+        dt = time.perf_counter() - t0
+        now = self.clock()
+        st.last = {"step": st.step, "train_loss": loss, "lr": lr, "tokens": st.tokens_seen, "time": round(now, 2)}
+        if not self.dist.master:
+            return None
+        tps = self.tokens_per_step / dt
+        mfu = tps * self.flops_per_token / (self.peak * self.dist.world) if self.peak else None
+        self.metrics.write({**st.last, "tokens_per_s": round(tps, 1), "mfu": mfu})
+        return Step(st.step, loss, lr, st.tokens_seen, tps, mfu, now, self.progress(st.step, now))
+
+    def forward_backward(self) -> torch.Tensor:
+        """The step's gradients, accumulated over its micro-batches; the sum of their losses, each
+        already divided by their number."""
+        accum = self.accum
+        offsets, batch = self.batches.next_step()
+        loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
             x, y = batch
-            sync = micro == accum - 1 or dist.world == 1
-            with (nullcontext() if sync else runner.no_sync()), autocast:
-                loss = runner(x, y) / accum
+            sync = micro == accum - 1 or self.dist.world == 1
+            with (nullcontext() if sync else self.runner.no_sync()), self.autocast:
+                loss = self.runner(x, y) / accum
             # The next micro-batch (or the next step's first) is gathered and copied while the
             # device runs this forward and backward, as nanoGPT does: on a GPU the kernels are
             # queued and the copy from pinned memory does not block.
             if micro + 1 < accum:
-                batch = fetch(offsets, micro + 1)
+                batch = self.batches.fetch(offsets, micro + 1)
             else:
-                boundary_rng = batch_rng.get_state()  # what a save after this step must hold
-                next_offsets = draw()
-                ahead = next_offsets, fetch(next_offsets, 0)
+                self.batches.fetch_ahead()
             loss.backward()
             loss_sum += loss.detach()
+        return loss_sum
+
+    def mean_loss(self, loss_sum: torch.Tensor) -> float:
+        """The step's loss averaged over the ranks; a loss that is not finite stops every rank here."""
+        dist = self.dist
         if dist.world > 1:
             import torch.distributed as tdist
 
             tdist.all_reduce(loss_sum, op=tdist.ReduceOp.AVG)
-        last_loss = loss_sum.item()
-        if not math.isfinite(last_loss):  # the same all-reduced loss on every rank: they all stop here
+        loss = loss_sum.item()
+        if not math.isfinite(loss):  # the same all-reduced loss on every rank: they all stop here
             dist.stopped_together = True
             if not dist.master:
-                raise PeerFailed(f"stopped because the loss became {last_loss}")
-            raise TinygenError(f"the loss became {last_loss} at step {step + 1}; stopped without saving, so the last "
-                               f"good checkpoint stays. Try a lower --lr")
-        if s.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens_per_step
-        dt = time.perf_counter() - t0
-        now = elapsed_before + time.perf_counter() - start
-        last = {"step": step, "train_loss": last_loss, "lr": lr, "tokens": tokens_seen, "time": round(now, 2)}
-        if dist.master:
-            tps = tokens_per_step / dt
-            mfu = tps * fpt / (peak * dist.world) if peak else None
-            metrics.write({**last, "tokens_per_s": round(tps, 1), "mfu": mfu})
-            yield Step(step, last_loss, lr, tokens_seen, tps, mfu, now, progress_at(step, now))
+                raise PeerFailed(f"stopped because the loss became {loss}")
+            raise TinygenError(f"the loss became {loss} at step {self.state.step + 1}; stopped without saving, so the "
+                               f"last good checkpoint stays. Try a lower --lr")
+        return loss
+
+    # ---------------------------------------------------------------- evaluate and save
+    def evaluate(self, finished: bool) -> Iterator[Eval | Saved]:
+        """Rank 0 scores the validation tokens, draws a sample and saves. A failure there is kept in
+        the state, for every rank to stop on at the next boundary."""
+        st = self.state
+        rngs = rng_states(self.dist, self.device)  # every rank, at the boundary the save will hold
+        if self.dist.master:
+            doing = f"evaluation at step {st.step}"
+            try:
+                val = self.validation(finished)
+                doing = f"sampling at step {st.step}"
+                ev = Eval(st.step, val.loss if val else None, val.bits_per_byte if val else None, self.sample())
+                st.last.update(val_loss=ev.val_loss, val_bpb=ev.val_bpb)
+                if ev.val_loss is not None:
+                    self.metrics.write({"step": st.step, "val_loss": ev.val_loss, "val_bpb": ev.val_bpb})
+                yield ev
+                doing = f"saving at step {st.step}"
+                yield self.save("final" if finished else "eval", rngs)
+            except Exception as e:
+                st.failure = (doing, e)
+        st.evaluated_at = st.step
+        if finished:
+            st.final_at = st.step
+
+    def validation(self, final: bool):
+        """The validation loss and bits per byte (core.evaluate.Score), or None without validation tokens."""
+        val_data, val_mask = self.val_data, self.chat.val_mask if self.chat else None
+        if len(val_data) < 2:
+            return None
+        if final:  # all of it, in sliding windows and float32: the numbers `tinygen eval --val-split` reports
+            return score_tokens(self.model, val_data, n_bytes=self.val_bytes, mask=val_mask)
+        n = min(len(val_data), self.s.eval_tokens)  # a cheaper look mid-run: non-overlapping windows over the first n
+        with self.autocast:
+            return score_tokens(self.model, val_data, stride=self.model.config.block_size, max_tokens=n,
+                                n_bytes=int(self.val_bytes * n / len(val_data)), mask=val_mask)
+
+    def sample(self) -> list[int]:
+        """A few tokens the model writes from scratch, to show how it is coming along; [] when off."""
+        tokenizer = self.tokenizer
+        if not self.s.sample_tokens or tokenizer.eot_id is None:
+            return []
+        from tinygen.generate.engine import generate_batch
+        from tinygen.generate.sampling import SamplingParams
+
+        # Its own RNG: samples never shift training.
+        gen = torch.Generator(device=self.device).manual_seed(self.state.step)
+        self.model.eval()
+        try:
+            # In the weights' own dtype, outside autocast: a sample is a few dozen batch-1 steps,
+            # where bf16 saves nothing, and it reads as the saved checkpoint will generate.
+            return generate_batch(self.model, [[tokenizer.eot_id]], SamplingParams(temperature=0.8),
+                                  self.s.sample_tokens, stop_ids=[tokenizer.eot_id], generator=gen)[0]
+        finally:
+            self.model.train()
+
+    def save(self, reason: str, rngs: dict) -> Saved:
+        """The checkpoint and the state to resume it from, as they stand at this step boundary."""
+        s, st = self.s, self.state
+        prov = {**self.provenance, "optimizer": s.optimizer, "steps": st.step, "tokens_seen": st.tokens_seen,
+                "train_seconds": round(st.elapsed, 1)}
+        prov.update({k: st.last[k] for k in ("train_loss", "val_loss", "val_bpb") if st.last.get(k) is not None})
+        save_checkpoint(self.out, self.model, self.tokenizer, prov)
+        save_state(self.out, self.optimizer, self.batches.at_boundary(), rngs,
+                   {"step": st.step, "tokens_seen": st.tokens_seen, "elapsed": st.elapsed,
+                    "tokens_per_step": self.tokens_per_step, "world": self.dist.world, "settings": asdict(s),
+                    "recipe": self.recipe, "last": st.last})
+        st.saved_at = st.step
+        return Saved(self.out, st.step, reason)
+
+    # ---------------------------------------------------------------- stop
+    def stop(self, stop: bool, failed: bool) -> Iterator[Saved]:
+        """Every rank leaves here together: after rank 0's failure (what was trained is saved, then
+        the failure raised), on a stop request (saved, unless this step is already), or once the
+        budget is spent and its final evaluation done."""
+        st, dist = self.state, self.dist
+        dist.stopped_together = True
+        # Gathered from every rank, before rank 0 may save: a collective all ranks reach together.
+        rngs = rng_states(dist, self.device) if failed or (stop and st.final_at != st.step) else {}
+        if failed and not dist.master:
+            raise PeerFailed("stopped because rank 0 failed; its error is above")
+        if failed:
+            if st.saved_at != st.step:
+                with suppress(Exception):  # the save itself may be what failed
+                    yield self.save("error", rngs)
+            raise TrainingFailed(*st.failure, self.out, st.saved_at) from st.failure[1]
+        if stop and st.final_at != st.step and dist.master:
+            yield self.save("interrupted", rngs) if st.saved_at != st.step else Saved(self.out, st.step, "interrupted")

@@ -1,5 +1,6 @@
-"""The optimizers `train` can use: AdamW for every parameter (the default), or Muon for the
-matrices inside the transformer blocks and AdamW for the rest, as nanochat and modded-nanogpt do.
+"""The optimizers `train` can use: AdamW for every parameter, or (the default where torch has it)
+Muon for the matrices inside the transformer blocks and AdamW for the rest, as nanochat and
+modded-nanogpt do. Their names and default learning rates are in settings.py.
 
 Muon orthogonalizes each matrix's momentum, which suits the blocks' hidden maps from activations
 to activations. The embeddings, the output head, the norms and the biases are not such maps, and
@@ -18,17 +19,7 @@ from tinygen.errors import TinygenError
 
 if TYPE_CHECKING:
     from tinygen.core.model import GPT
-    from tinygen.training.loop import TrainSettings
-
-OPTIMIZERS = ("adamw", "muon")
-# Each optimizer's default --lr, the best of a sweep on the bundled model's data and shape (README,
-# "A faster recipe"): Muon's orthogonal steps stay stable at a learning rate that makes AdamW diverge.
-DEFAULT_LR = {"adamw": 1e-3, "muon": 1.2e-2}
-
-
-def default_optimizer() -> str:
-    """Muon where torch has it (2.9 and newer), else AdamW."""
-    return "muon" if hasattr(torch.optim, "Muon") else "adamw"
+    from tinygen.training.settings import TrainSettings
 
 
 class Combined:
@@ -97,10 +88,9 @@ class Float32Muon(torch.optim.Muon if hasattr(torch.optim, "Muon") else torch.op
     """torch's Muon (its groups, defaults and state: a "momentum_buffer" per matrix, so state files
     are interchangeable), with the orthogonalization in float32.
 
-    torch's step always orthogonalizes in bf16. A CPU without bf16 instructions emulates those
-    matmuls: on an AVX2-only EPYC one 768x768 orthogonalization took 9.3 s in bf16 against 0.45 s
-    in float32. Only the update's lr scale "match_rms_adamw" is implemented, the one
-    make_optimizer asks for."""
+    torch's step always orthogonalizes in bf16, which a CPU without bf16 instructions emulates many
+    times slower than float32 (docs/speed.md). Only the update's lr scale "match_rms_adamw" is
+    implemented, the one make_optimizer asks for."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -133,10 +123,10 @@ def make_optimizer(model: GPT, s: TrainSettings, device: torch.device) -> torch.
     # second lr near nanochat's 0.02, would be one more flag to tune and to keep on --resume.
     if not hasattr(torch.optim, "Muon"):
         raise TinygenError(f"--optimizer muon needs torch 2.9 or newer (this is {torch.__version__})")
-    # On every CPU, not only those without bf16 instructions (where bf16 is emulated, 20x slower):
-    # the orthogonalization is a small share of a CPU step, it then does not depend on the CPU's
-    # bf16 support, and two DDP ranks end where one process does (in bf16 the all-reduce's
-    # summation order flipped roundings: 3e-4 apart after 4 steps on a Zen 4 EPYC).
+    # On every CPU, not only those without bf16 instructions (where bf16 is emulated): the
+    # orthogonalization is a small share of a CPU step, it then does not depend on the CPU's bf16
+    # support, and two DDP ranks end where one process does (in bf16 the all-reduce's summation
+    # order flips roundings).
     muon_class = Float32Muon if device.type == "cpu" else torch.optim.Muon
     muon = muon_class(hidden, lr=s.lr, weight_decay=s.weight_decay, adjust_lr_fn="match_rms_adamw")
     return Combined(_adamw([p for p in model.parameters() if id(p) not in taken], s, device), muon)
@@ -147,6 +137,6 @@ def _adamw(params: list[torch.nn.Parameter], s: TrainSettings, device: torch.dev
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # Fused on a CPU too (torch 2.4+): one kernel over every tensor, measured 1.8 ms a step against
-    # 12.8 for the foreach path on the bundled 3.4M model.
+    # Fused on a CPU too: one kernel over every tensor, several times faster than the foreach path
+    # on small models (docs/speed.md).
     return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, fused=device.type in ("cuda", "cpu"))

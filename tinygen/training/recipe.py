@@ -1,4 +1,5 @@
-"""From `tinygen train` arguments to a ready run: data, tokenizer, model and settings.
+"""From `tinygen train` arguments (a Recipe, settings.py) to a ready run: data, tokenizer, model
+and settings.
 
 A fresh run will not overwrite a model unless told to (--force). A resumed one takes what it is
 made of from its state file, and checks the flags typed again against it (resume.py). Under
@@ -9,7 +10,7 @@ barrier, then everyone reads the same files.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -21,46 +22,15 @@ from tinygen.core.checkpoint import load_model, load_tokenizer_source
 from tinygen.core.config import PRESETS, ModelConfig
 from tinygen.core.model import GPT
 from tinygen.core.template import Renderer, template_for, with_chat_template
-from tinygen.core.tokenizer import EOT, Tokenizer
+from tinygen.core.tokenizer import Tokenizer
 from tinygen.errors import TinygenError
 from tinygen.training import chatdata
 from tinygen.training import data as data_lib
 from tinygen.training import resume as resume_lib
+from tinygen.training.batches import ChatSupervision
 from tinygen.training.distributed import Dist, barrier
-from tinygen.training.loop import ChatSupervision, TrainSettings
+from tinygen.training.settings import Recipe, TrainSettings
 from tinygen.training.state import read_state_meta
-
-
-@dataclass
-class Recipe:
-    """A run as `tinygen train`'s flags describe it. `given` names the fields the user typed: on
-    --resume the others come from the saved run, and the typed ones are checked against it."""
-
-    data: list[str]
-    out: Path
-    preset: str | None = None
-    n_layer: int | None = None
-    n_head: int | None = None
-    n_embd: int | None = None
-    block_size: int | None = None
-    arch: str = "rope"
-    dropout: float = 0.0
-    # The speedrun switches, named as ModelConfig's fields (resume.SWITCH_FIELDS).
-    qk_norm: bool | None = None  # None: on for the rope arch
-    mlp: str | None = None
-    tie_embeddings: bool = True
-    logit_softcap: float | None = None
-    value_embeds: int = 0
-    vocab_size: int = 4096
-    tokenizer: str | None = None
-    init: str | None = None
-    chat: bool = False
-    val_fraction: float = 0.05
-    separator: str = EOT
-    train: dict = field(default_factory=dict)  # TrainSettings fields; the stop limits may be None
-    resume: bool = False
-    force: bool = False
-    given: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -78,53 +48,42 @@ class Run:
 
 
 def prepare(recipe: Recipe, *, dist: Dist) -> Run:
-    out = recipe.out
+    """The run the recipe describes, ready to train: a new one, or the one saved at recipe.out (--resume)."""
     _check(recipe)
     base = tokenizer = meta = None
     if recipe.resume:
-        base, tokenizer, info = load_model(out)
-        meta = read_state_meta(out)
+        base, tokenizer, info = load_model(recipe.out)
+        meta = read_state_meta(recipe.out)
         recipe, settings, notes = resume_lib.resumed(recipe, meta, base.config, info.provenance)
     else:
         settings, notes = _fresh_settings(recipe)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    recipe.out.parent.mkdir(parents=True, exist_ok=True)
     if recipe.chat:
         return _prepare_chat(recipe, settings, notes, base, tokenizer, meta)
+    return _prepare_text(recipe, settings, notes, base, tokenizer, meta, dist)
+
+
+def _prepare_text(recipe: Recipe, settings: TrainSettings, notes: list[str], base: GPT | None,
+                  tokenizer: Tokenizer | None, meta: dict | None, dist: Dist) -> Run:
+    """Training on text, from scratch or from --init: a resumed run (meta, its state) brings its
+    base model and tokenizer; --init brings both, --tokenizer the tokenizer alone."""
+    out = recipe.out
     files = data_lib.expand_sources(recipe.data)
     digest = data_lib.files_digest(files)
     if meta is not None:
         resume_lib.check_data(meta, digest, out)
     cache_dir = out.parent / ".tinygen-cache"
     cache_dir.mkdir(exist_ok=True)
-    # ---------------------------------------------------------------- tokenizer (a resumed run has its own)
     if recipe.init and not recipe.resume:
         base, tokenizer, _ = load_model(recipe.init)
     elif recipe.tokenizer and not recipe.resume:
         tokenizer = load_tokenizer_source(recipe.tokenizer)
     elif tokenizer is None:
         tokenizer = _trained_tokenizer(recipe, files, digest, cache_dir, settings.seed, dist)
-    # ---------------------------------------------------------------- tokens
     load = partial(data_lib.load_tokens, files, tokenizer, cache_dir, separator=recipe.separator,
                    val_fraction=recipe.val_fraction, seed=settings.seed, digest=digest)
-    if dist.master:
-        tokens = load()
-    barrier(dist)
-    if not dist.master:
-        tokens = load()
-    # ---------------------------------------------------------------- model
-    if recipe.resume:
-        model = _continued(base, base.config.dropout)
-    elif base is not None:
-        model = _fine_tuned(recipe, base, notes)
-    else:
-        shape = {k: getattr(recipe, k) for k in resume_lib.SHAPE_FIELDS if getattr(recipe, k) is not None}
-        switches = {k: getattr(recipe, k) for k in resume_lib.SWITCH_FIELDS}
-        if switches["qk_norm"] is None:
-            switches["qk_norm"] = recipe.arch == "rope"
-        config = ModelConfig(**{**PRESETS[recipe.preset or "tiny"], **shape}, vocab_size=tokenizer.n_vocab,
-                             arch=recipe.arch, dropout=recipe.dropout, **switches)
-        torch.manual_seed(settings.seed)
-        model = GPT(config)
+    tokens = _on_rank0_first(load, dist)
+    model = _text_model(recipe, base, tokenizer, settings.seed, notes)
     if tokenizer.n_vocab > model.config.vocab_size:
         raise TinygenError(f"the tokenizer has {tokenizer.n_vocab} tokens but the model only {model.config.vocab_size}")
     if not len(tokens.val):
@@ -141,6 +100,33 @@ def prepare(recipe: Recipe, *, dist: Dist) -> Run:
         **({"init": saved["init"]} if saved["init"] else {}),
     }
     return Run(model, tokenizer, tokens.train, tokens.val, tokens.val_bytes, settings, provenance, saved, notes)
+
+
+def _on_rank0_first(load, dist: Dist):
+    """load() on rank 0 while the others wait, then on the others: rank 0 fills the token cache
+    that they then read."""
+    if dist.master:
+        tokens = load()
+    barrier(dist)
+    if not dist.master:
+        tokens = load()
+    return tokens
+
+
+def _text_model(recipe: Recipe, base: GPT | None, tokenizer: Tokenizer, seed: int, notes: list[str]) -> GPT:
+    """The model to train: the resumed one, the --init one, or a new one of the recipe's shape."""
+    if recipe.resume:
+        return _continued(base, base.config.dropout)
+    if base is not None:
+        return _fine_tuned(recipe, base, notes)
+    shape = {k: getattr(recipe, k) for k in resume_lib.SHAPE_FIELDS if getattr(recipe, k) is not None}
+    switches = {k: getattr(recipe, k) for k in resume_lib.SWITCH_FIELDS}
+    if switches["qk_norm"] is None:
+        switches["qk_norm"] = recipe.arch == "rope"
+    config = ModelConfig(**{**PRESETS[recipe.preset or "tiny"], **shape}, vocab_size=tokenizer.n_vocab,
+                         arch=recipe.arch, dropout=recipe.dropout, **switches)
+    torch.manual_seed(seed)
+    return GPT(config)
 
 
 def _trained_tokenizer(recipe: Recipe, files: list[Path], digest: str, cache_dir: Path, seed: int,

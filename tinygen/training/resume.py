@@ -13,14 +13,10 @@ from __future__ import annotations
 import os
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tinygen.core.config import PRESETS, ModelConfig
 from tinygen.errors import TinygenError
-from tinygen.training.loop import TrainSettings
-
-if TYPE_CHECKING:
-    from tinygen.training.recipe import Recipe
+from tinygen.training.settings import Recipe, TrainSettings
 
 STOPS = ("max_steps", "max_tokens", "max_time")
 CHANGEABLE = (*STOPS, "eval_every", "eval_tokens", "lr", "compile", "dtype")
