@@ -6,6 +6,7 @@ damaged or foreign files are one TinygenError each."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +161,21 @@ def test_4_bit_matrices_are_read_as_stored_when_asked_and_dequantize_to_the_same
         assert q.q.dtype == torch.uint8 and int(q.q.max()) <= 15 and q.scales.dtype == torch.float16
         assert q.scales.shape == (q.q.shape[0], q.q.shape[1] // 32)
         torch.testing.assert_close(q.dequantize(), m.tensors[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_4_bit_matrices_of_a_file_changed_since_it_was_read_are_refused_in_one_line(tmp_path):
+    config, state = tiny_llama()
+    path = write_gguf(tmp_path / "q.gguf", config, state, qtype=Q.Q4_1)
+    m = read_gguf(path)
+    read = next(iter(m.q4.values()))
+    before = path.stat().st_mtime_ns
+    write_gguf(path, config, {k: v * 2 for k, v in state.items()}, qtype=Q.Q4_1)  # another model, same layout
+    os.utime(path, ns=(before + 10**9, before + 10**9))  # a second later, on a filesystem of any clock grain
+    with pytest.raises(TinygenError, match="changed or removed since it was loaded"):
+        read()
+    path.unlink()
+    with pytest.raises(TinygenError, match="changed or removed since it was loaded"):
+        read()
 
 
 def test_fields_and_report(tiny):

@@ -69,6 +69,7 @@ NEUTRAL = {
 # original context from the top of config.json, where Llama 3.x keeps none, so it always uses 8192.
 LLAMA3_ORIGINAL_CONTEXT = 8192
 
+
 def config_from_fields(fields: dict, where: str) -> dict:
     """LlamaConfig keys from the <arch>.* metadata; refuses switches that plain Llama does not have."""
     arch = fields["general.architecture"]
@@ -119,6 +120,7 @@ def config_from_fields(fields: dict, where: str) -> dict:
         config["head_dim"] = head_dim
     return config
 
+
 def plan_tensors(gguf_tensors, config: dict, where: str) -> list:
     """(GGUF tensor, Hugging Face name, heads to unpermute by or 0) for each tensor, in file order.
     Completes config (vocab_size, tie_word_embeddings, biases) and checks every shape against it."""
@@ -163,6 +165,7 @@ def plan_tensors(gguf_tensors, config: dict, where: str) -> list:
                            f"({', '.join(missing[:3])}); the file is incomplete")
     return plan
 
+
 def hf_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     """The Hugging Face shape of each weight, by name (per-layer ones by their suffix)."""
     d, ff, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
@@ -180,8 +183,10 @@ def hf_shapes(c: dict) -> dict[str, tuple[int, ...]]:
         "self_attn.q_norm.weight": (head_dim,), "self_attn.k_norm.weight": (head_dim,),
     }
 
+
 def hf_shape(t) -> tuple[int, ...]:
     return tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions innermost first
+
 
 def llama3_scaling(rope_freqs: torch.Tensor, config: dict, where: str) -> dict | None:
     """Hugging Face's llama3 rope_scaling that gives llama.cpp's per-frequency divisors, or None when
@@ -214,6 +219,7 @@ def llama3_scaling(rope_freqs: torch.Tensor, config: dict, where: str) -> dict |
     if not torch.allclose(llama3_divisors(wavelen, scaling), divisors, rtol=1e-4, atol=0):
         raise refused
     return scaling
+
 
 def llama3_divisors(wavelen: torch.Tensor, s: dict) -> torch.Tensor:
     """convert_hf_to_gguf.py's rope_freqs for these llama3 parameters."""

@@ -32,6 +32,7 @@ from tinygen.formats.gguf_layout import (
 
 MAGIC = b"GGUF"
 
+
 @dataclass
 class ConversionReport:
     """What read_gguf converted, for stderr and for tests."""
@@ -60,6 +61,7 @@ class ConversionReport:
         return (f"converted {n} tensors ({types}; {_mb(self.bytes_in)}) to {dtype} ({_mb(self.bytes_out)}) "
                 f"in {self.seconds:.1f} s")
 
+
 @dataclass
 class GGUFModel:
     """A llama or qwen3 GGUF in Hugging Face form."""
@@ -73,6 +75,7 @@ class GGUFModel:
     # called: an int4 decode runs the file's own numbers, and no other run holds a second copy.
     q4: dict[str, Callable[[], Q4Weight]] = field(default_factory=dict)
 
+
 def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel:
     """Read a llama- or qwen3-architecture GGUF, every tensor dequantized into `dtype`. Problems are
     TinygenErrors."""
@@ -83,6 +86,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel
         raise TinygenError(f"GGUF weights convert to a floating-point dtype, not {dtype}")
     path = Path(path)
     reader = _open(path)
+    stamp = _stamp(path)
     where = path.name
     fields = _fields(reader, where)
     config = config_from_fields(fields, where)
@@ -100,7 +104,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel
         counts[kind][qtype.name] = counts[kind].get(qtype.name, 0) + 1
         bytes_in += int(t.n_bytes)
         if qtype in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1) and len(t.shape) == 2:
-            q4[hf_name] = functools.partial(_read_q4, path, int(t.data_offset), tuple(t.data.shape),
+            q4[hf_name] = functools.partial(_read_q4, path, stamp, int(t.data_offset), tuple(t.data.shape),
                                             qtype == GGMLQuantizationType.Q4_1, heads)
         try:
             values = dequantize(t.data, qtype)
@@ -124,6 +128,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel
     report = ConversionReport(counts, bytes_in, bytes_out, time.perf_counter() - start, dtype)
     return GGUFModel(config, tensors, fields, report, rope_freqs, q4)
 
+
 @dataclass
 class GGUFHeader:
     """What a GGUF says about itself, without dequantizing a weight: for `tinygen info` and tokenize."""
@@ -131,6 +136,7 @@ class GGUFHeader:
     config: dict  # LlamaConfig keys, as read_gguf gives them
     fields: dict
     tensors: dict[str, tuple[tuple[int, ...], str]]  # Hugging Face name -> (shape, GGUF type name)
+
 
 def read_gguf_header(path: str | Path) -> GGUFHeader:
     """The config, metadata and tensor types of a GGUF; only rope_freqs (a few hundred floats,
@@ -150,6 +156,7 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
             continue
         tensors[hf_name] = (hf_shape(t), t.tensor_type.name)
     return GGUFHeader(config, fields, tensors)
+
 
 def _open(path: Path):
     """The gguf reader of `path`, or a TinygenError that says what is wrong with the file."""
@@ -178,6 +185,7 @@ def _open(path: Path):
         raise TinygenError(f"{path} is a big-endian GGUF; tinygen reads little-endian ones")
     return reader
 
+
 def _fields(reader, where: str) -> dict:
     """All metadata but the header counts, as plain Python values."""
     fields = {}
@@ -197,18 +205,35 @@ def _fields(reader, where: str) -> dict:
                            "`llama-gguf-split --merge` first")
     return fields
 
+
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo convert_hf_to_gguf.py's LlamaModel.permute: within each head it interleaves the two
     rotary halves (rows i and i + head_dim/2 become neighbours); Hugging Face keeps them apart.
     Rows only, so it applies to weights, biases and per-row quant scales alike."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
-def _read_q4(path: Path, offset: int, shape: tuple[int, int], with_min: bool, heads: int) -> Q4Weight:
-    """One Q4_0/Q4_1 matrix as stored, read from its place in the file (GGUFModel.q4)."""
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """What tells a file from another written at the same path since: its size and modification time."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _read_q4(path: Path, stamp: tuple[int, int], offset: int, shape: tuple[int, int], with_min: bool,
+             heads: int) -> Q4Weight:
+    """One Q4_0/Q4_1 matrix as stored, read from its place in the file (GGUFModel.q4), which must still
+    be the file that was read."""
     import numpy as np
 
-    w = _q4(np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=shape), with_min)
+    try:
+        if _stamp(path) != stamp:
+            raise OSError("changed")
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=shape)
+    except (OSError, ValueError):
+        raise TinygenError(f"{path} was changed or removed since it was loaded; load it again") from None
+    w = _q4(data, with_min)
     return Q4Weight(*(_unpermute(x, heads) for x in (w.q, w.scales, w.lows))) if heads else w
+
 
 def _q4(data, with_min: bool) -> Q4Weight:
     """ggml's block_q4_1 {half d; half m; uint8 qs[16]} or block_q4_0 {half d; uint8 qs[16]}: byte j
@@ -224,6 +249,7 @@ def _q4(data, with_min: bool) -> Q4Weight:
     scales = torch.from_numpy(np.ascontiguousarray(halves[..., 0]))
     lows = torch.from_numpy(np.ascontiguousarray(halves[..., 1])) if with_min else -8 * scales.float()
     return Q4Weight(torch.from_numpy(np.ascontiguousarray(q)), scales, lows)
+
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} kB"
