@@ -225,9 +225,10 @@ def encode(data: np.ndarray, qtype, seed: int = 0) -> np.ndarray:
 
 
 def write_gguf(path: Path, config: dict, state: dict, qtype=None, arch="llama", meta=None, drop=(), extra=None,
-               quiet_ids=()):
+               quiet_ids=(), types=None):
     """A llama (or qwen3) GGUF of `state`: matrices in `qtype` (default F32, see encode), vectors in
-    F32, as llama.cpp writes them. `meta` adds or overrides metadata keys (None leaves one out);
+    F32, as llama.cpp writes them; `types` gives some kinds of matrix a type of their own, by their
+    GGUF name's last part ({"attn_v": Q8_0, "ffn_down": Q6_K, "token_embd": ...}), as a Q4_K_M file mixes them. `meta` adds or overrides metadata keys (None leaves one out);
     `extra` adds tensors, as arrays or (bytes array, GGUF type). The output head's rows for
     `quiet_ids` (the embedding's, when tied) are stored as zeros, so that greedy decoding never
     picks those tokens: their logit is 0, far below the top one."""
@@ -261,7 +262,8 @@ def write_gguf(path: Path, config: dict, state: dict, qtype=None, arch="llama", 
         if name in drop:
             continue
         data = stored(hf, tensor, config, arch)
-        qt = qtype if qtype is not None and data.ndim == 2 else gguf.GGMLQuantizationType.F32
+        qt = (types or {}).get(name.split(".")[-2], qtype)
+        qt = qt if qt is not None and data.ndim == 2 else gguf.GGMLQuantizationType.F32
         data = encode(data, qt, seed=i)
         if hf == head and quiet_ids:
             data = data.copy()

@@ -86,7 +86,7 @@ def test_smollm2_greedy_tokens_equal_transformers(both):
 def test_smollm2_writes_french_capitals(cli):
     r = cli("sample", "-m", SMOLLM2, "The capital of France is", "-n", "4", "-t", "0", "--device", "cpu", timeout=180)
     assert r.rc == 0, r.err
-    assert "Paris" in r.out and "converted 272 tensors" in r.err
+    assert "Paris" in r.out and "read 272 tensors" in r.err and "211 run as stored" in r.err
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random", "other-arch"])
@@ -179,7 +179,7 @@ def test_llama_cpp_and_tinygens_int4_read_the_same_q4_1_numbers():
     from tinygen.generate.sampling import SamplingParams
 
     net, tok, info = load_model(SMOLLM2)
-    net = prepare(net, "int4", stored_q4=info.stored_q4).model
+    net = prepare(net, "int4", stored=info.stored).model
     llama = LlamaCpp(SMOLLM2, threads=2, n_ctx=64)
     for prompt in PROMPTS:
         ids = tok.encode(prompt)

@@ -10,9 +10,10 @@ import torch
 from conftest import STORY_LINES, make_model
 
 from tinygen.core.config import ModelConfig
+from tinygen.core.quantized import Q4Weight
 from tinygen.errors import TinygenError
 from tinygen.generate.plan import prepare
-from tinygen.generate.quantize import Int4Linear, Int8Linear, prefill_dtype
+from tinygen.generate.quantize import Int4Linear, Int8Linear, min_max_codes
 
 
 def test_int8_linear_stores_a_quarter_and_stays_close():
@@ -78,34 +79,21 @@ def test_int4_matmul_is_the_dequantized_matmul(group):
     out, n_in = 48, 256
     q = torch.randint(0, 16, (out, n_in), dtype=torch.uint8)
     scales, lows = torch.rand(out, n_in // group) / 10, torch.randn(out, n_in // group) / 10
-    layer = Int4Linear(q, scales, lows, bias=torch.randn(out))
+    layer = Int4Linear(Q4Weight(q, scales, lows), bias=torch.randn(out))
     w = q.float() * scales.repeat_interleave(group, 1) + lows.repeat_interleave(group, 1)
     assert layer.packed.numel() == out * n_in // 2  # two codes a byte: an eighth of float32
     assert dict(layer.named_buffers()).keys() == {"packed", "scales_zeros"}  # what a decode step reads
     x = torch.randn(64, n_in)
-    # A prefill multiplies the dequantized matrix: exactly in float32, or in bf16 where the CPU has it.
-    assert layer.dense.dtype == prefill_dtype()
-    torch.testing.assert_close(layer.dense.float(), w.to(prefill_dtype()).float(), rtol=0, atol=0)
-    if prefill_dtype() == torch.float32:
-        torch.testing.assert_close(layer(x), x @ w.t() + layer.bias, rtol=1e-5, atol=1e-4)
-    else:
-        want = x @ w.t() + layer.bias
-        assert (layer(x) - want).norm() / want.norm() < 1e-2
-    for rows in (1, 7):  # decode steps, through the kernel: bf16 activations, so to bf16's precision
+    # Decode steps and prefills alike read the codes, with bf16 activations: to bf16's precision.
+    for rows in (1, 7, 64):
         y, want = layer(x[:rows]), x[:rows] @ w.t() + layer.bias
         assert (y - want).norm() / want.norm() < 1e-2
 
 
-def test_int4_from_float_keeps_each_groups_ends_and_the_predictions(monkeypatch):
-    from tinygen.generate import quantize as quantize_module
-
+def test_int4_from_float_keeps_each_groups_ends_and_the_predictions():
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 96, bias=False)
-    monkeypatch.setattr(quantize_module, "prefill_dtype", lambda: torch.float32)  # the codes' values, unrounded
-    q = Int4Linear.from_linear(linear, 32)
-    monkeypatch.undo()
-    eye = torch.eye(256)
-    back = q(eye).t()  # the dequantized weights, read back through the kernel
+    back = min_max_codes(linear.weight, 32).dequantize()
     groups, orig = back.reshape(96, 8, 32), linear.weight.detach().reshape(96, 8, 32)
     # Min-max codes: each group's smallest and largest weights come back (as float math allows).
     torch.testing.assert_close(groups.amin(-1), orig.amin(-1), rtol=0, atol=1e-5)
@@ -154,21 +142,20 @@ def test_a_gguf_s_4_bit_weights_go_in_as_stored(tmp_path):
         exact = load_model(path)[0]
         idx = torch.randint(0, exact.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
         net, _, info = load_model(path)
-        int4 = prepare(net, "int4", stored_q4=info.stored_q4).model
+        int4 = prepare(net, "int4", stored=info.stored).model
         layers = [int4.lm_head, int4.transformer.h[0].attn.c_attn, int4.transformer.h[1].mlp.c_proj]
         assert all(isinstance(m, Int4Linear) and m.group == 32 for m in layers)  # the tied head too
         with torch.no_grad():
-            # 24 rows: a prefill, in float32 or (where the CPU has bf16) bf16; one row: a decode step.
-            tol = 1e-4 if prefill_dtype() == torch.float32 else 5e-2
-            torch.testing.assert_close(int4(idx), exact(idx), rtol=tol, atol=tol)
+            # 24 rows: a prefill; one row: a decode step. Both in bf16 activations.
+            torch.testing.assert_close(int4(idx), exact(idx), rtol=5e-2, atol=5e-2)
             torch.testing.assert_close(int4(idx[:1, :1]), exact(idx[:1, :1]), rtol=5e-2, atol=5e-2)
-        g64 = prepare(net, "int4-g64", stored_q4=info.stored_q4).model
+        g64 = prepare(net, "int4-g64", stored=info.stored).model
         assert g64.transformer.h[0].mlp.c_fc.group == 64
     # SmolLM2's mix: 4-bit blocks, and the embedding (the tied head) in Q8_0, which stays float32.
     embed = state["model.embed_tokens.weight"].numpy()
     path, _ = tiny_gguf(tmp_path / "mixed.gguf", Q.Q4_1, drop=("token_embd.weight",),
                         extra={"token_embd.weight": (gguf.quants.quantize(embed, Q.Q8_0), Q.Q8_0)})
     net, _, info = load_model(path)
-    mixed = prepare(net, "int4", stored_q4=info.stored_q4).model
+    mixed = prepare(net, "int4", stored=info.stored).model
     assert not isinstance(mixed.lm_head, (Int4Linear, Int8Linear)) and mixed.lm_head.weight.dtype == torch.float32
     assert isinstance(mixed.transformer.h[0].mlp.c_fc, Int4Linear)

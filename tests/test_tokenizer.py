@@ -8,13 +8,19 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import GPT2_TOKENIZER, STORY_LINES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinygen.core.tokenizer import CHAT_TOKENS, EOT, GPT4_PATTERN, StopMatcher, StreamDecoder, Tokenizer
+from tinygen.core.tokenizer import (
+    CHAT_TOKENS,
+    EOT,
+    GPT4_PATTERN,
+    StopMatcher,
+    StreamDecoder,
+    Tokenizer,
+)
 from tinygen.errors import TinygenError
-
-from conftest import GPT2_TOKENIZER, STORY_LINES
 
 # Any Unicode text that UTF-8 can hold: lone surrogates cannot be encoded, so no tokenizer can
 # return them (test_lone_surrogates_encode_as_replacement_characters pins what they become).

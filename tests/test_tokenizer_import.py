@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinygen.core.tokenizer import EOT, Tokenizer, unicode_to_byte
-from tinygen.formats.tokenizer_import import tokenizer_from_gguf, tokenizer_from_hf
 from tinygen.errors import TinygenError
+from tinygen.formats.tokenizer_import import tokenizer_from_gguf, tokenizer_from_hf
 
 SMOLLM2 = Path(__file__).resolve().parents[2] / "shared" / "models" / "smollm2-135m-instruct"
 SMOLLM2_GGUF = SMOLLM2 / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -328,8 +328,8 @@ def test_tinygen_tokenizer_data_is_unchanged(tokenizer):
 
 
 @pytest.mark.parametrize("change,needle", [
-    ({"type": "Unigram", "vocab": [["a", 0.0]]}, "Unigram"),
-    ({"byte_fallback": True}, "byte fallback"),
+    ({"type": "Unigram", "vocab": [["a", 0.0]]}, "'ByteLevel' in the normalizer or pre-tokenizer"),
+    ({"byte_fallback": True}, "'ByteLevel' in the normalizer or pre-tokenizer changes text"),
     ({"normalizer": {"type": "Lowercase"}}, "normalizer Lowercase"),
     ({"normalizer": {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Replace"}]}}, "NFC then Replace"),
     ({"pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}}, "pre-tokenizer Metaspace"),
@@ -351,11 +351,11 @@ def test_unsupported_tokenizer_json_is_refused(change, needle):
 
 
 @pytest.mark.parametrize("change,needle", [
-    ({"tokenizer.ggml.model": "llama"}, "SentencePiece"),
-    ({"tokenizer.ggml.model": "t5"}, "'t5'"),
+    ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.token_type": [3]}, "one score and one type per token"),
+    ({"tokenizer.ggml.model": "t5"}, "'t5' tokenizer is not supported; tinygen reads byte-level BPE"),
     ({"tokenizer.ggml.pre": "deepseek-llm"}, "pre-tokenizer 'deepseek-llm'"),
     ({"tokenizer.ggml.pre": None}, "pre-tokenizer None"),
-], ids=["sentencepiece", "unigram", "unknown-pre", "no-pre"])
+], ids=["sentencepiece-types", "unigram", "unknown-pre", "no-pre"])
 def test_unsupported_gguf_is_refused(change, needle):
     vocab = _tiny_json()["model"]["vocab"]
     fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.tokens": list(vocab),

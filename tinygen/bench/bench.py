@@ -54,9 +54,10 @@ def shape_config(name: str) -> ModelConfig:
     return ModelConfig(**PRESETS[name], vocab_size=8192)
 
 
-def _build(model: str | None, shape: str | None, device, dtype):
-    """(model, its label, the kind of file it came from: None for a shape's random weights, and the
-    matrices the file stores as 4-bit blocks: ModelInfo.stored_q4)."""
+def _build(model: str | None, shape: str | None, device, dtype, as_stored: bool = False):
+    """(model, its label, the kind of file it came from: None for a shape's random weights, and its
+    ModelInfo, whose stored matrices the decode plan reads; None for a shape). as_stored: a quantized
+    file's matrices as it stores them, as `sample` loads it by default on a CPU."""
     from tinygen.core.checkpoint import load_model
     from tinygen.core.model import GPT
 
@@ -65,9 +66,9 @@ def _build(model: str | None, shape: str | None, device, dtype):
         torch.manual_seed(0)
         with torch.device(device):
             net = GPT(config)
-        return net.to(dtype).eval(), f"{shape} (random weights)", None, {}
-    net, _, info = load_model(model, device=device, dtype=dtype)
-    return net, str(info.path), info.kind, info.stored_q4
+        return net.to(dtype).eval(), f"{shape} (random weights)", None, None
+    net, _, info = load_model(model, device=device, dtype=dtype, as_stored=as_stored)
+    return net, str(info.path), info.kind, info
 
 
 def _training_net(model: str | None, shape: str | None):
@@ -107,7 +108,9 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device, plan.cpu_only(quantize))
-    net, label, kind, stored_q4 = _build(model, shape, dev, inference_dtype(dev, dtype))
+    # What `sample` decodes with: a quantized file as stored on a CPU unless a --dtype is named.
+    as_stored = dev.type == "cpu" and dtype == "auto"
+    net, label, kind, info = _build(model, shape, dev, inference_dtype(dev, dtype), as_stored)
     cfg = net.config
     skipped = {}
     if sections is None:
@@ -118,13 +121,14 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
     params = net.num_params()
     hf = None
     if compare and set(sections) & {"decode", "batch"}:
-        from tinygen.bench.reference import to_transformers
-
-        hf = to_transformers(net)  # from the float weights, before any quantisation
-    prepared = plan.prepare(net, quantize, compile and "decode" in sections, stored_q4)  # what `sample` decodes with
+        hf = _reference(model, shape, dev, net if not (info and info.stored and as_stored) else None, skipped)
+    stored, rows = (info.stored, info.embedding_rows) if info else ({}, None)
+    prepared = plan.prepare(net, quantize, compile and "decode" in sections, stored, rows)  # what `sample` decodes with
     net = prepared.model
     say(f"{label}: {params / 1e6:.1f}M params on {dev}, {torch.get_num_threads()} threads")
     result = _heading(label, net, cfg, params, dev, quantize, repeats, compile, compare)
+    if as_stored and info and info.stored:
+        result["stored"] = f"{len(info.stored)} matrices as the file stores them"
     with torch.inference_mode():
         if "decode" in sections:
             result["decode"] = _decode(net, hf, prepared.decoder, result, skipped, say, label=label, kind=kind,
@@ -142,6 +146,20 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
     if skipped:
         result["skipped"] = skipped
     return result
+
+
+def _reference(model, shape, dev, net, skipped: dict):
+    """transformers' model on the float weights, before any quantisation (loaded again where net,
+    loaded as stored, has none to give: net None); None, and why in skipped, where it has no such model."""
+    from tinygen.bench.reference import FAMILIES, to_transformers
+
+    if net is None:
+        net = _build(model, shape, dev, torch.float32)[0]
+    cfg = net.config
+    if cfg.arch != "gpt2" and cfg.family not in FAMILIES:
+        skipped["transformers"] = f"the transformers reference maps {', '.join(FAMILIES)} models, not {cfg.family}"
+        return None
+    return to_transformers(net)
 
 
 def _default_sections(net, kind: str | None, skipped: dict) -> tuple[str, ...]:

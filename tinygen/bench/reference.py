@@ -18,6 +18,9 @@ from tinygen.core.config import ModelConfig
 from tinygen.core.model import GPT
 from tinygen.errors import TinygenError
 
+# The rope families this reference maps, by the name of transformers' classes for each.
+FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
 
 def to_transformers(model: GPT):
     try:
@@ -60,7 +63,7 @@ def to_transformers(model: GPT):
 
 def _llama_like(transformers, cfg: ModelConfig):
     """An empty LlamaForCausalLM (Qwen2ForCausalLM for q/k/v biases, Qwen3ForCausalLM for qk-norm) of cfg's shape."""
-    name = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[cfg.family]
+    name = FAMILIES[cfg.family]
     config_class = getattr(transformers, f"{name}Config")
     fields = dict(
         hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layer,

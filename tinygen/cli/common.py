@@ -1,5 +1,7 @@
 """What several commands do the same way: read text from an argument or stdin, and load a model
-onto the device and dtype the flags name, prepared as --quantize and --compile ask."""
+onto the device and dtype the flags name, prepared as --quantize and --compile ask. On a CPU a
+quantized file runs as it stores its weights unless a --dtype asks for them dequantized, as
+llama.cpp and ollama run such files."""
 
 from __future__ import annotations
 
@@ -36,8 +38,10 @@ class Loaded(NamedTuple):
 
 
 def load_model(model: Optional[str], device: str, dtype: Dtype | str = "auto", quantize: Quantize | str | None = None,
-               compile: bool = False) -> Loaded:
-    """The model the flags name, on their device and dtype, prepared to decode as they ask."""
+               compile: bool = False, float32_scores: bool = False) -> Loaded:
+    """The model the flags name, on their device and dtype, prepared to decode as they ask.
+    float32_scores: with dtype auto, activations in float32 on every device (probabilities shown to
+    people): float32 weights on a GPU, a quantized file as stored on a CPU."""
     from tinygen.core import checkpoint
     from tinygen.core.device import inference_dtype, resolve_device
     from tinygen.generate import plan
@@ -47,10 +51,15 @@ def load_model(model: Optional[str], device: str, dtype: Dtype | str = "auto", q
     dev = resolve_device(device, cpu_only)
     if cpu_only and device == "auto" and resolve_device("auto").type != "cpu":
         ui.note(f"{cpu_only} runs on the CPU, so the model runs there rather than on the GPU")
-    net, tokenizer, info = checkpoint.load_model(model, device=dev, dtype=inference_dtype(dev, Dtype(dtype).value))
+    dtype = Dtype(dtype)
+    as_stored = dev.type == "cpu" and dtype == Dtype.auto
+    if float32_scores and dtype == Dtype.auto:
+        dtype = Dtype.float32
+    net, tokenizer, info = checkpoint.load_model(model, device=dev, dtype=inference_dtype(dev, dtype.value),
+                                                 as_stored=as_stored)
     for note in info.notes:  # what loading adapted or converted (a GGUF's dequantization, a shorter context)
         ui.note(note)
-    prepared = plan.prepare(net, quantize, compile, info.stored_q4)
+    prepared = plan.prepare(net, quantize, compile, info.stored, info.embedding_rows)
     if prepared.decoder is not None:
         from tinygen.generate.compiled import cache_dir
 

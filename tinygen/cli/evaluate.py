@@ -21,6 +21,12 @@ def eval_cmd(
     separator: Annotated[str, typer.Option(metavar="TEXT", help="Text that separates documents.")] = "<|endoftext|>",
     stride: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Sliding-window stride in tokens "
                                                   "(default: half the context).", show_default=False)] = None,
+    context: Annotated[Optional[int], typer.Option("--ctx", "--context", metavar="N", min=1, help="Score with a "
+                                                   "window of N tokens (default: the model's whole context), as "
+                                                   "llama-perplexity's -c.", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", metavar="N", min=1, help="Windows scored "
+                                                      "at once; fewer use less memory (default: up to 8, fewer "
+                                                      "for a long context).", show_default=False)] = None,
     val_split: Annotated[Optional[float], typer.Option(metavar="X", min=0.0, help="Score only the text that "
                                                        "`tinygen train` with this --val-fraction (and --seed) held "
                                                        "out of the same FILES.", show_default=False)] = None,
@@ -50,12 +56,18 @@ def eval_cmd(
     if record and quantize is not None:
         raise TinygenError("--record stores the model's own scores; drop --quantize to record")
     net, tok, meta, _ = load_model(model, device, dtype, quantize=quantize)
-    if stride is not None and stride > net.config.block_size:
-        raise TinygenError(f"--stride must be at most the model's context, {net.config.block_size}")
+    block = net.config.block_size
+    if context is not None and context > block:
+        raise TinygenError(f"--ctx must be at most the model's context, {block}")
+    window = context or block
+    if stride is not None and stride > window:
+        raise TinygenError(f"--stride must be at most the scoring window, {window} tokens")
     tokens = data_lib.encode_documents(docs, tok)
     with _progress() as progress:
-        score = score_tokens(net, tokens, stride=stride, n_bytes=sum(len(d.encode()) for d in docs), progress=progress)
-    result = {"model": str(meta.path), "quantize": quantize, "documents": len(docs), **score.as_dict()}
+        score = score_tokens(net, tokens, stride=stride, batch_size=batch_size, context=window,
+                             n_bytes=sum(len(d.encode()) for d in docs), progress=progress)
+    result = {"model": str(meta.path), "quantize": quantize, "documents": len(docs), "context": window,
+              **score.as_dict()}
     if record:
         from tinygen.core.checkpoint import update_provenance
 

@@ -75,6 +75,8 @@ def rows(meta: ModelInfo, tokenizer: Tokenizer) -> list[tuple[str, str]]:
                       f"{' '.join(list(tokenizer.special)[:12])}{' …' if len(tokenizer.special) > 12 else ''}"),
         ("chat", chat),
     ]
+    if meta.kind == "gguf":
+        shown.append(("runs", runs(meta)))
     shown += [("note", note) for note in meta.notes]
     if meta.provenance:
         shown += [("provenance", "")] + [(f"  {k}", readable(v)) for k, v in meta.provenance.items()]
@@ -92,6 +94,15 @@ def types_by_kind(tensors: dict) -> str:
         kind = "norms" if "norm" in kind or kind.startswith("ln_") else kind.rsplit(".", 1)[-1]
         kinds.setdefault(dtype, {})[kind] = None
     return " · ".join(f"{dtype}: {' '.join(k)}" for dtype, k in kinds.items())
+
+
+def runs(meta: ModelInfo) -> str:
+    """How each of a GGUF's tensor types runs by default on a CPU (`--dtype float32` or `bfloat16`,
+    or a GPU, dequantizes every one)."""
+    from tinygen.formats.gguf_model import how_types_run
+
+    return " · ".join(f"{kind}: {', '.join(hows)}" for kind, hows in how_types_run(meta).items()) + \
+        " (on a CPU; --dtype float32 or bfloat16, or a GPU, dequantizes them all)"
 
 
 def readable(value) -> str:

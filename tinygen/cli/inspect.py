@@ -40,12 +40,13 @@ def attention(
     dtype: ScoreDtypeOpt = Dtype.float32,
 ) -> None:
     """Show which earlier tokens a token attends to, in each layer and head."""
+    from tinygen.generate.textgen import prompt_ids
     from tinygen.inspect.attention import attention_map, find_word, query_at
 
     _check_views(token, position, layer, head, all_heads, matrix, as_json, html)
     text = text_arg(text)
     net, tok, meta, _ = load_model(model, device, dtype)
-    amap = attention_map(net, tok, tok.encode(text))
+    amap = attention_map(net, tok, prompt_ids(tok, text) if text else [])  # as the model reads a prompt
     if amap.dropped:
         ui.warn(f"the text has {len(amap.ids) + amap.dropped} tokens, more than the model's context; "
                 f"looking at the last {len(amap.ids)}")

@@ -67,17 +67,19 @@ DeviceOpt = Annotated[str, typer.Option(metavar="DEVICE", envvar="TINYGEN_DEVICE
                                         help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps. Default: "
                                         "$TINYGEN_DEVICE, else auto.")]
 DtypeOpt = Annotated[Dtype, typer.Option(parser=parse_dtype, help="Weights for generation: auto (bf16 on CUDA, "
-                                         "float32 elsewhere), float32 (or fp32) or bfloat16 (or bf16). On a CPU, "
+                                         "float32 elsewhere; on a CPU a quantized GGUF runs as it stores its weights), "
+                                         "float32 (or fp32) or bfloat16 (or bf16), which dequantize a GGUF. On a CPU, "
                                          "bfloat16 decodes faster but prefills slower.")]
 ScoreDtypeOpt = Annotated[Dtype, typer.Option("--dtype", parser=parse_dtype, help="Weights to score and inspect "
                                               "with: float32 (or fp32; the default on every device: the "
                                               "probabilities and losses training reports), bfloat16 (or bf16), or "
                                               "auto (bf16 on CUDA).")]
 QuantOpt = Annotated[Optional[Quantize], typer.Option("--quantize", help="Weight-only quantised linear layers "
-                                                      "(CPU). int8: a quarter of float32's bytes per token; int4: "
-                                                      "an eighth, in groups of 32 inputs (-g64 ... -g256: larger "
-                                                      "groups), a GGUF's Q4_0/Q4_1 weights as stored. The loss "
-                                                      "each costs is in the README.", show_default=False)]
+                                                      "(CPU) of float weights. int8: a quarter of float32's bytes per "
+                                                      "token; int4: an eighth, in groups of 32 inputs (-g64 ... -g256: "
+                                                      "larger groups). A quantized GGUF's matrices already run as "
+                                                      "stored. The loss each costs is in the README.",
+                                                      show_default=False)]
 CompileOpt = Annotated[bool, typer.Option("--compile", metavar="", help="torch.compile the decode step and replay it "
                                           "as a CUDA graph: several times faster at batch 1 on a GPU. The first run "
                                           "compiles (about a minute); later runs load it from the cache.")]

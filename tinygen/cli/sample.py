@@ -16,7 +16,6 @@ from tinygen.cli.common import load_model, read_stdin, text_arg
 from tinygen.cli.options import (
     CompileOpt,
     DeviceOpt,
-    Dtype,
     DtypeOpt,
     ModelOpt,
     QuantOpt,
@@ -75,9 +74,9 @@ def sample(
         _print_batch(textgen, requests, batch_size, jsonl, num_samples)
         return
     text = text_arg(prompt)
-    if explain_k and Dtype(dtype) == Dtype.auto:
-        dtype = Dtype.float32  # --explain shows probabilities: in float32 unless --dtype says otherwise
-    net, tokenizer, _, decoder = load_model(model, device, dtype, quantize, compile and num_samples == 1)
+    # --explain shows probabilities: in float32 unless --dtype says otherwise
+    net, tokenizer, _, decoder = load_model(model, device, dtype, quantize, compile and num_samples == 1,
+                                            float32_scores=bool(explain_k))
     textgen = TextGenerator(net, tokenizer, compiled=decoder)
     n_prompt = len(textgen.encode_prompt(text))
     if n_prompt > textgen.block_size:

@@ -75,13 +75,14 @@ def tokenize(
 
 def _token_probs(model: Optional[str], text: str, device: str, dtype: Dtype) -> None:
     from tinygen.cli import views
+    from tinygen.core.evaluate import document_start
     from tinygen.inspect.explain import surprisal
 
     net, tok = load_model(model, device, dtype)[:2]
     ids = tok.encode(text)
     if not ids:
         raise TinygenError("no text to score")
-    s = surprisal(net, ids, tok.eot_id)
+    s = surprisal(net, ids, document_start(tok))  # the first token is scored as the start of a document
     labels = [tok.label(i) for i in ids]
     summary = (f"{len(ids)} tokens · mean loss {s.mean_loss:.3f} nats/token over {s.scored} · "
                f"perplexity {s.perplexity:.2f}")

@@ -15,11 +15,13 @@ import math
 import os
 import re
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tinygen.atomic import atomic_path
 from tinygen.core.config import ModelConfig
+from tinygen.core.quantized import StoredMatrix
 from tinygen.core.template import template_for
 from tinygen.core.tokenizer import Tokenizer
 from tinygen.errors import TinygenError, one_line
@@ -47,9 +49,12 @@ class ModelInfo:
     tensors: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # name -> (shape, dtype) of each weight
     weight_files: tuple[Path, ...] = ()  # the safetensors files that hold the weights; () means path itself
     notes: tuple[str, ...] = ()  # what loading adapted, for stderr (a context limited to what tinygen allows)
-    # Matrices the file stores as Q4_0/Q4_1 blocks, by module name, each read as stored when called:
-    # the decode plan (generate/plan.py) alone reads them, to run a file's own 4-bit numbers.
-    stored_q4: dict[str, Callable] = field(default_factory=dict)
+    # Matrices the file stores in a form that runs as stored (core/quantized.StoredMatrix), by module
+    # name: the decode plan (generate/plan.py) alone reads them. Loaded as stored, the model's own
+    # weights for these are on the meta device; else they are float too.
+    stored: dict[str, StoredMatrix] = field(default_factory=dict)
+    # Loaded as stored: the embedding's rows for token ids (float32), read from the file as looked up.
+    embedding_rows: Callable | None = None
 
     @property
     def n_params(self) -> int:
@@ -99,6 +104,9 @@ class ModelFormat:
     read_info: Callable[[Path], ModelInfo]
     load_tokenizer: Callable[[ModelInfo], Tokenizer]
     load: Callable[..., tuple]  # (path, device, dtype) -> (model, tokenizer, info), as load_model
+    # The same, with the matrices the file stores quantized left as stored (ModelInfo.stored), for
+    # a format that has such matrices; None: load serves.
+    load_stored: Callable[..., tuple] | None = None
 
 
 FORMATS: list[ModelFormat] = []
@@ -214,12 +222,14 @@ def load_tokenizer_source(source: str | os.PathLike) -> Tokenizer:
     return load_tokenizer(path)
 
 
-def load_model(model: str | os.PathLike | None = None, device="cpu", dtype=None):
+def load_model(model: str | os.PathLike | None = None, device="cpu", dtype=None, as_stored: bool = False):
     """(GPT in eval mode on device, Tokenizer, ModelInfo) from a tinygen checkpoint, or from a file
-    or folder a ModelFormat reads (Hugging Face folders, GGUF files)."""
+    or folder a ModelFormat reads (Hugging Face folders, GGUF files). as_stored: a quantized file's
+    matrices stay as the file stores them, for the decode plan (ModelInfo.stored); the model holds
+    them on the meta device, so it runs only as prepared (generate/plan.py)."""
     path = resolve_model_path(model)
     if path.exists() and (fmt := _claimed(path)) is not None:
-        return fmt.load(path, device, dtype)
+        return (fmt.load_stored if as_stored and fmt.load_stored else fmt.load)(path, device, dtype)
     info = read_info(model)
     tokenizer = load_tokenizer(info=info)
     return build_model(info, load_weights(info, device), device, dtype), tokenizer, info
@@ -241,16 +251,17 @@ def load_weights(info: ModelInfo, device) -> dict:
 
 
 def build_model(info: ModelInfo, state: dict, device, dtype):
-    """The model of this config holding these weights (tinygen names), on device in dtype."""
+    """The model of this config holding these weights (tinygen names), on device in dtype. The
+    tensors become the parameters themselves (no initialisation, no copy unless dtype or device
+    differ); a tensor on the meta device stays there (a matrix left as stored, ModelInfo.stored)."""
     import torch
 
     from tinygen.core.model import GPT
 
-    broken = next((k for k, v in state.items() if not torch.isfinite(v).all()), None)
+    broken = next((k for k, v in state.items() if not v.is_meta and not torch.isfinite(v).all()), None)
     if broken is not None:  # a flipped exponent bit; sampling would fail on NaN probabilities later
         raise TinygenError(f"{info.path}: tensor {broken} holds NaN or infinite values; the file is corrupt")
-    # Built straight on the target device: a meta-device model would add imports to every load.
-    with torch.device(device):
+    with torch.device(device), _parameters_on_meta():
         net = GPT(info.config, init=False)
     expected = {k: v for k, v in net.state_dict().items() if k != "lm_head.weight" or not info.config.tie_embeddings}
     missing = sorted(set(expected) - set(state))
@@ -263,8 +274,37 @@ def build_model(info: ModelInfo, state: dict, device, dtype):
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise TinygenError(f"{info.path}: tensor {k} has shape {tuple(v.shape)}, config says {tuple(expected[k].shape)}")
-    net.load_state_dict(state, strict=False)  # a tied lm_head is wte, so it is never stored
-    return net.to(dtype=dtype or state["transformer.wte.weight"].dtype).eval()
+    dtype = dtype or state["transformer.wte.weight"].dtype
+    state = {k: v.to(dtype=dtype) if v.is_meta else v.to(device=device, dtype=dtype) for k, v in state.items()}
+    net.load_state_dict(state, strict=False, assign=True)
+    if info.config.tie_embeddings:  # a tied lm_head is wte, so it is never stored; assigning wte untied them
+        net.lm_head.weight = net.transformer.wte.weight
+    return net.to(dtype=dtype).eval()  # the buffers: parameters are in dtype already
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Parameters made inside go to the meta device as they are registered, while buffers (rotary
+    tables, derived from the config) are made on the device as usual: a model built so holds no
+    weight memory, and no initialisation runs over it, until load_state_dict(assign=True) gives it
+    the loaded tensors. (accelerate's init_empty_weights(include_buffers=False) works the same way.)"""
+    from torch import nn
+
+    register, normal = nn.Module.register_parameter, nn.init.normal_
+
+    def on_meta(module, name, param):
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    # An embedding's initialisation draws normal_ on its (meta) weight, whose meta kernel imports
+    # Dynamo: a second and 60 MB for numbers nobody reads.
+    nn.Module.register_parameter = on_meta
+    nn.init.normal_ = lambda tensor, *args, **kwargs: tensor if tensor.is_meta else normal(tensor, *args, **kwargs)
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter, nn.init.normal_ = register, normal
 
 
 def check_fits(info: ModelInfo) -> None:

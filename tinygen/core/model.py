@@ -2,19 +2,24 @@
 
 Token ids go in and logits come out. Attention runs through scaled_dot_product_attention (flash
 kernels on GPU), or through an explicit path that also returns the attention probabilities for
-visualisation. Module names follow GPT-2's so that Hugging Face GPT-2 weights map one to one.
+visualisation. Module names follow GPT-2's so that Hugging Face GPT-2 weights map one to one. The
+rope family's switches (config.py) cover the Llama family and Gemma 3, whose sliding-window layers
+take their window from the positions of each pass (window_mask), so callers pass positions as for
+any model.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from tinygen.core.config import ModelConfig
+from tinygen.core.rotary import apply_rotary, frequency_bits, rotary_angles, rotary_sign
 
 
 class KVCache:
@@ -49,9 +54,9 @@ class KVCache:
     def tensors(self) -> list[torch.Tensor]:
         return [*self.ks, *self.vs]
 
-    def update(self, layer: int, pos: torch.Tensor, kv_len: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, pos: torch.Tensor, kv_len: int, k: torch.Tensor, v: torch.Tensor, start: int = 0):
         """Store k, v (B, H, T, D) at positions pos, (T,) shared by every row or (B, T) per row,
-        and return every row's first kv_len slots of this layer.
+        and return every row's slots [start, kv_len) of this layer.
 
         Under autocast the projections that make k and v come out in the autocast dtype (bf16), not
         the cache's: they are stored in the cache's dtype, which is the one attention then reads."""
@@ -68,9 +73,9 @@ class KVCache:
             cv[rows, :, pos] = v.transpose(1, 2)
         # Compiled, kv_len may be a dynamic length: comparing it would add a guard, and a recompile
         # at the last slot; a view of every slot costs a compiled step nothing.
-        if not torch.compiler.is_compiling() and kv_len == ck.size(2):
+        if not torch.compiler.is_compiling() and kv_len == ck.size(2) and not start:
             return ck, cv
-        return ck[:, :, :kv_len], cv[:, :, :kv_len]
+        return ck[:, :, start:kv_len], cv[:, :, start:kv_len]
 
     def copy_from(self, other: KVCache, n: int, row: int | None = None) -> None:
         """Copy the first n slots of every layer from other: all its rows, or (row given) its one
@@ -97,43 +102,29 @@ class CacheSlots:
     # (B, 1, T, kv_len) bool, True = may attend. None: plain causal attention, which is right for a
     # prefill from position 0 (kv_len == T) and for one query that may see every slot it reads.
     mask: torch.Tensor | None = None
+    start: int = 0  # slots before it are not read (a sliding layer's decode step: only its window)
 
 
-def rotary_tables(config: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin of shape (block_size, head_dim) for rotary position embeddings: each
-    angle appears twice, once for each half of a head that it rotates together, and the first
-    half's sin is negated (see apply_rotary)."""
-    half = config.head_dim // 2
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(half, dtype=torch.float32, device=device) / half))
-    if config.rope_scaling is not None:
-        inv_freq = llama3_scaled(inv_freq, config.rope_scaling)
-    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32, device=device), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    sign = torch.ones(config.head_dim, device=device)
-    sign[:half] = -1
-    return angles.cos(), angles.sin() * sign
-
-
-def llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
-    """Llama 3's long-context rotary frequencies: wavelengths longer than the original context
-    divided by factor, short ones kept, and a smooth blend between (as transformers'
-    _compute_llama3_parameters)."""
-    factor, low, high, old_len = (s[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                 "original_max_position_embeddings"))
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (old_len / wavelen - low) / (high - low)
-    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    middle = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(middle, blended, scaled)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x1, x2) = (x[..., i], x[..., i + D/2]) of each head by position-dependent
-    angles: (x1 cos - x2 sin, x2 cos + x1 sin). x (B, H, T, D); cos, sin (T, D) or (B, 1, T, D),
-    sin signed as rotary_tables makes it. Rolling x by half a head and the signed sin take four
-    operations where chunk, negate and concatenate took seven, felt by a decode step in every layer."""
-    return (x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin).type_as(x)
+def window_mask(config: ModelConfig, pos: torch.Tensor, slots: CacheSlots | None) -> tuple:
+    """What a sliding layer reads in this pass: (slots, mask) in place of the pass's own. Its queries
+    see keys fewer than sliding_window positions back; slot s holds position s, so the window follows
+    from the positions alone. One query per row, rows in step, reads just the window's slots; when
+    no query can reach past the window the pass's own attention stands."""
+    window = config.sliding_window
+    if slots is None:  # positions 0..T-1, keys the same
+        if pos.size(0) <= window:
+            return None, None
+        back = pos[:, None] - pos[None, :]  # (T, T): how far back each key is from each query
+        return None, (back >= 0) & (back < window)
+    compiling = torch.compiler.is_compiling()  # a compiled step keeps one graph: always the mask
+    if not compiling and slots.kv_len <= window:
+        return slots, slots.mask
+    if not compiling and pos.dim() == 1 and pos.size(0) == 1 and slots.mask is None:
+        return CacheSlots(slots.cache, pos, slots.kv_len, None, slots.kv_len - window), None
+    back = pos[..., None] - torch.arange(slots.kv_len, device=pos.device)  # (T, S) or (B, T, S)
+    if pos.dim() == 2:
+        back = back.unsqueeze(1)  # (B, 1, T, S), as a pass's own mask
+    return slots, (back < window) & (back >= 0 if slots.mask is None else slots.mask)
 
 
 # torch 2.5 taught SDPA grouped-query attention; before it, k and v are repeated to every query head.
@@ -147,20 +138,23 @@ class CausalSelfAttention(nn.Module):
         self.layer = layer
         self.n_head = config.n_head
         self.n_kv_head = config.kv_heads
+        self.head_dim = config.head_dim
         # q, k, v in one matmul: n_head query heads, then kv_heads key heads and as many value heads.
         width = (config.n_head + 2 * config.kv_heads) * config.head_dim
         self.c_attn = nn.Linear(config.n_embd, width, bias=bias or config.qkv_bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
+        self.c_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=bias)
         self.dropout = config.dropout
+        self.scale = None if config.attn_scalar is None else config.attn_scalar ** -0.5  # None: SDPA's 1/sqrt(D)
         if config.qk_norm:
             self.q_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
             self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
 
     def forward(self, x, rope=None, slots: CacheSlots | None = None, need_weights: bool = False,
-                ve: torch.Tensor | None = None):
-        B, T, C = x.shape
-        H, G = self.n_head, self.n_kv_head
-        qkv = self.c_attn(x).view(B, T, H + 2 * G, C // H).transpose(1, 2)  # (B, H+2G, T, D): q, k, v heads
+                ve: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        """mask (a sliding layer's window_mask) replaces slots.mask, or plain causal attention."""
+        B, T, _ = x.shape
+        H, G, D = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.c_attn(x).view(B, T, H + 2 * G, D).transpose(1, 2)  # (B, H+2G, T, D): q, k, v heads
         # split, not slicing: its backward joins the parts' gradients in one concatenation, where each
         # slice's backward would zero a full-size tensor and the parts would then be added.
         qk, v = qkv.split((H + G, G), dim=1)  # query heads then key heads; value heads
@@ -169,21 +163,22 @@ class CausalSelfAttention(nn.Module):
             # the gains times the head size, whatever the weights grow to (Qwen3, modded-nanogpt).
             qk = self.norm_heads(qk)
         if ve is not None:  # (B, T, G*D): this block's value embedding of each token, one part per kv head
-            v = v + ve.view(B, T, G, C // H).transpose(1, 2)
+            v = v + ve.view(B, T, G, D).transpose(1, 2)
         if rope is not None:
             qk = apply_rotary(qk, *rope)  # q and k heads rotate by the same angles, so one call covers both
         q, k = qk.split((H, G), dim=1)
-        mask = None
         if slots is not None:
-            k, v = slots.cache.update(self.layer, slots.pos, slots.kv_len, k, v)  # (B, H, S, D), S = kv_len
-            mask = slots.mask
+            # (B, H, S, D), S = kv_len - start
+            k, v = slots.cache.update(self.layer, slots.pos, slots.kv_len, k, v, slots.start)
+            if mask is None:
+                mask = slots.mask
         att = None
         if G != H and (need_weights or not _SDPA_GQA):
             # Each key/value head serves H // G query heads, which sit next to each other.
             k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
         if need_weights:
             # The explicit path: the same math as SDPA, keeping the probabilities.
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, T, S)
+            scores = (q @ k.transpose(-2, -1)) * (self.scale or D ** -0.5)  # (B, H, T, S)
             if mask is None:
                 S = k.size(2)
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)  # no peeking ahead
@@ -195,8 +190,9 @@ class CausalSelfAttention(nn.Module):
             # regularises small-data training well enough.
             # is_causal aligns its mask top-left, so a single query must not use it: it would see key 0 only.
             gqa = {"enable_gqa": True} if G != H and _SDPA_GQA else {}
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, **gqa)
-        y = self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               scale=self.scale, **gqa)
+        y = self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
         if self.training and self.dropout:
             y = F.dropout(y, self.dropout)
         return y, att
@@ -213,7 +209,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gated = config.arch == "rope" and config.mlp is None
+        self.gated = config.arch == "rope" and config.mlp in (None, "geglu")
+        # GeGLU (Gemma) gates with GELU's tanh form where SwiGLU uses SiLU.
+        self.act = partial(F.gelu, approximate="tanh") if config.mlp == "geglu" else F.silu
         self.relu2 = config.mlp == "relu2"
         bias = config.arch == "gpt2"
         hidden = config.mlp_hidden
@@ -226,7 +224,7 @@ class MLP(nn.Module):
         h = self.c_fc(x)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
+            h = self.act(gate) * up
         elif self.relu2:  # modded-nanogpt's: sparse like ReLU, smooth at zero, cheaper than a gate
             h = F.relu(h).square()
         else:
@@ -242,7 +240,8 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). With post-norms (Gemma),
+    each output is normed again before the residual adds it."""
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -250,12 +249,17 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
+        self.sliding = config.is_sliding(layer)  # attends within the window (window_mask)
+        self.post_norms = config.post_norms
+        if config.post_norms:
+            self.attn_post_norm = make_norm(config)
+            self.mlp_post_norm = make_norm(config)
 
-    def forward(self, x, rope=None, slots=None, need_weights=False, ve=None):
-        a, att = self.attn(self.ln_1(x), rope, slots, need_weights, ve)
-        x = x + a
-        x = x + self.mlp(self.ln_2(x))
-        return x, att
+    def forward(self, x, rope=None, slots=None, need_weights=False, ve=None, mask=None):
+        a, att = self.attn(self.ln_1(x), rope, slots, need_weights, ve, mask)
+        x = x + (self.attn_post_norm(a) if self.post_norms else a)
+        m = self.mlp(self.ln_2(x))
+        return x + (self.mlp_post_norm(m) if self.post_norms else m), att
 
 
 class GPT(nn.Module):
@@ -278,13 +282,23 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
         self.drop = nn.Dropout(config.dropout)
-        if config.arch == "rope":
-            cos, sin = rotary_tables(config)
-            # Not persistent: derived from the config, so never stored in checkpoints.
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_buffers()
         if init:  # loading a checkpoint overwrites every weight, so it skips this
             init_weights(self)
+
+    def init_buffers(self, device=None) -> None:
+        """Make the buffers derived from the config (float32, on `device` or the default one). Not
+        persistent, so never stored in checkpoints: a model whose buffers were made on the meta
+        device makes them again with this."""
+        config = self.config
+        if config.arch == "rope":
+            self.register_buffer("rope_bits", frequency_bits(config, device), persistent=False)
+            self.register_buffer("rope_sign", rotary_sign(config, device), persistent=False)
+        if config.embed_scale:
+            # A buffer, so that model.to(dtype) rounds the factor to the model's dtype as transformers'
+            # Gemma does (its sqrt(n_embd) times bfloat16 embeddings is the bfloat16 of the factor).
+            factor = torch.tensor(math.sqrt(config.n_embd), device=device)
+            self.register_buffer("embed_factor", factor, persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -307,20 +321,29 @@ class GPT(nn.Module):
         Returns (hidden, attention probabilities per layer, or None).
         """
         B, T = idx.shape
+        cfg = self.config
         pos = slots.pos if slots is not None else torch.arange(T, device=idx.device)  # (T,) or (B, T)
         x = self.transformer.wte(idx)  # (B, T, C)
-        rope = None
-        if self.config.arch == "gpt2":
+        if cfg.embed_scale:
+            x = x * self.embed_factor
+        rope = local_rope = None  # the global layers' (cos, sin), the sliding layers'
+        if cfg.arch == "gpt2":
             x = x + self.transformer.wpe(pos)
         else:
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D) or (B, T, D)
-            rope = (cos, sin) if pos.dim() == 1 else (cos.unsqueeze(1), sin.unsqueeze(1))
+            # The last kind is the sliding layers': their own base's when they have one, else the global.
+            kinds = rotary_angles(self.rope_bits, self.rope_sign, pos, x.dtype)
+            rope, local_rope = kinds[0], kinds[-1]
+        local_slots, local_mask = window_mask(cfg, pos, slots) if cfg.sliding_window else (slots, None)
         x = self.drop(x)
         atts = [] if need_weights else None
-        ves = [table(idx) for table in self.transformer.ve] if self.config.value_embeds else []
+        ves = [table(idx) for table in self.transformer.ve] if cfg.value_embeds else []
         for i, block in enumerate(self.transformer.h):
-            table = self.config.value_table(i) if ves else None
-            x, att = block(x, rope, slots, need_weights, None if table is None else ves[table])
+            table = cfg.value_table(i) if ves else None
+            ve = None if table is None else ves[table]
+            if block.sliding:
+                x, att = block(x, local_rope, local_slots, need_weights, ve, local_mask)
+            else:
+                x, att = block(x, rope, slots, need_weights, ve)
             if need_weights:
                 atts.append(att)
         return self.transformer.ln_f(x), atts

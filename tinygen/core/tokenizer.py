@@ -22,6 +22,7 @@ from pathlib import Path
 import regex
 import tiktoken
 
+from tinygen.core.spm import SentencePieceTokenizer
 from tinygen.errors import TinygenError
 
 EOT = "<|endoftext|>"
@@ -67,7 +68,8 @@ class Tokenizer:
         _check(ranks, pattern, special, name, drop_unknown_bytes)
         self._n_ids = len(ranks) + sum(1 for i in special.values() if i >= len(ranks))
         self._check_settings()
-        mergeable = {b: i for i, b in enumerate(ranks) if b is not None}
+        mergeable = dict(zip(ranks, range(len(ranks))))
+        mergeable.pop(None, None)
         # tiktoken panics on a byte without a rank. Some vocabularies lack a few (SmolLM2 has no 0x04),
         # and llama.cpp leaves such bytes out after merging (Hugging Face before, so neighbours across
         # them may merge there); ranks past every real id let encode() do as llama.cpp does.
@@ -186,7 +188,10 @@ class Tokenizer:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Tokenizer":
+    def from_dict(cls, d: dict) -> Tokenizer | SentencePieceTokenizer:
+        """The tokenizer to_dict describes: this kind, or a SentencePiece one (core/spm.py)."""
+        if isinstance(d, dict) and d.get("type") == "sentencepiece":
+            return SentencePieceTokenizer.from_dict(d)
         try:
             if not isinstance(d, dict) or not isinstance(d["ranks"], list) or not isinstance(d["special"], dict):
                 raise TypeError("want an object with a list of ranks and an object of special tokens")
@@ -208,7 +213,7 @@ class Tokenizer:
     # -- constructors ----------------------------------------------------------------------------
 
     @classmethod
-    def from_gpt2_files(cls, vocab_path: Path, merges_path: Path) -> "Tokenizer":
+    def from_gpt2_files(cls, vocab_path: Path, merges_path: Path) -> Tokenizer:
         """Build from Hugging Face GPT-2 `vocab.json` + `merges.txt` (with or without a #version line)."""
         try:
             vocab: dict[str, int] = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
@@ -252,7 +257,7 @@ class Tokenizer:
         return cls(ranks[:n_ranks], GPT2_PATTERN, special, name="gpt2")
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> "Tokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int, special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> Tokenizer:
         """Train a byte-level BPE with rustbpe; vocab_size counts the special tokens too."""
         import rustbpe
 
@@ -275,13 +280,13 @@ def _check(ranks: list[bytes | None], pattern: str, special: dict[str, int], nam
     pattern cuts text into non-empty pieces that cover all of it."""
     if not isinstance(name, str) or not isinstance(pattern, str):
         raise TinygenError("invalid tokenizer data: name and pattern must be strings")
-    tokens = [r for r in ranks if r is not None]
-    distinct = set(tokens)
-    if not all(isinstance(r, bytes) and r for r in tokens) or len(distinct) != len(tokens):
+    holes = [i for i, r in enumerate(ranks) if r is None]
+    distinct = set(ranks)
+    distinct.discard(None)
+    if set(map(type, distinct)) - {bytes} or b"" in distinct or len(distinct) != len(ranks) - len(holes):
         raise TinygenError("invalid tokenizer data: tokens must be distinct, non-empty byte strings")
     if not drop_unknown_bytes and not {bytes([b]) for b in range(256)} <= distinct:
         raise TinygenError("invalid tokenizer data: a byte-level BPE needs a token for each of the 256 bytes")
-    holes = [i for i, r in enumerate(ranks) if r is None]
     if (not all(isinstance(k, str) and k for k in special)
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in special.values())
             or sorted(special.values()) != holes + list(range(len(ranks), len(ranks) + len(special) - len(holes)))):

@@ -47,6 +47,9 @@ def export(model: str | os.PathLike, fmt: str, out: str | os.PathLike, gguf_type
     if not out.parent.is_dir():
         raise TinygenError(f"cannot write {out}: there is no folder {out.parent}; create it first")
     net, tokenizer, info = load_model(model, device="cpu")
+    if tokenizer.kind != "byte-level BPE":
+        raise TinygenError(f"{info.path.name} has a {tokenizer.kind} vocabulary, which tinygen exports do not "
+                           "write yet (they write byte-level BPE)")
     if fmt == "hf":
         from tinygen.formats.export_hf import write_hf
 

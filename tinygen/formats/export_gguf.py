@@ -1,12 +1,12 @@
-"""A tinygen "rope" model as a llama GGUF (a qwen3 one with qk-norm), for llama.cpp and ollama,
-written with gguf.GGUFWriter.
+"""A tinygen "rope" model as a llama GGUF (a qwen3 one with qk-norm, a gemma3 one for the gemma3
+family), for llama.cpp and ollama, written with gguf.GGUFWriter.
 
 The file is what llama.cpp's convert_hf_to_gguf.py makes of the same model in Hugging Face form:
-the standard llama.* (or qwen3.*) keys, llama.cpp's tensor names, for llama the rows of q and k
-permuted for its rotary layout (gguf_reader.py undoes it on reading; qwen3 rotates Hugging Face's
-halves as they are, so nothing is permuted), norms in F32 whatever the type, Llama 3's rope scaling
-as a rope_freqs tensor, and the tokenizer as a byte-level BPE ("gpt2") with a pre-tokenizer name
-llama.cpp knows for the split pattern.
+the standard llama.* (or qwen3.*, gemma3.*) keys, llama.cpp's tensor names, for llama the rows of q
+and k permuted for its rotary layout (gguf_reader.py undoes it on reading; qwen3 and gemma3 rotate
+Hugging Face's halves as they are, so nothing is permuted), norms in F32 whatever the type (Gemma's
+as 1 + w, as tinygen holds them), Llama 3's rope scaling as a rope_freqs tensor, and the tokenizer
+as a byte-level BPE ("gpt2") with a pre-tokenizer name llama.cpp knows for the split pattern.
 """
 
 from __future__ import annotations
@@ -19,13 +19,21 @@ import torch
 from tinygen.core.tokenizer import GPT4_PATTERN, Tokenizer
 from tinygen.errors import TinygenError
 from tinygen.formats.bpe_vocab import bos_name, jinja_chat_template, merges, token_text
-from tinygen.formats.gguf_layout import LAYER_NAMES, TOP_NAMES, llama3_divisors
+from tinygen.formats.gguf_layout import (
+    GEMMA3_27B_LAYERS,
+    GEMMA3_NAMES,
+    GEMMA3_PATTERN,
+    LAYER_NAMES,
+    TOP_NAMES,
+    llama3_divisors,
+)
 
 Q8_0_BLOCK = 32  # a Q8_0 row is whole blocks of 32 weights
 
 # Hugging Face name -> GGUF name: gguf_layout.py's reading tables, turned round.
 TOP = {hf: name for name, hf in TOP_NAMES.items() if hf != "rope_freqs"}
 LAYER = {hf: name for name, hf in LAYER_NAMES.items()}
+GEMMA3_LAYER = {**LAYER, **{hf: name for name, hf in GEMMA3_NAMES.items()}}
 
 
 def write_gguf(model, tokenizer: Tokenizer, path: Path, kind: str = "f16", name: str = "tinygen") -> str:
@@ -39,10 +47,10 @@ def write_gguf(model, tokenizer: Tokenizer, path: Path, kind: str = "f16", name:
     if cfg.qkv_bias:
         raise TinygenError("GGUF export of a model with q/k/v biases (Qwen2's) is not supported; "
                            "export it with --format hf")
-    if cfg.unportable:
-        raise TinygenError(f"llama.cpp has no architecture with {', '.join(cfg.unportable)}, which this model "
-                           f"uses; it runs in tinygen only")
-    arch = cfg.family  # llama, or qwen3 for qk-norm: qwen2 (q/k/v biases) was refused above
+    if cfg.unportable or _gemma3_unportable(cfg):
+        raise TinygenError(f"llama.cpp has no architecture with {', '.join(cfg.unportable or _gemma3_unportable(cfg))}, "
+                           f"which this model uses; it runs in tinygen only")
+    arch = cfg.family  # llama, qwen3 for qk-norm, or gemma3: qwen2 (q/k/v biases) was refused above
     pre = gguf_pre(tokenizer)
     qtype = gguf.GGMLQuantizationType[kind.upper()]
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -60,6 +68,8 @@ def write_gguf(model, tokenizer: Tokenizer, path: Path, kind: str = "f16", name:
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_vocab_size(cfg.vocab_size)
+    if arch == "gemma3":
+        _add_gemma3(w, cfg)
     w.add_file_type(file_type)
     if kind == "q8_0":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -83,6 +93,34 @@ def write_gguf(model, tokenizer: Tokenizer, path: Path, kind: str = "f16", name:
     w.close()
     return f"{arch}, {kind}" + (f" ({fallback} tensors in f16: rows not whole 32-weight blocks)" if fallback else "") + \
         f", tokenizer pre {pre!r}"
+
+
+def _gemma3_unportable(cfg) -> list[str]:
+    """What llama.cpp's gemma3 cannot hold beyond what transformers' can: an attention scale apart
+    from its rule (the head size's, or n_embd / n_head's for 62 layers), which its GGUF has no key for."""
+    rule = cfg.n_embd // cfg.n_head if cfg.n_layer == GEMMA3_27B_LAYERS else cfg.head_dim
+    if cfg.family != "gemma3" or (cfg.attn_scalar or cfg.head_dim) == rule:
+        return []
+    return [f"an attention scalar of {cfg.attn_scalar:g} (its gemma3 scales by {rule} ** -0.5)"]
+
+
+def _add_gemma3(w, cfg) -> None:
+    """gemma3.* keys beyond llama's, as convert_hf_to_gguf.py's Gemma3Model writes them; the sliding
+    pattern too when it is not llama.cpp's default (every 6th layer global)."""
+    arch = "gemma3"
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_float32(f"{arch}.rope.freq_base_swa", float(cfg.rope_local_theta or cfg.rope_theta))
+    if cfg.sliding_window:
+        w.add_uint32(f"{arch}.attention.sliding_window", cfg.sliding_window)
+        sliding = [cfg.is_sliding(i) for i in range(cfg.n_layer)]
+        if sliding != [i % GEMMA3_PATTERN < GEMMA3_PATTERN - 1 for i in range(cfg.n_layer)]:
+            w.add_array(f"{arch}.attention.sliding_window_pattern", sliding)
+    if cfg.logit_softcap is not None:
+        w.add_float32(f"{arch}.final_logit_softcapping", float(cfg.logit_softcap))
+    if cfg.rope_kind == "linear":
+        w.add_string(f"{arch}.rope.scaling.type", "linear")
+        w.add_float32(f"{arch}.rope.scaling.factor", float(cfg.rope_scaling["factor"]))
 
 
 def gguf_pre(tokenizer: Tokenizer) -> str:
@@ -149,17 +187,18 @@ def _tensors(model):
 
     cfg = model.config
     heads = {"attn_q": cfg.n_head, "attn_k": cfg.kv_heads} if cfg.family == "llama" else {}
-    for hf_name, tensor in hf_state(model).items():
+    layer_names = GEMMA3_LAYER if cfg.family == "gemma3" else LAYER
+    for hf_name, tensor in hf_state(model, hf_gains=False).items():
         if hf_name in TOP:
             yield TOP[hf_name], tensor
             continue
         _, _, layer, rest = hf_name.split(".", 3)
-        name = LAYER[rest]
+        name = layer_names[rest]
         kind = name.split(".")[0]
         if kind in heads:
             tensor = _permute(tensor, heads[kind])
         yield f"blk.{layer}.{name}", tensor
-    if cfg.rope_scaling is not None:
+    if cfg.rope_kind == "llama3":
         yield "rope_freqs.weight", _rope_freqs(cfg)
 
 

@@ -1,9 +1,10 @@
 """A tinygen model as a Hugging Face folder that transformers loads with no custom code.
 
 "rope" models become LlamaForCausalLM (Qwen2ForCausalLM with q/k/v biases, which Llama's
-attention_bias would put on o_proj too; Qwen3ForCausalLM with qk-norm), "gpt2" models
-GPT2LMHeadModel. Weights keep their dtype; fused matrices are split back with llama.hf_names, the
-inverse of loading. The tokenizer becomes a tokenizer.json that the `tokenizers` library runs as
+attention_bias would put on o_proj too; Qwen3ForCausalLM with qk-norm; Gemma3ForCausalLM for the
+gemma3 family), "gpt2" models GPT2LMHeadModel. Weights keep their dtype; fused matrices are split
+back with llama.hf_names, the inverse of loading, and Gemma's norm gains lose the 1 that tinygen keeps
+in them. The tokenizer becomes a tokenizer.json that the `tokenizers` library runs as
 tiktoken does: tinygen's split regex, then byte-level BPE that looks a whole piece up before merging
 (ignore_merges).
 """
@@ -24,9 +25,10 @@ from tinygen.formats.bpe_vocab import (
     token_text,
 )
 from tinygen.formats.hf import HF_CONV1D, HF_WEIGHTS
-from tinygen.formats.llama import hf_names
+from tinygen.formats.llama import gemma_gains, hf_names
 
-HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+              "gemma3": "Gemma3ForCausalLM"}
 
 
 def write_hf(model, tokenizer: Tokenizer, folder: Path) -> str:
@@ -51,8 +53,10 @@ def write_hf(model, tokenizer: Tokenizer, folder: Path) -> str:
     return f"{config['architectures'][0]}, {config['torch_dtype']}"
 
 
-def hf_state(model) -> dict:
-    """The model's weights under Hugging Face's names, contiguous (safetensors stores no views)."""
+def hf_state(model, hf_gains: bool = True) -> dict:
+    """The model's weights under Hugging Face's names, contiguous (safetensors stores no views).
+    hf_gains: Gemma's norm gains as transformers holds them (w of 1 + w); without it, as tinygen and
+    llama.cpp's GGUFs hold them (1 + w)."""
     cfg = model.config
     ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if cfg.tie_embeddings:
@@ -66,6 +70,8 @@ def hf_state(model) -> dict:
     for name, parts in hf_names(cfg).items():
         rows = [sizes[p.split(".")[-2]] for p in parts] if len(parts) > 1 else [ours[name].shape[0]]
         state.update((p, t.contiguous()) for p, t in zip(parts, ours[name].split(rows)))
+    if cfg.family == "gemma3" and hf_gains:
+        state = {k: v.to(state[k].dtype) for k, v in gemma_gains(state, -1.0).items()}
     return state
 
 
@@ -81,6 +87,8 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: str) -> dict:
                 "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": 0.0,
                 "tie_word_embeddings": True, **ids}
     kind = cfg.family
+    if kind == "gemma3":
+        return {**gemma3_config(cfg), **ids}
     config = {
         "architectures": [HF_CLASSES[kind]], "model_type": kind,
         "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer,
@@ -102,6 +110,27 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: str) -> dict:
     else:
         config.update(attention_bias=False, mlp_bias=False)
     return config
+
+
+def gemma3_config(cfg: ModelConfig) -> dict:
+    """A Gemma3TextConfig's keys, as transformers 5 writes them (rope_parameters per layer type) and as
+    earlier versions read them (rope_theta, rope_local_base_freq, rope_scaling)."""
+    linear = {"rope_type": "linear", "factor": cfg.rope_scaling["factor"]} if cfg.rope_kind == "linear" else None
+    local_theta = cfg.rope_local_theta or cfg.rope_theta
+    return {
+        "architectures": [HF_CLASSES["gemma3"]], "model_type": "gemma3_text",
+        "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.block_size, "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps,
+        "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": cfg.attn_scalar or cfg.head_dim,
+        "final_logit_softcapping": cfg.logit_softcap, "attn_logit_softcapping": None,
+        "sliding_window": cfg.sliding_window or cfg.block_size, "use_bidirectional_attention": False,
+        "layer_types": ["sliding_attention" if cfg.is_sliding(i) else "full_attention" for i in range(cfg.n_layer)],
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "attention_dropout": 0.0,
+        "rope_parameters": {"full_attention": {"rope_type": "default", **(linear or {}), "rope_theta": cfg.rope_theta},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}},
+        "rope_theta": cfg.rope_theta, "rope_local_base_freq": local_theta, "rope_scaling": linear,
+    }
 
 
 def generation_config(tokenizer: Tokenizer) -> dict:

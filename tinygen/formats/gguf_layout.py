@@ -1,8 +1,12 @@
 """How a llama-family GGUF lays out a model: its metadata keys as a Hugging Face LlamaConfig, and each
-tensor's GGUF name as a Hugging Face name with the shape the config gives it. Two architectures:
-llama, and qwen3 (Llama with an RMSNorm on each query and key head). A metadata switch that would
-change the math beyond plain Llama is refused by name, never ignored. The reader (gguf_reader.py)
-and the GGUF exporter share these tables.
+tensor's GGUF name as a Hugging Face name with the shape the config gives it. Three architectures:
+llama, qwen3 (Llama with an RMSNorm on each query and key head) and gemma3 (a Gemma3TextConfig, by
+llama.cpp's rules for what its GGUF leaves out). A metadata switch that would change the math beyond
+what tinygen runs is refused by name, never ignored. The reader (gguf_reader.py) and the GGUF
+exporter share these tables.
+
+Gemma's RMSNorm gains arrive as llama.cpp's converter stores them, 1 + w where Hugging Face stores
+w: the form tinygen keeps too, so llama.state_from_hf maps them without a shift.
 """
 
 from __future__ import annotations
@@ -43,9 +47,19 @@ LAYER_NAMES = {
     "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
 QK_NORMS = ("attn_q_norm.weight", "attn_k_norm.weight")
+# Gemma 3's norms around its attention and MLP, and the Hugging Face names of its own (where
+# ffn_norm is the MLP's pre-norm, which Llama's post_attention_layernorm is).
+GEMMA3_NAMES = {
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+POST_NORMS = ("post_attention_norm.weight", "post_ffw_norm.weight")
 REQUIRED_LAYER = [k for k in LAYER_NAMES if k.endswith(".weight") and k not in QK_NORMS]
 # The architectures read, and what each has beyond Llama's tensors.
-ARCHITECTURES = {"llama": (), "qwen3": QK_NORMS}
+ARCHITECTURES = {"llama": (), "qwen3": QK_NORMS, "gemma3": QK_NORMS + POST_NORMS}
+# The Hugging Face model_type of each architecture, where it is not the GGUF's own name.
+MODEL_TYPES = {"gemma3": "gemma3_text"}
 BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 
 # <arch>.* keys this module reads, or that describe the file without changing the math.
@@ -65,6 +79,14 @@ NEUTRAL = {
     "final_logit_softcapping": (0.0,), "logit_scale": (1.0,), "embedding_scale": (1.0,),
     "residual_scale": (1.0,), "use_parallel_residual": (False,),
 }
+# gemma3.* keys that llama.cpp honours and config_from_fields maps to Gemma3TextConfig's.
+GEMMA3_KEYS = {"attention.sliding_window", "attention.sliding_window_pattern", "rope.freq_base_swa",
+               "final_logit_softcapping", "rope.scaling.type", "rope.scaling.factor"}
+# llama.cpp's gemma3 hparams for what the file leaves out: every 6th layer global, a sliding rotary base
+# of 10,000, and attention scaled by the head size, but for the 62-layer 27B (by n_embd / n_head).
+GEMMA3_PATTERN = 6
+GEMMA3_LOCAL_THETA = 10_000.0
+GEMMA3_27B_LAYERS = 62
 # convert_hf_to_gguf.py writes Llama 3 rope scaling only as the rope_freqs tensor. It reads the
 # original context from the top of config.json, where Llama 3.x keeps none, so it always uses 8192.
 LLAMA3_ORIGINAL_CONTEXT = 8192
@@ -75,6 +97,8 @@ def config_from_fields(fields: dict, where: str) -> dict:
     arch = fields["general.architecture"]
     meta = {k.removeprefix(arch + "."): v for k, v in fields.items() if k.startswith(arch + ".")}
     for key, value in meta.items():
+        if arch == "gemma3" and key in GEMMA3_KEYS:
+            continue
         if key in NEUTRAL and value not in NEUTRAL[key]:
             raise TinygenError(f"{where}: {arch}.{key} = {value!r} is not supported; tinygen runs plain Llama "
                                "(no mixture of experts, no rope scaling but Llama 3's, no softcapping)")
@@ -105,7 +129,7 @@ def config_from_fields(fields: dict, where: str) -> dict:
     if need("attention.value_length", default=dim) != dim:
         raise TinygenError(f"{where}: values of a head size apart from the keys' ({dim}) are not supported")
     config = {
-        "model_type": arch, "hidden_act": "silu",
+        "model_type": MODEL_TYPES.get(arch, arch), "hidden_act": "silu",
         "hidden_size": n_embd,
         "intermediate_size": need("feed_forward_length"),
         "num_hidden_layers": need("block_count"),
@@ -118,15 +142,53 @@ def config_from_fields(fields: dict, where: str) -> dict:
     }
     if head_dim is not None:
         config["head_dim"] = head_dim
+    if arch == "gemma3":
+        del config["hidden_act"]  # Gemma's is in hidden_activation
+        config.update(_gemma3_config(meta, config, where))
     return config
+
+
+def _gemma3_config(meta: dict, config: dict, where: str) -> dict:
+    """Gemma3TextConfig's own keys, as llama.cpp's gemma3 reads the file: no sliding_window (or 0)
+    means no sliding layers; the pattern is an int (every n-th layer global) or one bool per layer."""
+    n_layer = config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    window = meta.get("attention.sliding_window", 0)
+    pattern = meta.get("attention.sliding_window_pattern", GEMMA3_PATTERN)
+    if isinstance(pattern, list) and len(pattern) == n_layer and all(isinstance(b, bool) for b in pattern):
+        sliding = pattern
+    elif isinstance(pattern, int) and not isinstance(pattern, bool) and pattern >= 0:
+        sliding = [pattern == 0 or i % pattern < pattern - 1 for i in range(n_layer)]
+    else:
+        raise TinygenError(f"{where}: gemma3.attention.sliding_window_pattern = {pattern!r} is not supported "
+                           f"(expected a number or one true/false per layer)")
+    if not window:
+        sliding = [False] * n_layer
+    kind = meta.get("rope.scaling.type", "none")
+    factor = meta.get("rope.scaling.factor", 1.0)
+    if kind not in ("none", "linear"):
+        raise TinygenError(f"{where}: gemma3.rope.scaling.type = {kind!r} is not supported; tinygen knows linear")
+    scalar = config["hidden_size"] // config["num_attention_heads"] if n_layer == GEMMA3_27B_LAYERS else head_dim
+    return {
+        "hidden_activation": "gelu_pytorch_tanh", "head_dim": head_dim, "query_pre_attn_scalar": scalar,
+        "sliding_window": window or None, "rope_local_base_freq": float(meta.get("rope.freq_base_swa",
+                                                                                 GEMMA3_LOCAL_THETA)),
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+        "final_logit_softcapping": meta.get("final_logit_softcapping") or None,
+        "rope_scaling": {"rope_type": "linear", "factor": float(factor)} if kind == "linear" and factor not in (0.0, 1.0)
+        else None,
+    }
 
 
 def plan_tensors(gguf_tensors, config: dict, where: str) -> list:
     """(GGUF tensor, Hugging Face name, heads to unpermute by or 0) for each tensor, in file order.
     Completes config (vocab_size, tie_word_embeddings, biases) and checks every shape against it."""
     by_name = {t.name: t for t in gguf_tensors}
-    n_layer, arch = config["num_hidden_layers"], config["model_type"]
+    n_layer = config["num_hidden_layers"]
+    arch = next((gguf for gguf, hf in MODEL_TYPES.items() if hf == config["model_type"]), config["model_type"])
     extra = ARCHITECTURES[arch]
+    optional = {name for names in ARCHITECTURES.values() for name in names}
+    layer_names = {**LAYER_NAMES, **GEMMA3_NAMES} if arch == "gemma3" else LAYER_NAMES
     if "token_embd.weight" not in by_name:
         raise TinygenError(f"{where} has no token_embd.weight; it is not a complete {arch} GGUF")
     if config["vocab_size"] is None:
@@ -143,9 +205,9 @@ def plan_tensors(gguf_tensors, config: dict, where: str) -> list:
         if t.name in TOP_NAMES and (t.name != "rope_freqs.weight" or arch == "llama"):
             hf_name, heads = TOP_NAMES[t.name], 0
             expected = shapes[hf_name]
-        elif (block and block[2] in LAYER_NAMES and int(block[1]) < n_layer
-              and (block[2] not in QK_NORMS or block[2] in extra)):
-            suffix = LAYER_NAMES[block[2]]
+        elif (block and block[2] in layer_names and int(block[1]) < n_layer
+              and (block[2] not in optional or block[2] in extra)):
+            suffix = layer_names[block[2]]
             hf_name, expected = f"model.layers.{block[1]}.{suffix}", shapes[suffix]
             # convert_hf_to_gguf.py permutes llama's q by the query heads and k by the key/value heads.
             heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}.get(
@@ -181,6 +243,7 @@ def hf_shapes(c: dict) -> dict[str, tuple[int, ...]]:
         "mlp.gate_proj.weight": (ff, d), "mlp.up_proj.weight": (ff, d), "mlp.down_proj.weight": (d, ff),
         "mlp.gate_proj.bias": (ff,), "mlp.up_proj.bias": (ff,), "mlp.down_proj.bias": (d,),
         "self_attn.q_norm.weight": (head_dim,), "self_attn.k_norm.weight": (head_dim,),
+        "pre_feedforward_layernorm.weight": (d,), "post_feedforward_layernorm.weight": (d,),
     }
 
 

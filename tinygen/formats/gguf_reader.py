@@ -2,11 +2,14 @@
 LlamaConfig keys and a state dict with Hugging Face names, so that llama.py maps GGUF files and
 Hugging Face folders the same way (gguf_layout.py holds the names and the metadata rules).
 
-The gguf package (llama.cpp's gguf-py) parses and dequantizes; this module converts tensor by
-tensor from its memory map. llama.cpp's converter changes llama weights in one way, permuting the
-rows of q and k for its rotary layout, and that is undone here (qwen3's rotary kernel pairs Hugging
-Face's halves as they are, so its weights are not permuted). gguf and numpy are imported only when
-a file is read, so importing this module stays cheap.
+The gguf package (llama.cpp's gguf-py) dequantizes; this module converts tensor by tensor from
+the file's memory map. A matrix in a type that runs as stored (gguf_blocks.py) is also offered as
+stored, read from the file only when the decode plan calls for it; asked to, read_gguf leaves such
+matrices out of the float weights altogether (on the meta device), so that no float copy is made.
+llama.cpp's converter changes llama weights in one way, permuting the rows of q and k for its
+rotary layout, and that is undone here (qwen3's rotary kernel pairs Hugging Face's halves as they
+are, so its weights are not permuted). gguf and numpy are imported only when a file is read, so
+importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tinygen.core.quantized import Q4_BLOCK, Q4Weight
+from tinygen.core.quantized import StoredMatrix, StoredWeight, map_rows
 from tinygen.errors import TinygenError
 from tinygen.formats.gguf_layout import (
     ARCHITECTURES,
@@ -39,9 +42,10 @@ class ConversionReport:
 
     counts: dict[str, dict[str, int]]  # tensor kind (attn_q, token_embd, ...) -> GGUF type name -> tensors
     bytes_in: int  # tensor data in the file
-    bytes_out: int  # the tensors returned (q8_0 ones at their int8 size)
+    bytes_out: int  # the float tensors returned
     seconds: float  # parsing and converting
     dtype: torch.dtype
+    kept: int = 0  # matrices left as stored, not converted
 
     def by_type(self) -> dict[str, int]:
         totals: dict[str, int] = {}
@@ -58,8 +62,11 @@ class ConversionReport:
         n = sum(self.by_type().values())
         types = ", ".join(f"{name} x{k}" for name, k in self.by_type().items())
         dtype = str(self.dtype).removeprefix("torch.")
-        return (f"converted {n} tensors ({types}; {_mb(self.bytes_in)}) to {dtype} ({_mb(self.bytes_out)}) "
-                f"in {self.seconds:.1f} s")
+        if not self.kept:
+            return (f"converted {n} tensors ({types}; {_mb(self.bytes_in)}) to {dtype} ({_mb(self.bytes_out)}) "
+                    f"in {self.seconds:.1f} s")
+        return (f"read {n} tensors ({types}; {_mb(self.bytes_in)}) in {self.seconds:.1f} s: {self.kept} run as "
+                f"stored, {n - self.kept} converted to {dtype} ({_mb(self.bytes_out)})")
 
 
 @dataclass
@@ -71,15 +78,19 @@ class GGUFModel:
     fields: dict  # every metadata key (general.*, tokenizer.*, llama.*, ...) as plain Python values
     report: ConversionReport
     rope_freqs: torch.Tensor | None = None  # llama.cpp's per-frequency divisors; config has them as rope_scaling
-    # The Q4_0 and Q4_1 matrices by Hugging Face name, each read from the file as stored only when
-    # called: an int4 decode runs the file's own numbers, and no other run holds a second copy.
-    q4: dict[str, Callable[[], Q4Weight]] = field(default_factory=dict)
+    # The matrices in a type that runs as stored, by Hugging Face name, each read from the file
+    # only when called: a decode runs the file's own numbers, and no other run holds a second copy.
+    stored: dict[str, StoredMatrix] = field(default_factory=dict)
+    # The embedding's rows for token ids, dequantized from the file's map as looked up (when stored).
+    embedding_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel:
-    """Read a llama- or qwen3-architecture GGUF, every tensor dequantized into `dtype`. Problems are
-    TinygenErrors."""
-    from gguf import GGMLQuantizationType, dequantize
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, as_stored: bool = False) -> GGUFModel:
+    """Read a llama-family GGUF, every tensor dequantized into `dtype`; with as_stored, the matrices
+    in `stored` are left on the meta device instead. Problems are TinygenErrors."""
+    from gguf import dequantize
+
+    from tinygen.formats.gguf_blocks import stored_form
 
     start = time.perf_counter()
     if not dtype.is_floating_point:
@@ -94,7 +105,8 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel
 
     counts: dict[str, dict[str, int]] = {}
     tensors: dict[str, torch.Tensor] = {}
-    q4: dict[str, Callable[[], Q4Weight]] = {}
+    stored: dict[str, StoredMatrix] = {}
+    embedding_rows = None
     bytes_in = bytes_out = 0
     rope_freqs = None
     for t, hf_name, heads in plan:
@@ -103,9 +115,17 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel
         counts.setdefault(kind, {})
         counts[kind][qtype.name] = counts[kind].get(qtype.name, 0) + 1
         bytes_in += int(t.n_bytes)
-        if qtype in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1) and len(t.shape) == 2:
-            q4[hf_name] = functools.partial(_read_q4, path, stamp, int(t.data_offset), tuple(t.data.shape),
-                                            qtype == GGMLQuantizationType.Q4_1, heads)
+        if stored_form(qtype.name) and len(t.shape) == 2:
+            where_in_file = (path, stamp, int(t.data_offset), tuple(t.data.shape), qtype.name)
+            # Rows of q and k are permuted by heads: those are read whole (they fuse anyway).
+            rows = None if heads else functools.partial(_read_rows, *where_in_file)
+            read = functools.partial(_read_stored, *where_in_file, heads)
+            stored[hf_name] = StoredMatrix(stored_form(qtype.name), read, hf_shape(t)[0], rows)
+            if hf_name == "model.embed_tokens.weight":
+                embedding_rows = StoredRows(*where_in_file)
+            if as_stored:
+                tensors[hf_name] = torch.empty(hf_shape(t), dtype=dtype, device="meta")
+                continue
         try:
             values = dequantize(t.data, qtype)
         except NotImplementedError:
@@ -125,8 +145,9 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFModel
             tensors[hf_name] = weight
     if rope_freqs is not None and (scaling := llama3_scaling(rope_freqs, config, where)):
         config["rope_scaling"] = scaling
-    report = ConversionReport(counts, bytes_in, bytes_out, time.perf_counter() - start, dtype)
-    return GGUFModel(config, tensors, fields, report, rope_freqs, q4)
+    report = ConversionReport(counts, bytes_in, bytes_out, time.perf_counter() - start, dtype,
+                              len(stored) if as_stored else 0)
+    return GGUFModel(config, tensors, fields, report, rope_freqs, stored, embedding_rows)
 
 
 @dataclass
@@ -159,47 +180,23 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
 
 
 def _open(path: Path):
-    """The gguf reader of `path`, or a TinygenError that says what is wrong with the file."""
+    """The parsed header of `path` (formats/gguf_file.py), or a TinygenError that says what is wrong
+    with the file."""
     try:
-        from gguf import GGUFReader
+        from tinygen.formats.gguf_file import open_gguf
     except ImportError:
         raise TinygenError("reading GGUF files needs the gguf package: pip install gguf") from None
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except IsADirectoryError:
-        raise TinygenError(f"{path} is a folder; pass the .gguf file inside it") from None
-    except OSError as e:
-        raise TinygenError(f"cannot read {path}: {e.strerror or e}") from None
-    if head != MAGIC:
-        raise TinygenError(f"{path} is not a GGUF file (it starts with {head!r}, not {MAGIC!r})")
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - a damaged file fails inside gguf in many ways
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "GGMLQuantizationType" in reason:
-            raise TinygenError(f"{path} holds a tensor type the installed gguf package does not know ({reason}); "
-                               "upgrade gguf") from None
-        raise TinygenError(f"{path} is truncated or damaged (gguf: {reason}); download it again") from None
-    if reader.byte_order != "I":
-        raise TinygenError(f"{path} is a big-endian GGUF; tinygen reads little-endian ones")
-    return reader
+    return open_gguf(path)
 
 
 def _fields(reader, where: str) -> dict:
     """All metadata but the header counts, as plain Python values."""
-    fields = {}
-    for key, f in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            fields[key] = f.contents()
-        except UnicodeDecodeError:
-            raise TinygenError(f"{where}: metadata {key} is not valid UTF-8; the file is damaged") from None
+    fields = reader.fields
     arch = fields.get("general.architecture")
     if arch not in ARCHITECTURES:
+        *most, last = ARCHITECTURES
         raise TinygenError(f"{where}: architecture {arch!r} is not supported; tinygen reads "
-                           f"{' and '.join(ARCHITECTURES)} GGUFs")
+                           f"{', '.join(most)} and {last} GGUFs")
     if fields.get("split.count", 1) != 1:
         raise TinygenError(f"{where} is one part of a split GGUF; merge the parts with "
                            "`llama-gguf-split --merge` first")
@@ -219,36 +216,52 @@ def _stamp(path: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def _read_q4(path: Path, stamp: tuple[int, int], offset: int, shape: tuple[int, int], with_min: bool,
-             heads: int) -> Q4Weight:
-    """One Q4_0/Q4_1 matrix as stored, read from its place in the file (GGUFModel.q4), which must still
-    be the file that was read."""
+def _map(path: Path, stamp: tuple[int, int], offset: int, shape: tuple[int, int]):
+    """A tensor's bytes (rows, row bytes) mapped from the file, which must still be the file that was read."""
     import numpy as np
 
     try:
         if _stamp(path) != stamp:
             raise OSError("changed")
-        data = np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=shape)
+        return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=shape)
     except (OSError, ValueError):
         raise TinygenError(f"{path} was changed or removed since it was loaded; load it again") from None
-    w = _q4(data, with_min)
-    return Q4Weight(*(_unpermute(x, heads) for x in (w.q, w.scales, w.lows))) if heads else w
 
 
-def _q4(data, with_min: bool) -> Q4Weight:
-    """ggml's block_q4_1 {half d; half m; uint8 qs[16]} or block_q4_0 {half d; uint8 qs[16]}: byte j
-    holds input j of the block in its low nibble and input j + 16 in its high one."""
-    import numpy as np
+def _read_stored(path: Path, stamp: tuple[int, int], offset: int, shape: tuple[int, int], type_name: str,
+                 heads: int) -> StoredWeight:
+    """One matrix as stored, read from its place in the file (GGUFModel.stored). The map is dropped
+    once decoded, so the file's pages leave the process."""
+    from tinygen.formats.gguf_blocks import decode
 
-    rows = data.shape[0]
-    head = 4 if with_min else 2
-    blocks = data.reshape(rows, -1, head + Q4_BLOCK // 2)
-    halves = np.ascontiguousarray(blocks[..., :head]).view(np.float16)  # (rows, n_blocks, 1 or 2)
-    packed = blocks[..., head:]
-    q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)
-    scales = torch.from_numpy(np.ascontiguousarray(halves[..., 0]))
-    lows = torch.from_numpy(np.ascontiguousarray(halves[..., 1])) if with_min else -8 * scales.float()
-    return Q4Weight(torch.from_numpy(np.ascontiguousarray(q)), scales, lows)
+    w = decode(_map(path, stamp, offset, shape), type_name)
+    return map_rows(w, lambda t: _unpermute(t, heads)) if heads else w
+
+
+def _read_rows(path: Path, stamp: tuple[int, int], offset: int, shape: tuple[int, int], type_name: str,
+               start: int, stop: int) -> StoredWeight:
+    """Rows [start, stop) of a matrix as stored, mapping only their bytes: reading a large matrix a run
+    of rows at a time never holds more of the file's pages, or of its decoded codes, than one run."""
+    from tinygen.formats.gguf_blocks import decode
+
+    return decode(_map(path, stamp, offset + start * shape[1], (stop - start, shape[1])), type_name)
+
+
+class StoredRows:
+    """An embedding's rows, read from the file's map as they are looked up, and dequantized: the
+    table is never copied, and only the pages of the rows looked up are ever read."""
+
+    def __init__(self, path: Path, stamp: tuple[int, int], offset: int, shape: tuple[int, int], type_name: str):
+        self.where = (path, stamp, offset, shape)
+        self.type_name = type_name
+        self.data = None  # mapped at the first lookup: a float load never maps it
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        from tinygen.formats.gguf_blocks import decode
+
+        if self.data is None:
+            self.data = _map(*self.where)
+        return decode(self.data[ids.cpu().numpy()], self.type_name).dequantize()
 
 
 def _mb(n: int) -> str:

@@ -1,4 +1,4 @@
-"""Hugging Face model folders (GPT-2, and the Llama family through llama.py) in tinygen's terms:
+"""Hugging Face model folders (GPT-2, and the Llama family and Gemma 3 through llama.py) in tinygen's terms:
 what the folder's header says (a ModelInfo), its tokenizer, and its weights under tinygen's names.
 core/checkpoint.py hands a folder here through the ModelFormat this module registers (FORMAT);
 nothing here imports torch until a model is actually loaded.
@@ -48,8 +48,8 @@ def read_hf_info(path: Path) -> ModelInfo:
     if not (path / HF_WEIGHTS).exists():
         raise TinygenError(f"{path} has no {HF_WEIGHTS}; tinygen loads safetensors weights only (never pickle)")
     if hf.get("model_type") != "gpt2":
-        raise TinygenError(f"{path} holds a {hf.get('model_type')!r} model; tinygen loads gpt2 and the Llama family "
-                           f"({', '.join(llama.SUPPORTED)})")
+        raise TinygenError(f"{path} holds a {hf.get('model_type')!r} model; tinygen loads gpt2, the Llama family "
+                           f"and Gemma 3 ({', '.join(llama.SUPPORTED)})")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise TinygenError(f"{path}: activation {hf['activation_function']!r} is not supported (GPT-2 uses gelu_new)")
     try:
@@ -98,7 +98,7 @@ def _read_llama_info(path: Path, hf: dict) -> ModelInfo:
         tokenizer_data=None,
         provenance={"source": f"Hugging Face {hf['model_type']} folder"},
         file_size=sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
-        tensors={k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")},
+        tensors={k: v for k, v in llama.text_weights(tensors).items() if not k.endswith("rotary_emb.inv_freq")},
         weight_files=shards,
         notes=tuple(notes),
     )
@@ -121,23 +121,32 @@ def load_hf(path: Path, device, dtype):
     info = read_hf_info(path)
     tokenizer = load_tokenizer(info=info)
     state = load_weights(info, device)
-    state = from_hf_gpt2(state) if info.kind == "gpt2" else llama.state_from_hf(state, info.config, str(info.path))
+    if info.kind == "gpt2":
+        return build_model(info, from_hf_gpt2(state), device, dtype), tokenizer, info
+    state = llama.text_weights(state)
+    if info.config.family == "gemma3":
+        state = llama.gemma_gains(state, 1.0)
+    state = llama.state_from_hf(state, info.config, str(info.path))
     return build_model(info, state, device, dtype), tokenizer, info
 
 
 def hf_tokenizer(path: Path) -> Tokenizer:
-    """A Hugging Face folder's tokenizer.json, with tokenizer_config.json's special tokens and chat
-    template."""
-    if not (path / "tokenizer.json").exists():
-        raise TinygenError(f"{path} has no tokenizer.json; tinygen reads fast (byte-level BPE) tokenizers only")
+    """A Hugging Face folder's tokenizer.json (or, without one, a SentencePiece tokenizer.model), with
+    tokenizer_config.json's special tokens and chat template."""
+    from tinygen.formats.spm_import import spm_from_model_proto
     from tinygen.formats.tokenizer_import import tokenizer_from_hf
 
+    proto = path / "tokenizer.model"
+    if not (path / "tokenizer.json").exists() and not proto.exists():
+        raise TinygenError(f"{path} has neither tokenizer.json nor tokenizer.model, so its tokenizer is unknown")
     config_path = path / "tokenizer_config.json"
     config = _read_json(config_path, "a tokenizer config") if config_path.exists() else None
     jinja = path / "chat_template.jinja"  # where newer transformers save the template
     if jinja.exists() and not (config or {}).get("chat_template"):
         config = {**(config or {}), "chat_template": jinja.read_text(encoding="utf-8")}
     try:
+        if not (path / "tokenizer.json").exists():
+            return spm_from_model_proto(proto.read_bytes(), config, where=str(proto))
         return tokenizer_from_hf(_read_json(path / "tokenizer.json", "a tokenizer"), config)
     except TinygenError as e:
         raise TinygenError(f"{path}: {e}") from None

@@ -1,16 +1,31 @@
 """Tokenizers of models made elsewhere, a Hugging Face `tokenizer.json` or a GGUF file's metadata,
 rebuilt as tinygen Tokenizers that give the same ids.
 
-Only byte-level BPE comes in (GPT-2, SmolLM2, Llama 3, Qwen2 ...). Its pre-tokenizer becomes one
+Byte-level BPE (GPT-2, SmolLM2, Llama 3, Qwen2 ...) is read here. Its pre-tokenizer becomes one
 tiktoken split pattern: derived from the tokenizer.json structure, or looked up by llama.cpp's
-pre-tokenizer name for GGUF. What a pattern cannot reproduce exactly (SentencePiece, normalizers
-other than NFC, other pre-tokenizers) is refused by name, never approximated.
+pre-tokenizer name for GGUF. SentencePiece vocabularies (`▁` pieces with scores) go to
+spm_import.py. What neither can reproduce exactly (normalizers other than NFC, other
+pre-tokenizers) is refused by name, never approximated.
 """
-
 from __future__ import annotations
 
+import functools
+import itertools
+
+from tinygen.core.spm import SentencePieceTokenizer
 from tinygen.core.tokenizer import GPT2_PATTERN, Tokenizer, unicode_to_byte
 from tinygen.errors import TinygenError
+from tinygen.formats.spm_import import (
+    is_sentencepiece_json,
+    spm_from_gguf,
+    spm_from_hf_json,
+)
+from tinygen.formats.tokenizer_config import (
+    hf_chat_template,
+    hf_token_id,
+    leading_special,
+    stop_ids,
+)
 
 
 def _digits_then_gpt2(individual: bool) -> str:
@@ -42,21 +57,18 @@ GGUF_PRE = {
 # for a model's Hugging Face folder and its GGUF.
 _PATTERN_NAMES = {pattern: name for name, (pattern, _, _) in reversed(GGUF_PRE.items())}
 
-# Tokens that end a turn or a text, found by name as llama.cpp does: a model's EOS is often not the
-# only one (SmolLM2-Instruct ends turns with <|im_end|> but texts with <|endoftext|>).
-END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|end|>",
-              "<end_of_turn>", "<EOT>")
-
 # GGUF token types (llama.cpp's llama_token_type); every other type is a special token here.
 GGUF_NORMAL = 1
 
 
-def tokenizer_from_hf(tokenizer_json: dict, tokenizer_config: dict | None = None) -> Tokenizer:
-    """The tokenizer of a Hugging Face `tokenizer.json` (a byte-level BPE), with BOS, EOS and the
-    chat template from `tokenizer_config.json` when given."""
+def tokenizer_from_hf(tokenizer_json: dict, tokenizer_config: dict | None = None) -> Tokenizer | SentencePieceTokenizer:
+    """The tokenizer of a Hugging Face `tokenizer.json` (a byte-level BPE, or SentencePiece-style `▁`
+    pieces), with BOS, EOS and the chat template from `tokenizer_config.json` when given."""
     where = "tokenizer.json"
     if not isinstance(tokenizer_json, dict) or not isinstance(tokenizer_json.get("model"), dict):
         raise TinygenError(f"{where} is malformed: want an object with a model")
+    if is_sentencepiece_json(tokenizer_json):
+        return spm_from_hf_json(tokenizer_json, tokenizer_config)
     model = tokenizer_json["model"]
     kind = model.get("type")
     if kind != "BPE":
@@ -93,26 +105,27 @@ def tokenizer_from_hf(tokenizer_json: dict, tokenizer_config: dict | None = None
                            "which tinygen does not reproduce")
 
     config = tokenizer_config or {}
-    bos = _hf_token_id(config.get("bos_token"), special, vocab, "bos_token")
-    eos = _hf_token_id(config.get("eos_token"), special, vocab, "eos_token")
-    leading = _leading_special(tokenizer_json.get("post_processor"), special)
+    bos = hf_token_id(config.get("bos_token"), special, vocab, "bos_token")
+    eos = hf_token_id(config.get("eos_token"), special, vocab, "eos_token")
+    leading = leading_special(tokenizer_json.get("post_processor"), special)
     add_bos = config.get("add_bos_token")
     if not isinstance(add_bos, bool):
         add_bos = leading is not None
     return Tokenizer(ranks, pattern, special, _PATTERN_NAMES.get(pattern, "hf-bpe"),
                      bos_id=bos if bos is not None else leading, eos_id=eos,
-                     stop_ids=_stop_ids((eos,), special), add_bos=add_bos, normalization=normalization,
-                     drop_unknown_bytes=_lacks_bytes(ranks), jinja_template=_hf_chat_template(config))
+                     stop_ids=stop_ids((eos,), special), add_bos=add_bos, normalization=normalization,
+                     drop_unknown_bytes=_lacks_bytes(ranks), jinja_template=hf_chat_template(config))
 
 
-def tokenizer_from_gguf(fields: dict) -> Tokenizer:
+def tokenizer_from_gguf(fields: dict) -> Tokenizer | SentencePieceTokenizer:
     """The tokenizer a GGUF file describes; `fields` maps its metadata keys to plain Python values."""
     where = "GGUF"
     model = fields.get("tokenizer.ggml.model")
+    if model == "llama":
+        return spm_from_gguf(fields)
     if model != "gpt2":
-        what = "SentencePiece ('llama')" if model == "llama" else repr(model)
-        raise TinygenError(f"{where}: the {what} tokenizer is not supported; tinygen reads byte-level BPE "
-                           "('gpt2') vocabularies only")
+        raise TinygenError(f"{where}: the {model!r} tokenizer is not supported; tinygen reads byte-level BPE "
+                           "('gpt2') and SentencePiece ('llama') vocabularies")
     pre = fields.get("tokenizer.ggml.pre", "default")
     if pre not in GGUF_PRE:
         raise TinygenError(f"{where}: pre-tokenizer {pre!r} is not supported; tinygen knows {', '.join(GGUF_PRE)}")
@@ -123,13 +136,15 @@ def tokenizer_from_gguf(fields: dict) -> Tokenizer:
     if types is None and isinstance(tokens, list):  # older files mark no types: every token is ordinary
         types = [GGUF_NORMAL] * len(tokens)
     if (not isinstance(tokens, list) or not isinstance(merges, list) or not isinstance(types, list)
-            or len(types) != len(tokens) or not all(isinstance(t, str) for t in tokens + merges)):
+            or len(types) != len(tokens) or set(map(type, tokens + merges)) - {str}):
         raise TinygenError(f"{where}: tokenizer metadata is malformed: want lists of tokens, merges and token "
                            "types, one type per token")
-    ordinary = {text: i for i, (text, kind) in enumerate(zip(tokens, types)) if kind == GGUF_NORMAL}
-    special = {text: i for i, (text, kind) in enumerate(zip(tokens, types)) if kind != GGUF_NORMAL}
-    if len(ordinary) + len(special) != len(tokens):
+    special = {tokens[i]: i for i, kind in enumerate(types) if kind != GGUF_NORMAL}
+    ordinary = dict(zip(tokens, range(len(tokens))))
+    if len(ordinary) != len(tokens) or len(special) != sum(kind != GGUF_NORMAL for kind in types):
         raise TinygenError(f"{where}: the vocabulary spells some tokens the same way twice")
+    for text in special:
+        del ordinary[text]
     ranks = _ranks(ordinary, merges, special, where)
 
     def token_id(key: str) -> int | None:
@@ -138,7 +153,7 @@ def tokenizer_from_gguf(fields: dict) -> Tokenizer:
     eos = token_id("eos_token_id")
     add_bos = fields.get("tokenizer.ggml.add_bos_token", add_bos_default)
     return Tokenizer(ranks, pattern, special, pre, bos_id=token_id("bos_token_id"), eos_id=eos,
-                     stop_ids=_stop_ids((eos, token_id("eot_token_id"), token_id("eom_token_id")), special),
+                     stop_ids=stop_ids((eos, token_id("eot_token_id"), token_id("eom_token_id")), special),
                      add_bos=add_bos, normalization=normalization, drop_unknown_bytes=_lacks_bytes(ranks),
                      jinja_template=fields.get("tokenizer.chat_template"))
 
@@ -146,46 +161,66 @@ def tokenizer_from_gguf(fields: dict) -> Tokenizer:
 def _ranks(ordinary: dict[str, int], merges: list, special: dict[str, int], where: str) -> list[bytes | None]:
     """Token bytes by id, None where a special token sits. Merges are "a b" strings or [a, b] pairs.
     tiktoken merges the pair whose result has the lowest id, which is the merge order only if ids
-    follow it: checked, not assumed."""
+    follow it: checked, not assumed. Each step is one pass in C where it can be (a vocabulary has
+    tens of thousands of entries and this runs on every start)."""
     ids = list(ordinary.values()) + list(special.values())
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) or sorted(ids) != list(range(len(ids))):
+    if set(map(type, ids)) - {int} or sorted(ids) != list(range(len(ids))):
         raise TinygenError(f"{where}: token ids must run 0..{len(ids) - 1} without gaps or repeats")
-    decoder = unicode_to_byte()
-
-    def to_bytes(text: str) -> bytes:
-        try:
-            return bytes(decoder[ch] for ch in text)
-        except (KeyError, TypeError):
-            raise TinygenError(f"{where}: token {text!r} is not written in GPT-2's byte alphabet, "
-                               "so this is not a byte-level BPE") from None
-
-    made: set[int] = set()
-    last = -1
-    for merge in merges:
-        pair = merge.split(" ") if isinstance(merge, str) else merge
-        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
-            raise TinygenError(f"{where}: merge {merge!r} is not two tokens")
-        token_id = ordinary.get(pair[0] + pair[1])
-        if token_id is None:
-            raise TinygenError(f"{where}: merge {' '.join(pair)!r} makes a token that is not in the vocabulary")
-        # Equal ids are fine: tiktoken-born vocabularies (Llama 3, Qwen2) list several merges per token.
-        if token_id < last:
-            raise TinygenError(f"{where}: token ids do not follow merge order, which tinygen's BPE needs "
-                               f"(merge {' '.join(pair)!r} makes id {token_id} after id {last})")
-        last = token_id
-        made.add(token_id)
+    made = _merged_ids(ordinary, merges, where)
+    texts = list(ordinary)
+    try:
+        joined = "".join(texts).translate(_gpt2_table()).encode("latin-1")
+    except UnicodeEncodeError:
+        bad = next(t for t in texts if not set(t) <= unicode_to_byte().keys())
+        raise TinygenError(f"{where}: token {bad!r} is not written in GPT-2's byte alphabet, "
+                           "so this is not a byte-level BPE") from None
+    ends = list(itertools.accumulate(map(len, texts)))  # one byte per character of the alphabet
     ranks: list[bytes | None] = [None] * (max(ordinary.values(), default=-1) + 1)
     stray = []
-    for text, token_id in ordinary.items():
-        raw = to_bytes(text)
-        if len(raw) == 1 or token_id in made:
-            ranks[token_id] = raw
+    for text, token_id, start, end in zip(texts, ordinary.values(), [0, *ends], ends):
+        if end - start == 1 or token_id in made:
+            ranks[token_id] = joined[start:end]
         else:
             stray.append(text)
     if stray:
         raise TinygenError(f"{where}: {len(stray)} tokens (e.g. {stray[0]!r}) are neither a byte nor made by a "
                            "merge; tinygen's BPE cannot reproduce them")
     return ranks
+
+
+def _merged_ids(ordinary: dict[str, int], merges: list, where: str) -> set[int]:
+    """The ids the merges make, refusing a merge that is not two tokens or makes an unknown token,
+    and merges whose results do not follow id order."""
+    if not set(map(type, merges)) - {str} and set(map(str.count, merges, itertools.repeat(" "))) <= {1}:
+        made = list(map(ordinary.get, map(str.replace, merges, itertools.repeat(" "), itertools.repeat(""))))
+    else:
+        made = []
+        for merge in merges:
+            pair = merge.split(" ") if isinstance(merge, str) else merge
+            if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+                raise TinygenError(f"{where}: merge {merge!r} is not two tokens")
+            made.append(ordinary.get(pair[0] + pair[1]))
+    if None in made:
+        merge = merges[made.index(None)]
+        raise TinygenError(f"{where}: merge {merge if isinstance(merge, str) else ' '.join(merge)!r} makes a "
+                           "token that is not in the vocabulary")
+    # Equal ids are fine: tiktoken-born vocabularies (Llama 3, Qwen2) list several merges per token.
+    back = next((i for i in range(1, len(made)) if made[i] < made[i - 1]), None) if made != sorted(made) else None
+    if back is not None:
+        merge = merges[back]
+        raise TinygenError(f"{where}: token ids do not follow merge order, which tinygen's BPE needs "
+                           f"(merge {merge if isinstance(merge, str) else ' '.join(merge)!r} makes id {made[back]} "
+                           f"after id {made[back - 1]})")
+    return set(made)
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_table() -> dict[int, str]:
+    """str.translate's table from GPT-2's byte alphabet to Latin-1 characters that encode to those
+    bytes; the other characters below 256 become one that Latin-1 cannot encode, so they fail."""
+    table = {c: "\uffff" for c in range(256)}
+    table.update((ord(ch), chr(b)) for ch, b in unicode_to_byte().items())
+    return table
 
 
 def _lacks_bytes(ranks: list[bytes | None]) -> bool:
@@ -231,38 +266,3 @@ def _hf_normalization(normalizer: dict | None, where: str) -> str | None:
         return "NFC"
     raise TinygenError(f"{where}: normalizer {' then '.join(map(str, kinds))} changes text in a way tinygen "
                        "does not reproduce (only NFC)")
-
-
-def _hf_token_id(token, special: dict[str, int], vocab: dict[str, int], key: str) -> int | None:
-    """The id of a tokenizer_config.json token, written as a string or as an AddedToken object."""
-    text = token.get("content") if isinstance(token, dict) else token
-    if text is None:
-        return None
-    token_id = special.get(text, vocab.get(text)) if isinstance(text, str) else None
-    if token_id is None:
-        raise TinygenError(f"tokenizer_config.json: {key} {text!r} is not in the vocabulary")
-    return token_id
-
-
-def _leading_special(post: dict | None, special: dict[str, int]) -> int | None:
-    """The id of the token a TemplateProcessing post-processor puts first (Llama 3's BOS), if any."""
-    steps = post.get("processors") if isinstance(post, dict) and post.get("type") == "Sequence" else [post]
-    for step in steps or ():
-        if isinstance(step, dict) and step.get("type") == "TemplateProcessing" and step.get("single"):
-            first = step["single"][0]
-            if isinstance(first, dict) and "SpecialToken" in first:
-                return special.get(first["SpecialToken"].get("id"))
-    return None
-
-
-def _hf_chat_template(config: dict) -> str | None:
-    template = config.get("chat_template")
-    if isinstance(template, list):  # several named templates: the default one is for chat
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
-                        None)
-    return template if isinstance(template, str) else None
-
-
-def _stop_ids(ids: tuple[int | None, ...], special: dict[str, int]) -> list[int]:
-    named = (special[t] for t in END_TOKENS if t in special)
-    return list(dict.fromkeys(i for i in (*ids, *named) if i is not None))

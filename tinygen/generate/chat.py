@@ -2,7 +2,9 @@
 
 The session renders each message once, under the model's own chat template (template.py), and
 keeps the ids; a turn's prompt is those ids joined. When a prompt would leave too little room for
-the reply, the oldest exchanges go first; the system prompt always stays. No printing here:
+the reply, the oldest exchanges go first; the opening (BOS) and the system prompt always stay, in
+the prompt and in the context when a long reply slides past its end (llama.cpp's n_keep; a
+system prompt longer than half the context keeps its start). No printing here:
 `reply` yields text and leaves its figures in `last`, and the REPL shows them.
 """
 
@@ -12,6 +14,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tinygen.core.evaluate import document_start
 from tinygen.core.template import ROLES, Renderer, template_for
 from tinygen.errors import TinygenError
 from tinygen.generate import engine
@@ -40,6 +43,16 @@ class Turn:
     context: int = 0  # tokens in the prompt plus the reply
     reused: int = 0  # prompt tokens whose keys and values the previous turn left in the cache
     interrupted: bool = False
+
+
+def conversation_lead(renderer: Renderer) -> list[int]:
+    """The ids a conversation opens with: a model's own template's lead (BOS, or nothing), or under
+    tinygen's template a fresh document's start (evaluate.document_start). Chat fine-tuning opens
+    each conversation the same way."""
+    if renderer.template.lead is not None:
+        return renderer.fixed(renderer.template.lead)
+    start = document_start(renderer.tokenizer)
+    return [start] if start is not None else []
 
 
 class ChatSession:
@@ -120,12 +133,13 @@ class ChatSession:
         self.messages = [self._message(m["role"], m["content"]) for m in raw if m["role"] != "system"]
         return len(raw)
 
+    def fixed_ids(self) -> list[int]:
+        """The ids every prompt starts with, which never leave the context: the opening and the
+        system prompt."""
+        return conversation_lead(self.renderer) + (self.system.ids if self.system else [])
+
     def prompt_ids(self) -> list[int]:
-        if self.template.lead is not None:  # a model's own template: its lead (BOS, or nothing)
-            ids = self.renderer.fixed(self.template.lead)
-        else:  # tinygen's: a conversation starts a fresh document
-            ids = [self.tokenizer.eot_id] if self.tokenizer.eot_id is not None else []
-        ids = ids + (self.system.ids if self.system else [])
+        ids = self.fixed_ids()
         for m in self.messages:
             ids += m.ids
         return ids + self.renderer.generation_prompt()
@@ -183,8 +197,8 @@ class ChatSession:
         self.last = Turn(result, trimmed, len(prompt), interrupted=True)
         request = Request("", self.params, self.max_tokens, self.renderer.stop_strings)
         try:
-            yield from self.textgen.stream_ids(prompt, request, result, generator=self.rng,
-                                                 stop_ids=self._stop_ids, context=self.kv)
+            yield from self.textgen.stream_ids(prompt, request, result, generator=self.rng, stop_ids=self._stop_ids,
+                                               context=self.kv, keep=len(self.fixed_ids()))
             self.last.interrupted = False
         finally:
             self.last.reused = self.kv.reused if self.kv else 0

@@ -34,6 +34,14 @@ def window_keep(block_size: int) -> int:
     return block_size - max(1, block_size // 4)
 
 
+def window_of(tokens: list[int], keep: int, size: int) -> list[int]:
+    """What a row's cache holds of its tokens: all of them when they fit in size, else their first
+    `keep` (BOS, a system prompt: llama.cpp's n_keep) and then the newest. keep < size."""
+    if len(tokens) <= size:
+        return list(tokens)
+    return tokens[:keep] + tokens[len(tokens) - (size - keep) :]
+
+
 @dataclass
 class Row:
     """One prompt's generation."""
@@ -47,6 +55,7 @@ class Row:
     seeded: bool = False  # it gets a stream of its own (from seed, or afresh when seed is None)
     made: int = 0  # tokens generated so far
     cached: int = 0  # tokens of this row in the cache, which is also the position of its next token
+    keep: int = 0  # leading tokens that stay in the cache when the context slides (at most half of it)
 
 
 class Batch:
@@ -85,7 +94,7 @@ class Batch:
             row.generator = make_generator(row.seed, self.device)
 
     def window(self, row: Row) -> list[int]:
-        return row.tokens[-self.model.config.block_size :]
+        return window_of(row.tokens, row.keep, self.model.config.block_size)
 
     def sample(self) -> torch.Tensor:
         generators = [r.generator for r in self.rows]
@@ -126,11 +135,11 @@ class Batch:
         self.rows[slot].cached = len(tokens)
 
     def slide(self, slot: int) -> None:
-        """The row's context is full: rebuild its cache from the newest tokens before the one about to
-        be decoded. That token is then decoded with everyone else's, so a row's output never depends
-        on the other rows in the batch."""
+        """The row's context is full: rebuild its cache from its kept first tokens and the newest ones
+        before the one about to be decoded. That token is then decoded with everyone else's, so a
+        row's output never depends on the other rows in the batch."""
         row = self.rows[slot]
-        self.refill(slot, row.tokens[-window_keep(self.model.config.block_size) - 1 : -1])
+        self.refill(slot, window_of(row.tokens[:-1], row.keep, window_keep(self.model.config.block_size)))
 
     def keep(self, slots: list[int]) -> None:
         """Drop every slot not listed; the rest close up in the order given."""
@@ -160,6 +169,7 @@ def generate(
     decoder: StaticDecoder | None = None,
     observe: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], None] | None = None,
     context: Context | None = None,
+    keep: int | Sequence[int] = 0,
 ) -> Iterator[list[tuple[int, int]]]:
     """Yield, per step, the (row, token) pairs of the rows still generating.
 
@@ -170,11 +180,13 @@ def generate(
 
     A row ends when it samples a stop id (which is not yielded), after its max_new_tokens tokens,
     or when done(row) turns true after a yield (how callers apply stop strings, which are text);
-    finished(row) is then called. Prompts longer than the context keep their last block_size
-    tokens. With batch_size, at most that many rows run at once, and a row that ends hands its
-    slot to the next waiting prompt at once (continuous batching), so a long completion never
-    holds a batch of short ones hostage. A decoder (compiled.StaticDecoder) takes over the decode
-    steps of a single row. observe(logits, seen, chosen) sees every step's logits (B, V), the
+    finished(row) is then called. A row whose tokens outgrow the context keeps its first `keep`
+    (one for all prompts or one per prompt; at most half the context) and the newest: a prompt
+    longer than the context is cut so, and a full context slides so. With batch_size, at most
+    that many rows run at once, and a row that ends hands its slot to the next waiting prompt at
+    once (continuous batching), so a long completion never holds a batch of short ones hostage.
+    A decoder (compiled.StaticDecoder) takes over the decode steps of a single row.
+    observe(logits, seen, chosen) sees every step's logits (B, V), the
     repetition-penalty mask (B, V) or None, and the ids sampled from them (B,), stop ids
     included: what `sample --explain` shows. A context (one prompt only) keeps the KV cache for
     the next call, which then prefills only what its prompt does not share with this one's
@@ -184,6 +196,8 @@ def generate(
         raise ValueError("a Context follows one conversation: one prompt at a time")
     shared = generator if isinstance(generator, torch.Generator) else None
     waiting = _queue(prompts, params, max_new_tokens, None if shared else generator, seeds, finished)
+    for row in waiting:
+        row.keep = min(keep if isinstance(keep, int) else keep[row.index], model.config.block_size // 2)
     if not waiting:
         return
     width = min(batch_size or len(waiting), len(waiting))
@@ -201,9 +215,9 @@ def generate(
     first = batch.rows[0]
     yield from _decode(model, batch, waiting, step, stop_ids, done, finished, observe)
     if context is not None:
-        # The cache's slots hold the row's last `cached` tokens (a slide rebuilds them from the
-        # newest): now that the row has ended normally, those are the ids a next call can reuse.
-        context.ids = first.tokens[len(first.tokens) - first.cached:]
+        # The cache's slots hold the row's kept first tokens and its newest (a slide rebuilds them
+        # so): now that the row has ended normally, those are the ids a next call can reuse.
+        context.ids = window_of(first.tokens, first.keep, first.cached)
 
 
 def _decode(model: GPT, batch: Batch, waiting: deque, step, stop_ids: frozenset[int], done, finished,

@@ -1,10 +1,13 @@
 """What a loaded model becomes before it decodes, decided in one place (prepare).
 
-From the model's device and dtype, --quantize and --compile, each linear layer becomes int4 or
-int8 codes (quantize.py), a split or fused product for CPU decode steps (fastlinear.py), or stays
-as it is; --compile adds a compiled batch-1 step (compiled.py). A GGUF's 4-bit matrices run as the
-file stores them (ModelInfo.stored_q4, read here and nowhere else). The caller's model is left as
-it was: the prepared one shares its parameters and holds layers of its own.
+A model loaded as stored (a quantized GGUF on a CPU, by default) holds its quantized matrices on the
+meta device: each becomes the layer that runs the file's own numbers (ModelInfo.stored, read here
+and nowhere else): 4-bit ones the int4 kernel (quantize.Int4Linear), 5-, 6- and 8-bit ones the int8
+blocks (blockquant.Int8BlockLinear), and an embedding left in the file reads its rows from there.
+For float weights, from the model's device and dtype, --quantize and --compile, each linear layer
+becomes int4 or int8 codes (quantize.py), a split or fused product for CPU decode steps
+(fastlinear.py), or stays as it is; --compile adds a compiled batch-1 step (compiled.py). The
+caller's model is left as it was: the prepared one shares its parameters and holds layers of its own.
 """
 
 from __future__ import annotations
@@ -14,17 +17,39 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from tinygen.core.model import GPT
-from tinygen.core.quantized import Q4_BLOCK, Q4Weight
+from tinygen.core.quantized import (
+    INT4,
+    Q4_BLOCK,
+    StoredMatrix,
+)
 from tinygen.errors import TinygenError
+from tinygen.generate.blockquant import Int8BlockLinear, RowsEmbedding
 from tinygen.generate.compiled import StaticDecoder
 from tinygen.generate.fastlinear import SmallLinear, SplitLinear
 from tinygen.generate.quantize import INT4_GROUPS, MODES, Int4Linear, Int8Linear
 
 # Below this many weights, one matmul call is as fast as any split (the matrix sits in cache).
 SPLIT_MIN_WEIGHTS = 1 << 18
+# Rows of a stored matrix decoded at a time (where the file allows): a large head's decoded codes
+# never exist whole beside its packed ones. A multiple of quantize.PACK_ROWS.
+STORED_CHUNK_ROWS = 8192
+
+
+class StoredGPT(GPT):
+    """A prepared GPT whose embedding reads its rows from the file (blockquant.RowsEmbedding) and
+    holds no table: GPT reads its device and dtype from the table, which would be dequantized whole
+    each time, so these read them from the final norm's gain, a float weight of every model."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.ln_f.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.ln_f.weight.dtype
 
 
 @dataclass
@@ -39,42 +64,91 @@ def cpu_only(quantize: str | None) -> str | None:
 
 
 def prepare(model: GPT, quantize: str | None = None, compile: bool = False,
-            stored_q4: dict[str, Callable[[], Q4Weight]] | None = None) -> Prepared:
-    """The model's decoding form. stored_q4: the loader's 4-bit matrices as the file stores them, by
-    module name (ModelInfo.stored_q4); int4 in the file's own groups of 32 takes them as they are."""
+            stored: dict[str, StoredMatrix] | None = None,
+            embedding_rows: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Prepared:
+    """The model's decoding form. stored: the loader's matrices as the file stores them, by module
+    name (ModelInfo.stored): a layer loaded as stored runs them, and int4 in the file's own groups of
+    32 takes a float model's 4-bit ones as they are. embedding_rows: ModelInfo.embedding_rows, for an
+    embedding loaded as stored."""
+    device, dtype = _placement(model)
+    as_stored = any(p.is_meta for p in model.parameters())
+    if as_stored and device.type != "cpu":
+        raise TinygenError("a model loaded as stored runs on the CPU; load it with a float --dtype for a GPU")
     if quantize is not None:
         if quantize not in MODES:
             raise TinygenError(f"unknown quantisation {quantize!r}; choose from {', '.join(MODES)}")
-        if model.device.type != "cpu":
+        if device.type != "cpu":
             raise TinygenError(f"--quantize {quantize} is for CPUs; on a GPU, bf16 weights (the default there) are "
                                "faster")
-        if model.dtype != torch.float32:
+        if dtype != torch.float32:
             raise TinygenError(f"--quantize {quantize} starts from float32 weights; drop --dtype")
     group = INT4_GROUPS.get(quantize)
-    # A file's own blocks only in its own groups; else every matrix is quantised from its float values.
-    stored = stored_q4 if stored_q4 and group == Q4_BLOCK else None
+    stored = stored or {}
+    # int4 in a file's own groups takes the file's 4-bit blocks, and leaves its wider ones in float.
+    from_file = group == Q4_BLOCK and any(m.form == INT4 for m in stored.values())
     prepared = _own_layers(model)
-    fuse = compile and prepared.device.type == "cpu"
+    fuse = compile and device.type == "cpu"
     linears = [(f"{prefix}.{name}".lstrip("."), parent, name, child) for prefix, parent in prepared.named_modules()
                for name, child in parent.named_children() if type(child) is nn.Linear]
     for path, parent, name, linear in linears:
-        layer = _decoding_layer(path, linear, quantize, group, stored, fuse)
+        if linear.weight.is_meta:
+            layer = _stored_layer(_matrix(stored, path), linear.bias)
+        else:
+            own = stored.get(path) if from_file else None
+            layer = _decoding_layer(linear, quantize, group, own if own and own.form == INT4 else None, from_file,
+                                    fuse)
         if layer is not linear:
             setattr(parent, name, layer)
+    wte = prepared.transformer.wte
+    if wte.weight.is_meta:
+        if embedding_rows is None:
+            raise TinygenError("the model's embedding was left in its file, but no reader of its rows came with it")
+        prepared.transformer.wte = RowsEmbedding(embedding_rows, wte.num_embeddings, wte.embedding_dim, dtype)
+        prepared.__class__ = StoredGPT  # the copy's own class: the caller's model keeps GPT's
+    if as_stored:
+        _return_freed_memory()
     prepared.eval()
     return Prepared(prepared, StaticDecoder(prepared) if compile else None)
 
 
-def _decoding_layer(path: str, linear: nn.Linear, quantize: str | None, group: int | None,
-                    stored: dict | None, fuse: bool) -> nn.Module:
-    if group and Int4Linear.fits(linear.out_features, linear.in_features, group):
-        if stored is None:
+def _return_freed_memory() -> None:
+    """Reading a file's blocks into the kernels' forms frees a few hundred MB of temporaries, which
+    glibc keeps in its heap for later: give them back to the system, so that the process holds
+    about what the weights take. Elsewhere (no malloc_trim) nothing is done."""
+    import ctypes
+
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def _placement(model: GPT) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of the model's float weights: its final norm's, never left as stored."""
+    gain = model.transformer.ln_f.weight
+    return gain.device, gain.dtype
+
+
+def _matrix(stored: dict[str, StoredMatrix], path: str) -> StoredMatrix:
+    if path not in stored:
+        raise TinygenError(f"{path} was left in its file, but no reader of it came with the model")
+    return stored[path]
+
+
+def _stored_layer(matrix: StoredMatrix, bias: torch.Tensor | None) -> nn.Module:
+    """The layer that runs a stored matrix: the int4 kernel for 4-bit codes, the int8 blocks for wider ones."""
+    layer = Int4Linear if matrix.form == INT4 else Int8BlockLinear
+    return layer(matrix.chunks(STORED_CHUNK_ROWS), bias, matrix.rows)
+
+
+def _decoding_layer(linear: nn.Linear, quantize: str | None, group: int | None, own: StoredMatrix | None,
+                    from_file: bool, fuse: bool) -> nn.Module:
+    if group and Int4Linear.fits(linear.in_features, group):
+        if own is not None:
+            return Int4Linear(own.read(), linear.bias)
+        if not from_file:
             return Int4Linear.from_linear(linear, group)
-        if path in stored:
-            w = stored[path]()
-            return Int4Linear(w.q, w.scales, w.lows, linear.bias)
         # Otherwise the file kept this matrix at 8 bits or more (SmolLM2's Q8_0 head): float32 holds
-        # those values exactly, and requantized to int8 rows its greedy text drifted from the file's.
+        # those values exactly, and requantized to int4 its greedy text drifted from the file's.
     elif quantize and linear.in_features % 8 == 0:
         # The int8 kernel reads rows in runs of 8 and crashes on another width, so such a layer (only
         # odd test shapes have one) stays in float.

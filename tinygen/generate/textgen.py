@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from tinygen.core.evaluate import document_start
 from tinygen.core.tokenizer import StopMatcher, StreamDecoder, Tokenizer
 from tinygen.errors import TinygenError
 from tinygen.generate import engine
@@ -37,6 +38,21 @@ class Completion:
     pieces: list[str] = field(default_factory=list, repr=False)
 
 
+def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The ids a model reads for text: BOS first when the model expects it (Llama 3, Gemma)."""
+    ids = tokenizer.encode(text)
+    if tokenizer.add_bos and tokenizer.bos_id is not None:
+        ids = [tokenizer.bos_id, *ids]
+    return ids
+
+
+def start_kept(tokenizer: Tokenizer, ids: list[int]) -> int:
+    """How many of a prompt's first ids stay when a long generation slides: its document start
+    (BOS, or the end-of-text an empty prompt begins with), as llama.cpp keeps BOS; the text itself
+    slides like everything after it."""
+    return int(bool(ids) and ids[0] == document_start(tokenizer))
+
+
 class TextGenerator:
     def __init__(self, model, tokenizer: Tokenizer, compiled=None):
         self.model = model
@@ -53,9 +69,7 @@ class TextGenerator:
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Prompt ids; an empty prompt starts from end-of-text, i.e. a fresh document."""
-        ids = self.tokenizer.encode(prompt)
-        if self.tokenizer.add_bos and self.tokenizer.bos_id is not None:  # Llama 3 expects BOS first
-            ids = [self.tokenizer.bos_id, *ids]
+        ids = prompt_ids(self.tokenizer, prompt)
         if not ids:
             if self.tokenizer.eot_id is None:
                 raise TinygenError("empty prompt, and this tokenizer has no <|endoftext|> to start from")
@@ -69,10 +83,11 @@ class TextGenerator:
 
     def stream_ids(self, ids: list[int], request: Request, result: Completion | None = None,
                    generator=None, stop_ids: tuple[int, ...] = (), observe=None,
-                   context: Context | None = None) -> Iterator[str]:
+                   context: Context | None = None, keep: int | None = None) -> Iterator[str]:
         """Like stream, from prompt ids (a chat turn renders its own); a caller's generator
-        carries one random stream across calls, stop_ids add to the end-of-text stops, and a
-        context keeps the KV cache from one call to the next (context.Context)."""
+        carries one random stream across calls, stop_ids add to the end-of-text stops, a context
+        keeps the KV cache from one call to the next (context.Context), and the first `keep` ids
+        stay when the context slides (default: start_kept)."""
         text = _Text(self.tokenizer, request, result)
         start = time.perf_counter()
         tokens = engine.stream(
@@ -80,6 +95,7 @@ class TextGenerator:
             stop_ids=tuple(dict.fromkeys(self.stop_ids + stop_ids)), generator=generator,
             seeds=None if generator is not None else [request.seed], done=lambda _row: text.stops.stopped,
             decoder=self.compiled, observe=observe, context=context,
+            keep=start_kept(self.tokenizer, ids) if keep is None else keep,
         )
         for token in tokens:
             piece = text.push(token, time.perf_counter() - start)
@@ -117,7 +133,7 @@ class TextGenerator:
         steps = engine.generate(
             self.model, prompts, [r.params for r in requests], [r.max_new_tokens for r in requests],
             stop_ids=self.stop_ids, seeds=[r.seed for r in requests], done=lambda row: text(row).stops.stopped,
-            batch_size=batch_size, finished=finished.append,
+            batch_size=batch_size, finished=finished.append, keep=[start_kept(self.tokenizer, p) for p in prompts],
         )
         for step in steps:
             now = time.perf_counter() - start

@@ -23,6 +23,7 @@ import numpy as np
 from tinygen.core.template import ROLES, Renderer
 from tinygen.core.tokenizer import Tokenizer
 from tinygen.errors import TinygenError
+from tinygen.generate.chat import conversation_lead
 from tinygen.training.data import expand_sources, read_documents, token_dtype
 
 Conversation = list[dict]  # [{"role", "content"}, ...]
@@ -73,21 +74,23 @@ def encode_conversations(convs: list[Conversation], tokenizer: Tokenizer, render
     """Encoded conversations, and how many were dropped because no assistant token falls inside
     the first block_size tokens (a training window starting there would have nothing to learn).
 
-    Each conversation opens with <|endoftext|>, as documents do in pretraining: the model sees a
-    fresh start and never carries one conversation into the next.
+    Each conversation opens as a chat does (chat.conversation_lead): with <|endoftext|> under
+    tinygen's template, as documents do in pretraining, so the model sees a fresh start and never
+    carries one conversation into the next.
     """
     ids: list[int] = []
     mask: list[int] = []
     starts: list[int] = []
     dropped = 0
+    lead = conversation_lead(renderer)
     for conv in convs:
         i, k = renderer.conversation(conv, train=True)
-        if 1 not in k[: block_size - 1]:
+        if 1 not in k[: block_size - len(lead)]:
             dropped += 1
             continue
         starts.append(len(ids))
-        ids += [tokenizer.eot_id] + i
-        mask += [0] + k
+        ids += lead + i
+        mask += [0] * len(lead) + k
     data = ChatTokens(np.array(ids, dtype=token_dtype(tokenizer)), np.array(mask, dtype=np.uint8),
                       np.array(starts, dtype=np.int64))
     return data, dropped

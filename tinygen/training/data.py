@@ -2,7 +2,8 @@
 
 Inputs are text files, folders or globs, of plain text or JSONL with a "text" field. Plain text
 is cut into documents at a separator (`<|endoftext|>` by default). Each document is stored as
-<|endoftext|> followed by its tokens, so a model learns that end-of-text starts a new document.
+its tokens after the tokenizer's document start (<|endoftext|> for tinygen's own, BOS for a model
+that expects one first), so a model learns that this token starts a new document.
 Token files are keyed by a hash of the inputs' bytes and the tokenizer, so a second run with the
 same data and tokenizer reads them back instead of tokenizing again.
 
@@ -15,17 +16,24 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from tinygen import atomic
+from tinygen.core.evaluate import document_start
 from tinygen.core.tokenizer import EOT, Tokenizer
 from tinygen.errors import TinygenError
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".jsonl"}
+# Part of the token cache's key, raised whenever encode_documents changes what it writes for the
+# same text and tokenizer, so that no cache of an older rule is ever read back.
+ENCODING_VERSION = 2
 
 
 def expand_sources(sources: list[str]) -> list[Path]:
@@ -163,14 +171,20 @@ def token_dtype(tokenizer: Tokenizer):
 
 
 def encode_documents(docs: list[str], tokenizer: Tokenizer) -> np.ndarray:
-    eot = tokenizer.eot_id
-    if eot is None:
-        raise TinygenError("the tokenizer has no <|endoftext|> token to separate documents")
-    encoded = tokenizer.enc.encode_ordinary_batch(docs)  # tiktoken spreads the batch over threads
+    """The documents as one token stream, each after the tokenizer's own document start
+    (evaluate.document_start): what a model is trained on and scored by. Each goes through
+    Tokenizer.encode, with special-token text read as text, so imported vocabularies keep their
+    normalization and their rules for bytes they lack."""
+    start = document_start(tokenizer)
+    if start is None:
+        raise TinygenError("the tokenizer has no BOS, EOS or <|endoftext|> token to start documents with")
+    # Threads, as tiktoken's own batch encoding uses: its encoder releases the GIL.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        encoded = list(pool.map(partial(tokenizer.encode, special=False), docs, chunksize=64))
     out = np.empty(sum(len(e) + 1 for e in encoded), dtype=token_dtype(tokenizer))
     i = 0
     for ids in encoded:
-        out[i] = eot
+        out[i] = start
         out[i + 1 : i + 1 + len(ids)] = ids
         i += len(ids) + 1
     return out
@@ -192,7 +206,8 @@ def cache_key(digest: str, *settings) -> str:
 
 def load_tokens(files: list[Path], tokenizer: Tokenizer, cache_dir: Path, *, separator: str = EOT,
                 val_fraction: float = 0.05, seed: int = 0, digest: str | None = None) -> TokenData:
-    key = cache_key(digest or files_digest(files), tokenizer.to_dict(), separator, val_fraction, seed)
+    key = cache_key(digest or files_digest(files), ENCODING_VERSION, tokenizer.to_dict(), separator, val_fraction,
+                    seed)
     cache_dir.mkdir(parents=True, exist_ok=True)
     meta_path = cache_dir / f"{key}.json"
     cached = meta_path.exists()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from tinygen.core.checkpoint import save_checkpoint
-from tinygen.core.evaluate import score_tokens
+from tinygen.core.evaluate import document_start, score_tokens
 from tinygen.core.model import GPT
 from tinygen.core.tokenizer import Tokenizer
 from tinygen.errors import TinygenError
@@ -330,7 +330,8 @@ class Trainer:
     def sample(self) -> list[int]:
         """A few tokens the model writes from scratch, to show how it is coming along; [] when off."""
         tokenizer = self.tokenizer
-        if not self.s.sample_tokens or tokenizer.eot_id is None:
+        start = document_start(tokenizer)  # a sample is a new document, as the model learns them
+        if not self.s.sample_tokens or start is None:
             return []
         from tinygen.generate.engine import generate_batch
         from tinygen.generate.sampling import SamplingParams
@@ -341,8 +342,9 @@ class Trainer:
         try:
             # In the weights' own dtype, outside autocast: a sample is a few dozen batch-1 steps,
             # where bf16 saves nothing, and it reads as the saved checkpoint will generate.
-            return generate_batch(self.model, [[tokenizer.eot_id]], SamplingParams(temperature=0.8),
-                                  self.s.sample_tokens, stop_ids=[tokenizer.eot_id], generator=gen)[0]
+            stops = {start, tokenizer.eos_id} - {None}
+            return generate_batch(self.model, [[start]], SamplingParams(temperature=0.8), self.s.sample_tokens,
+                                  stop_ids=stops, generator=gen)[0]
         finally:
             self.model.train()
 
