@@ -154,6 +154,26 @@ def test_a_wide_spread_is_a_warning_on_stderr(monkeypatch, capsys):
     assert json.loads(as_json)["decode"]["spread"]["decode"] == [0.09, 6.29]
 
 
+@pytest.mark.parametrize("stored", [None, "7 matrices as the file stores them"])
+def test_the_table_title_says_when_a_file_runs_as_stored(stored):
+    import io
+
+    from rich.console import Console
+
+    from tinygen.cli.bench import print_table
+
+    result = {"model": "m.gguf", "device": "cpu", "device_name": "a CPU", "dtype": "float32", "quantize": None,
+              "threads": 2, "params": 1e6, "repeats": 1, "config": {"arch": "rope"}}
+    if stored:
+        result["stored"] = stored
+    out = io.StringIO()
+    print_table(result, Console(file=out, width=140))
+    shown = " ".join(out.getvalue().split())  # the title wraps to the table's width
+    assert shown.startswith("m.gguf · 1.0M params · rope · cpu float32 · ")
+    assert ("as the file stores them" in shown) == bool(stored)
+    assert f"cpu float32 · {stored} · 2 threads" in shown if stored else "cpu float32 · 2 threads" in shown
+
+
 def test_llama_cpp_on_the_same_gguf_is_a_column_when_installed(monkeypatch, tmp_path):
     """bench --compare on a GGUF times llama.cpp on the same file, in turn with ours, when
     llama-cpp-python is importable, and says how to get it when it is not. A stand-in for the
@@ -208,3 +228,4 @@ def test_llama_cpp_on_the_same_gguf_is_a_column_when_installed(monkeypatch, tmp_
     out = io.StringIO()
     print_table(result, Console(file=out, width=140))
     assert "llama.cpp, same file: decode tok/s" in out.getvalue() and "llama-cpp-python stand-in" in out.getvalue()
+    assert result["stored"].endswith("matrices as the file stores them") and result["stored"] in out.getvalue()

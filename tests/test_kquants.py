@@ -27,7 +27,8 @@ from tinygen.core.quantized import (
 )
 from tinygen.core.tokenizer import EOT
 from tinygen.formats.gguf_blocks import DECODERS, decode, stored_form
-from tinygen.generate.blockquant import Int8BlockLinear, RowsEmbedding
+from tinygen.generate import native
+from tinygen.generate.blockquant import BlockLinear, Int8BlockLinear, RowsEmbedding
 from tinygen.generate.engine import generate_batch
 from tinygen.generate.plan import prepare
 from tinygen.generate.quantize import Int4Linear
@@ -168,7 +169,14 @@ def mixed(request, tmp_path_factory, tokenizer):
     return path, tied
 
 
-def test_a_mixed_file_loads_as_stored_with_no_float_matrix(mixed):
+@pytest.mark.parametrize("built", [True, False], ids=["native", "torch-kernels"])
+def test_a_mixed_file_loads_as_stored_with_no_float_matrix(mixed, built, monkeypatch):
+    """With the native block products (native.py) where they build, and torch's int4 kernel where
+    they do not."""
+    if built and native.library() is None:
+        pytest.skip("no C compiler builds the native block products here")
+    if not built:
+        monkeypatch.setattr(native, "library", lambda: None)
     path, tied = mixed
     net, tok, info = load_model(path, as_stored=True)
     assert all(p.is_meta for name, p in net.named_parameters() if p.dim() == 2)  # no float copy was made
@@ -178,11 +186,14 @@ def test_a_mixed_file_loads_as_stored_with_no_float_matrix(mixed):
     assert "run as stored" in info.notes[-1]
     prepared = prepare(net, stored=info.stored, embedding_rows=info.embedding_rows).model
     layers = prepared.transformer.h[0]
-    assert isinstance(layers.attn.c_attn, Int8BlockLinear) and layers.attn.c_attn.block == 32
-    assert isinstance(layers.attn.c_proj, Int4Linear)
-    assert isinstance(layers.mlp.c_proj, Int8BlockLinear) and layers.mlp.c_proj.block == 16
+    int8, int4 = (BlockLinear, BlockLinear) if built else (Int8BlockLinear, Int4Linear)
+    assert isinstance(layers.attn.c_attn, int8) and layers.attn.c_attn.block == 32
+    assert isinstance(layers.attn.c_proj, int4)
+    assert isinstance(layers.mlp.c_proj, int8) and layers.mlp.c_proj.block == 16
     assert isinstance(prepared.transformer.wte, RowsEmbedding)
-    assert isinstance(prepared.lm_head, Int8BlockLinear if tied else Int4Linear)
+    assert isinstance(prepared.lm_head, int8 if tied else int4)
+    if built:
+        assert {layers.attn.c_proj.kind, layers.mlp.c_proj.kind} == {native.KIND[INT4], native.KIND[INT8]}
     assert not [name for name, p in prepared.named_parameters() if p.dim() == 2]  # matrices are codes only
     stored_bytes = sum(b.nbytes for b in prepared.buffers())
     file_bytes = sum(p.stat().st_size for p in [path])
@@ -193,7 +204,9 @@ def test_a_mixed_file_loads_as_stored_with_no_float_matrix(mixed):
     with torch.no_grad():
         assert torch.equal(prepared.transformer.wte(ids), float_net.transformer.wte(ids))  # rows from the file
         got, want = prepared(ids), float_net(ids)
-    assert (got - want).norm() / want.norm() < 3e-2
+    # The native products also round activations to int8 per 32 inputs (llama.cpp's rounding),
+    # which on random weights moves the logits a little further.
+    assert (got - want).norm() / want.norm() < (5e-2 if built else 3e-2)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.8
 
 
@@ -231,13 +244,23 @@ def test_the_command_line_runs_a_quantized_file_as_stored_unless_a_dtype_is_name
 
 
 @pytest.mark.skipif(not SMOLLM2_K.exists(), reason=f"{SMOLLM2_K} is absent")
-def test_smollm2_q4_k_m_greedy_text_as_stored_is_the_dequantized_models():
+def test_smollm2_q4_k_m_as_stored_picks_the_dequantized_models_tokens():
+    """Along the dequantized model's greedy text, the model as stored ranks first the same token
+    wherever the dequantized one is not close to a tie: rounding activations to int8 (as llama.cpp
+    does) may only flip near-ties."""
     from tinygen.cli.common import load_model as cli_load
 
     stored = cli_load(str(SMOLLM2_K), "cpu")
     dense = cli_load(str(SMOLLM2_K), "cpu", dtype="float32")
     tok = stored.tokenizer
     for prompt in ("The capital of France is", "def fibonacci(n):\n    "):
-        ids = [generate_batch(m, [tok.encode(prompt)], SamplingParams(temperature=0), 32)[0]
-               for m in (stored.model, dense.model)]
-        assert ids[0] == ids[1], (prompt, tok.decode(ids[0]), tok.decode(ids[1]))
+        prefix = tok.encode(prompt)
+        ids = prefix + generate_batch(dense.model, [prefix], SamplingParams(temperature=0), 32)[0]
+        with torch.no_grad():
+            want, got = (m.model(torch.tensor([ids]))[0, len(prefix) - 1:] for m in (dense, stored))
+        top2 = want.topk(2).values
+        decided = top2[:, 0] - top2[:, 1] > 0.5
+        assert decided.sum() >= 16
+        assert torch.equal(got.argmax(-1)[decided], want.argmax(-1)[decided]), prompt
+        tv = (got.softmax(-1) - want.softmax(-1)).abs().sum(-1) / 2  # total variation, per position
+        assert tv.mean() < 0.05 and tv.max() < 0.15

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tinygen.core.checkpoint import load_model, save_checkpoint
 from tinygen.core.config import ModelConfig
@@ -23,7 +24,7 @@ from tinygen.training.events import Eval, Saved, Start, Step
 from tinygen.training.loop import train
 from tinygen.training.settings import TrainSettings
 
-from conftest import STORY_LINES, TINY, ctrl_c_during, make_model
+from conftest import STORY_LINES, TINY, assert_ok, ctrl_c_during, make_model
 
 CPU = torch.device("cpu")
 
@@ -226,7 +227,8 @@ def test_cli_train_sample_eval_and_errors(cli, tmp_path, corpus):
 
 
 def test_train_eval_and_chat_data_options_follow_the_conventions(cli):
-    from tinygen.cli.train import ChatKind
+    from tinygen.cli.train import ChatKind, Mlp
+    from tinygen.core.config import MLPS
     from tinygen.training.chatdata import CONVERTERS
 
     train_help = cli("train", "--help").out
@@ -238,6 +240,21 @@ def test_train_eval_and_chat_data_options_follow_the_conventions(cli):
     assert "--dtype <auto|float32|bfloat16>" in cli("eval", "--help").out
     assert "KIND <topical-chat|dolly|stories|mix>" in cli("chat-data", "--help").out
     assert {kind.value for kind in ChatKind} == set(CONVERTERS)
+    assert {mlp.value for mlp in Mlp} == set(MLPS) and "--mlp <swiglu|relu2|geglu>" in train_help
+
+
+def test_train_builds_a_geglu_mlp(cli, tmp_path, corpus):
+    """--mlp geglu: Gemma's MLP, SwiGLU's three matrices with tanh-GELU gating the up projection."""
+    out = tmp_path / "g.safetensors"
+    assert_ok(cli("train", corpus, "--out", out, *TINY, "--mlp", "geglu", "--max-steps", "2", "--device", "cpu",
+                  timeout=120))
+    model, _, _ = load_model(out)
+    assert model.config.mlp == "geglu"
+    mlp = model.transformer.h[0].mlp
+    x = torch.randn(3, model.config.n_embd)
+    gate, up = (x @ mlp.c_fc.weight.T).chunk(2, dim=-1)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), (F.gelu(gate, approximate="tanh") * up) @ mlp.c_proj.weight.T)
 
 
 def test_ctrl_c_saves_exits_130_and_prints_a_resume_command_that_finishes(cli, tmp_path, corpus):

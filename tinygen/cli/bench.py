@@ -106,6 +106,7 @@ def print_table(result: dict, console) -> None:
 def _title(result: dict) -> str:
     quant = f" · --quantize {result['quantize']}" if result["quantize"] else ""
     quant += " · --compile" if result.get("compile") else ""
+    quant += f" · {result['stored']}" if result.get("stored") else ""
     return (f"{result['model']} · {result['params'] / 1e6:.1f}M params · {result['config']['arch']} · "
             f"{result['device']} {result['dtype']}{quant} · {result['threads']} threads\n{result['device_name']}")
 

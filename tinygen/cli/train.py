@@ -33,6 +33,7 @@ class Schedule(str, Enum):  # training.settings.SCHEDULES
 class Mlp(str, Enum):  # core.config.MLPS
     swiglu = "swiglu"
     relu2 = "relu2"
+    geglu = "geglu"
 
 
 class ChatKind(str, Enum):  # the keys of training.chatdata.CONVERTERS, which --help must not wait to import
@@ -86,7 +87,8 @@ def train(
     qk_norm: Annotated[Optional[bool], typer.Option("--qk-norm/--no-qk-norm", help="RMSNorm on each query and key "
                                                     "head. Default: on for the rope arch.",
                                                     show_default=False)] = None,
-    mlp: Annotated[Optional[Mlp], typer.Option(help="The rope arch's MLP: swiglu, or relu2 (ReLU squared).",
+    mlp: Annotated[Optional[Mlp], typer.Option(help="The rope arch's MLP: swiglu, relu2 (ReLU squared) or geglu "
+                                               "(Gemma's: SwiGLU with a tanh-GELU gate).",
                                                show_default=False)] = None,
     untied_head: Annotated[bool, _flag("An output head of its own instead of the token embedding's.",
                                        "--untied-head")] = False,

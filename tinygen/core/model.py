@@ -4,14 +4,13 @@ Token ids go in and logits come out. Attention runs through scaled_dot_product_a
 kernels on GPU), or through an explicit path that also returns the attention probabilities for
 visualisation. Module names follow GPT-2's so that Hugging Face GPT-2 weights map one to one. The
 rope family's switches (config.py) cover the Llama family and Gemma 3, whose sliding-window layers
-take their window from the positions of each pass (window_mask), so callers pass positions as for
-any model.
+take their window from the positions of each pass (kvcache.window_plan), so callers pass positions
+as for any model.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -19,113 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tinygen.core.config import ModelConfig
+from tinygen.core.kvcache import CacheSlots, KVCache, Window, window_plan  # noqa: F401 (KVCache: re-exported)
 from tinygen.core.rotary import apply_rotary, frequency_bits, rotary_angles, rotary_sign
-
-
-class KVCache:
-    """Keys and values of every layer, preallocated so decoding never allocates.
-
-    ks[layer], vs[layer]: (B, kv_heads, max_len, head_dim). Slot s of a row holds that row's token at
-    position s, so rows of different lengths share a batch without left padding. Which slots a pass
-    writes and reads, and what each query may see, come with the pass (CacheSlots), as in gpt-fast's
-    KVCache.update(input_pos, k, v). One tensor per layer, as gpt-fast keeps them, not one shared: into
-    a layer's view of a shared tensor, torch.compile's functionalization copies the whole tensor at
-    every in-place write (docs/speed.md).
-    """
-
-    def __init__(self, config: ModelConfig, batch_size: int, device, dtype, max_len: int | None = None):
-        # Sized by the key/value heads: grouped-query attention shrinks the cache by n_head / kv_heads.
-        shape = (batch_size, config.kv_heads, max_len or config.block_size, config.head_dim)
-        self.ks = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.vs = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-
-    @property
-    def batch_size(self) -> int:
-        return self.ks[0].size(0)
-
-    @property
-    def max_len(self) -> int:
-        return self.ks[0].size(2)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [*self.ks, *self.vs]
-
-    def update(self, layer: int, pos: torch.Tensor, kv_len: int, k: torch.Tensor, v: torch.Tensor, start: int = 0):
-        """Store k, v (B, H, T, D) at positions pos, (T,) shared by every row or (B, T) per row,
-        and return every row's slots [start, kv_len) of this layer.
-
-        Under autocast the projections that make k and v come out in the autocast dtype (bf16), not
-        the cache's: they are stored in the cache's dtype, which is the one attention then reads."""
-        ck, cv = self.ks[layer], self.vs[layer]
-        if k.dtype != ck.dtype:  # asked, not cast: even a no-op cast costs a decode step per layer
-            k, v = k.to(ck.dtype), v.to(cv.dtype)
-        if pos.dim() == 1:  # rows in step (prefill, and batch 1): one in-place copy, no index tensors
-            ck.index_copy_(2, pos, k)
-            cv.index_copy_(2, pos, v)
-        else:
-            rows = torch.arange(k.size(0), device=k.device)[:, None]
-            # Advanced indexing on dims 0 and 2 puts the index dims first: (B, T, H, D).
-            ck[rows, :, pos] = k.transpose(1, 2)
-            cv[rows, :, pos] = v.transpose(1, 2)
-        # Compiled, kv_len may be a dynamic length: comparing it would add a guard, and a recompile
-        # at the last slot; a view of every slot costs a compiled step nothing.
-        if not torch.compiler.is_compiling() and kv_len == ck.size(2) and not start:
-            return ck, cv
-        return ck[:, :, start:kv_len], cv[:, :, start:kv_len]
-
-    def copy_from(self, other: KVCache, n: int, row: int | None = None) -> None:
-        """Copy the first n slots of every layer from other: all its rows, or (row given) its one
-        row into this cache's row."""
-        for mine, theirs in zip(self.tensors(), other.tensors()):
-            if row is None:
-                mine[:, :, :n] = theirs[:, :, :n]
-            else:
-                mine[row, :, :n] = theirs[0, :, :n]
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only these rows (B,), in this order: finished rows cost nothing from then on."""
-        self.ks = [t[rows] for t in self.ks]
-        self.vs = [t[rows] for t in self.vs]
-
-
-@dataclass(frozen=True)
-class CacheSlots:
-    """How one forward pass meets the KV cache."""
-
-    cache: KVCache
-    pos: torch.Tensor  # the new tokens' positions, which are also the slots they write: (T,) or (B, T)
-    kv_len: int  # slots [0, kv_len) are read
-    # (B, 1, T, kv_len) bool, True = may attend. None: plain causal attention, which is right for a
-    # prefill from position 0 (kv_len == T) and for one query that may see every slot it reads.
-    mask: torch.Tensor | None = None
-    start: int = 0  # slots before it are not read (a sliding layer's decode step: only its window)
-
-
-def window_mask(config: ModelConfig, pos: torch.Tensor, slots: CacheSlots | None) -> tuple:
-    """What a sliding layer reads in this pass: (slots, mask) in place of the pass's own. Its queries
-    see keys fewer than sliding_window positions back; slot s holds position s, so the window follows
-    from the positions alone. One query per row, rows in step, reads just the window's slots; when
-    no query can reach past the window the pass's own attention stands."""
-    window = config.sliding_window
-    if slots is None:  # positions 0..T-1, keys the same
-        if pos.size(0) <= window:
-            return None, None
-        back = pos[:, None] - pos[None, :]  # (T, T): how far back each key is from each query
-        return None, (back >= 0) & (back < window)
-    compiling = torch.compiler.is_compiling()  # a compiled step keeps one graph: always the mask
-    if not compiling and slots.kv_len <= window:
-        return slots, slots.mask
-    if not compiling and pos.dim() == 1 and pos.size(0) == 1 and slots.mask is None:
-        return CacheSlots(slots.cache, pos, slots.kv_len, None, slots.kv_len - window), None
-    back = pos[..., None] - torch.arange(slots.kv_len, device=pos.device)  # (T, S) or (B, T, S)
-    if pos.dim() == 2:
-        back = back.unsqueeze(1)  # (B, 1, T, S), as a pass's own mask
-    return slots, (back < window) & (back >= 0 if slots.mask is None else slots.mask)
-
 
 # torch 2.5 taught SDPA grouped-query attention; before it, k and v are repeated to every query head.
 _SDPA_GQA = torch.__version__ >= "2.5"  # TorchVersion compares as a version, not as a string
@@ -150,8 +44,8 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
 
     def forward(self, x, rope=None, slots: CacheSlots | None = None, need_weights: bool = False,
-                ve: torch.Tensor | None = None, mask: torch.Tensor | None = None):
-        """mask (a sliding layer's window_mask) replaces slots.mask, or plain causal attention."""
+                ve: torch.Tensor | None = None, window: Window | None = None):
+        """window: a sliding layer's reads, writes and mask in this pass, in place of slots'."""
         B, T, _ = x.shape
         H, G, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.c_attn(x).view(B, T, H + 2 * G, D).transpose(1, 2)  # (B, H+2G, T, D): q, k, v heads
@@ -167,11 +61,14 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             qk = apply_rotary(qk, *rope)  # q and k heads rotate by the same angles, so one call covers both
         q, k = qk.split((H, G), dim=1)
-        if slots is not None:
-            # (B, H, S, D), S = kv_len - start
-            k, v = slots.cache.update(self.layer, slots.pos, slots.kv_len, k, v, slots.start)
-            if mask is None:
-                mask = slots.mask
+        mask = None
+        if window is not None:
+            mask = window.mask
+            if slots is not None:
+                k, v = slots.cache.slide(self.layer, window, k, v)  # (B, H, S, D), S: what the window reads
+        elif slots is not None:
+            k, v = slots.cache.update(self.layer, slots.pos, slots.kv_len, k, v)  # (B, H, kv_len, D)
+            mask = slots.mask
         att = None
         if G != H and (need_weights or not _SDPA_GQA):
             # Each key/value head serves H // G query heads, which sit next to each other.
@@ -249,14 +146,14 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
-        self.sliding = config.is_sliding(layer)  # attends within the window (window_mask)
+        self.sliding = config.is_sliding(layer)  # attends within the window (kvcache.window_plan)
         self.post_norms = config.post_norms
         if config.post_norms:
             self.attn_post_norm = make_norm(config)
             self.mlp_post_norm = make_norm(config)
 
-    def forward(self, x, rope=None, slots=None, need_weights=False, ve=None, mask=None):
-        a, att = self.attn(self.ln_1(x), rope, slots, need_weights, ve, mask)
+    def forward(self, x, rope=None, slots=None, need_weights=False, ve=None, window=None):
+        a, att = self.attn(self.ln_1(x), rope, slots, need_weights, ve, window)
         x = x + (self.attn_post_norm(a) if self.post_norms else a)
         m = self.mlp(self.ln_2(x))
         return x + (self.mlp_post_norm(m) if self.post_norms else m), att
@@ -302,12 +199,13 @@ class GPT(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.wte.weight.device
+        return self.transformer.ln_f.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        """The activations' dtype; the embedding stays float even when the linear layers are quantised."""
-        return self.transformer.wte.weight.dtype
+        """The activations' dtype: the final norm's gain is a float weight in every model, whatever
+        the embedding and the linear layers are stored as."""
+        return self.transformer.ln_f.weight.dtype
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
@@ -317,7 +215,8 @@ class GPT(nn.Module):
 
         Without slots, positions are 0..T-1 and attention is plainly causal. With them, the
         tokens sit at slots.pos, their keys and values go into slots.cache there, and attention
-        reads the cache's first slots.kv_len slots under slots.mask.
+        reads the cache's first slots.kv_len slots under slots.mask; a sliding layer reads its ring
+        as kvcache.window_plan says.
         Returns (hidden, attention probabilities per layer, or None).
         """
         B, T = idx.shape
@@ -333,7 +232,7 @@ class GPT(nn.Module):
             # The last kind is the sliding layers': their own base's when they have one, else the global.
             kinds = rotary_angles(self.rope_bits, self.rope_sign, pos, x.dtype)
             rope, local_rope = kinds[0], kinds[-1]
-        local_slots, local_mask = window_mask(cfg, pos, slots) if cfg.sliding_window else (slots, None)
+        window = window_plan(cfg.sliding_window, pos, slots) if cfg.sliding_window else None
         x = self.drop(x)
         atts = [] if need_weights else None
         ves = [table(idx) for table in self.transformer.ve] if cfg.value_embeds else []
@@ -341,7 +240,7 @@ class GPT(nn.Module):
             table = cfg.value_table(i) if ves else None
             ve = None if table is None else ves[table]
             if block.sliding:
-                x, att = block(x, local_rope, local_slots, need_weights, ve, local_mask)
+                x, att = block(x, local_rope, slots, need_weights, ve, window)
             else:
                 x, att = block(x, rope, slots, need_weights, ve)
             if need_weights:

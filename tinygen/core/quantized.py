@@ -2,7 +2,7 @@
 loader hands to the decode plan (generate/plan.py) without dequantizing and requantizing.
 
 Two forms hold the common GGUF types exactly. Q4Weight: 4-bit codes with a scale and a low per
-group of 32 inputs (Q4_0, Q4_1, Q4_K), which the int4 kernel runs. Int8Blocks: int8 codes with a
+group of 32 inputs (Q4_0, Q4_1, Q4_K). Int8Blocks: int8 codes with a
 scale, and for some types a low, per block of 16 or 32 inputs (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0).
 Scales are float32: a K-quant's scale is a product (d times a 6-bit sub-scale) that float16 cannot
 hold. Both keep one code per byte, unpacked, so that rows fuse and permute like any weight's; the

@@ -12,7 +12,7 @@ text can forge them. A base model gets PLAIN, a "User:" / "Assistant:" transcrip
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from tinygen.core.tokenizer import CHAT_TOKENS, Tokenizer
@@ -32,16 +32,26 @@ class ChatTemplate:
     lead: str | None = None
     default_system: str | None = None
     name: str = "tinygen"
+    # Gemma 3 writes the system message inside the first user turn, not in a turn of its own: the
+    # system role's prefix opens that turn, its suffix parts it from the user's text, and the user
+    # message right after a system message goes without its own prefix.
+    system_in_user: bool = False
+    trim: tuple[str, ...] = ()  # roles whose text the template strips of surrounding whitespace (`| trim`)
 
     def to_dict(self) -> dict:
         d = {"roles": {r: list(ps) for r, ps in self.roles.items()}, "generation_prompt": self.generation_prompt,
              "stop": list(self.stop)}
         if self.lead is not None:  # a model's own template, taken apart (from_jinja)
             d.update(lead=self.lead, default_system=self.default_system, name=self.name)
+        # Written only when set, so that a template without them reads as it did before they existed.
+        if self.system_in_user:
+            d["system_in_user"] = True
+        if self.trim:
+            d["trim"] = list(self.trim)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ChatTemplate":
+    def from_dict(cls, d: dict) -> ChatTemplate:
         def strings(value, n: int | None = None) -> bool:
             return (isinstance(value, list) and all(isinstance(s, str) for s in value)
                     and (n is None or len(value) == n))
@@ -57,9 +67,31 @@ class ChatTemplate:
             extra = {k: d[k] for k in ("lead", "default_system", "name") if k in d}
             if not all(isinstance(v, str) for k, v in extra.items() if not (k == "default_system" and v is None)):
                 raise ValueError("lead, default_system and name must be strings")
-            return cls({r: tuple(ps) for r, ps in roles.items()}, d["generation_prompt"], tuple(d["stop"]), **extra)
+            if not isinstance(d.get("system_in_user", False), bool):
+                raise TypeError("system_in_user must be true or false")
+            if not strings(d.get("trim", [])) or not set(d.get("trim", [])) <= set(ROLES):
+                raise ValueError(f"trim must list roles among {', '.join(ROLES)}")
+            return cls({r: tuple(ps) for r, ps in roles.items()}, d["generation_prompt"], tuple(d["stop"]), **extra,
+                       system_in_user=d.get("system_in_user", False), trim=tuple(d.get("trim", ())))
         except (KeyError, TypeError, ValueError) as e:
             raise TinygenError(f"checkpoint chat template is malformed ({e})") from e
+
+    def parts(self, role: str, content: str, after: str | None = None) -> tuple[str, str, str]:
+        """(prefix, text, suffix) of one message as the template writes it; `after` is the role of
+        the message before it (None for the first)."""
+        prefix, suffix = self.roles[role]
+        if self.system_in_user and role == "user" and after == "system":
+            prefix = ""  # the system message opened this turn
+        return prefix, content.strip() if role in self.trim else content, suffix
+
+    def text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation as one text, message by message: what the Renderer encodes, and what a
+        template taken apart (from_jinja) is checked against its source with."""
+        out, after = [self.lead or ""], None
+        for m in messages:
+            out += self.parts(m["role"], m["content"], after)
+            after = m["role"]
+        return "".join(out) + (self.generation_prompt if add_generation_prompt else "")
 
 
 # What `tinygen train --chat` teaches. <|end|> closes every turn, so the model learns to stop.
@@ -123,10 +155,20 @@ def with_chat_template(tokenizer: Tokenizer, template: ChatTemplate = SPECIAL) -
     return out, added
 
 
-def special_parts(template: ChatTemplate) -> set[str]:
-    """Tokens written like specials (`<|...|>`) in the template's fixed text."""
-    fixed = [*(p for ps in template.roles.values() for p in ps), template.generation_prompt, *template.stop]
-    return {m for text in fixed for m in re.findall(r"<\|[^|<>]+\|>", text)}
+def special_parts(template: ChatTemplate, special: Iterable[str] = ()) -> set[str]:
+    """The special tokens in the template's fixed text: those written like specials (`<|...|>`),
+    and those of `special` (a tokenizer's, such as Gemma's <start_of_turn>) found in it."""
+    fixed = "\0".join([*(p for ps in template.roles.values() for p in ps), template.generation_prompt,
+                       *template.stop, template.lead or ""])
+    return set(re.findall(r"<\|[^|<>]+\|>", fixed)) | set(markers(fixed, special))
+
+
+def markers(text: str, special: Iterable[str]) -> list[str]:
+    """The tokens of `special` found in `text`, in order of where they first occur (the longest
+    first where two start together). Whitespace tokens (Gemma's "\n\n") mark nothing: the
+    tokenizer encodes them as plain text alike."""
+    found = [(text.find(s), -len(s), s) for s in special if s.strip() and s in text]
+    return [s for _, _, s in sorted(found)]
 
 
 class Renderer:
@@ -136,8 +178,9 @@ class Renderer:
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate):
         self.tokenizer = tokenizer
         self.template = template
-        specials = sorted(special_parts(template), key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+        self._specials = special_parts(template, tokenizer.special) & set(tokenizer.special)
+        by_length = sorted(self._specials, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if by_length else None
         # Stop markers that are single special tokens stop generation by id; the rest by text.
         self.stop_ids = tuple(tokenizer.special[s] for s in template.stop if s in tokenizer.special)
         self.stop_strings = tuple(s for s in template.stop if s not in tokenizer.special)
@@ -145,15 +188,18 @@ class Renderer:
     def _pieces(self, fixed: str) -> list[str | int]:
         if self._split is None:
             return [fixed] if fixed else []
-        return [self.tokenizer.special[p] if p in self.tokenizer.special else p
-                for p in self._split.split(fixed) if p]
+        # Whitespace that names a special token (Gemma's "\n\n") stays text, encoded with its neighbours.
+        return [self.tokenizer.special[p] if p in self._specials else p for p in self._split.split(fixed) if p]
 
-    def message(self, role: str, content: str, train: bool = False) -> tuple[list[int], list[int]]:
-        """(ids, mask) of one message. With train=True the mask marks the assistant's text and
-        its closing marker: the tokens a fine-tune should learn to produce."""
+    def message(self, role: str, content: str, train: bool = False,
+                after: str | None = None) -> tuple[list[int], list[int]]:
+        """(ids, mask) of one message; `after` is the role of the message before it, which some
+        templates write a message differently after (ChatTemplate.system_in_user). With train=True
+        the mask marks the assistant's text and its closing marker: the tokens a fine-tune should
+        learn to produce."""
         if role not in self.template.roles:
             raise TinygenError(f"unknown chat role {role!r}; use one of {', '.join(ROLES)}")
-        prefix, suffix = self.template.roles[role]
+        prefix, content, suffix = self.template.parts(role, content, after)
         learn = train and role == "assistant"
         # (piece, trained) runs: neighbouring plain text is encoded together so BPE sees whole words.
         runs: list[tuple[str | int, bool]] = [(p, False) for p in self._pieces(prefix)]
@@ -190,8 +236,10 @@ class Renderer:
     def conversation(self, messages: list[dict], train: bool = False) -> tuple[list[int], list[int]]:
         ids: list[int] = []
         mask: list[int] = []
+        after = None
         for m in messages:
-            i, k = self.message(m["role"], m["content"], train)
+            i, k = self.message(m["role"], m["content"], train, after)
             ids += i
             mask += k
+            after = m["role"]
         return ids, mask

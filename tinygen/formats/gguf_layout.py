@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import math
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from tinygen.errors import TinygenError
+
+if TYPE_CHECKING:
+    import torch
 
 # GGUF name -> Hugging Face name, for the tensors outside the blocks.
 TOP_NAMES = {
@@ -256,6 +258,8 @@ def llama3_scaling(rope_freqs: torch.Tensor, config: dict, where: str) -> dict |
     they are all 1. llama.cpp stores only the divisors: they fix factor, and the smooth band between
     fixes low_freq_factor and high_freq_factor given the original context (8192, as the converter
     assumes). The result is checked by recomputing the divisors, so a file it does not fit is refused."""
+    import torch  # here, not at the top: reading a header without rope_freqs needs no torch
+
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     divisors = rope_freqs.double()
     if torch.all(divisors == 1):
@@ -286,6 +290,8 @@ def llama3_scaling(rope_freqs: torch.Tensor, config: dict, where: str) -> dict |
 
 def llama3_divisors(wavelen: torch.Tensor, s: dict) -> torch.Tensor:
     """convert_hf_to_gguf.py's rope_freqs for these llama3 parameters."""
+    import torch
+
     context, low, high, factor = (s["original_max_position_embeddings"], s["low_freq_factor"],
                                   s["high_freq_factor"], s["factor"])
     smooth = (context / wavelen - low) / (high - low)

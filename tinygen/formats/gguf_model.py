@@ -22,6 +22,7 @@ from tinygen.core.quantized import (
 from tinygen.core.tokenizer import Tokenizer
 from tinygen.errors import TinygenError
 from tinygen.formats import llama
+from tinygen.formats.chat_templates import known_template
 
 
 def is_gguf(path: Path) -> bool:
@@ -54,11 +55,19 @@ def gguf_tokenizer(info: ModelInfo) -> Tokenizer:
 def gguf_info(path: Path, hf: dict, fields: dict, tensors: dict) -> ModelInfo:
     config, notes = llama.config_from_hf(hf, path.name)
     name = fields.get("general.name")
+    tokenizer_data = {k: v for k, v in fields.items() if k.startswith("tokenizer.")}
+    # A tuned Gemma 3 GGUF without a template still chats in its own (llama.cpp would fall back on ChatML).
+    tokens = tokenizer_data.get("tokenizer.ggml.tokens")
+    names = (fields.get("general.finetune"), name, path.name)
+    if not tokenizer_data.get("tokenizer.chat_template") and isinstance(tokens, list) and \
+            (known := known_template(config.family, tokens, names)):
+        tokenizer_data["tokenizer.chat_template"] = known.source
+        notes = [*notes, known.note]
     return ModelInfo(
         path=path,
         kind="gguf",
         config=config,
-        tokenizer_data={k: v for k, v in fields.items() if k.startswith("tokenizer.")},
+        tokenizer_data=tokenizer_data,
         provenance={"source": "GGUF file", **({"name": name} if isinstance(name, str) else {})},
         file_size=path.stat().st_size,
         tensors=tensors,

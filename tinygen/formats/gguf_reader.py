@@ -8,8 +8,9 @@ stored, read from the file only when the decode plan calls for it; asked to, rea
 matrices out of the float weights altogether (on the meta device), so that no float copy is made.
 llama.cpp's converter changes llama weights in one way, permuting the rows of q and k for its
 rotary layout, and that is undone here (qwen3's rotary kernel pairs Hugging Face's halves as they
-are, so its weights are not permuted). gguf and numpy are imported only when a file is read, so
-importing this module stays cheap.
+are, so its weights are not permuted). gguf and numpy are imported only when a file is read, and
+torch only where tensors are made (Llama 3's rope_freqs among them), so reading most headers
+(`tinygen tokenize`) never waits for it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tinygen.core.quantized import StoredMatrix, StoredWeight, map_rows
 from tinygen.errors import TinygenError
@@ -32,6 +32,9 @@ from tinygen.formats.gguf_layout import (
     llama3_scaling,
     plan_tensors,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 MAGIC = b"GGUF"
 
@@ -85,14 +88,16 @@ class GGUFModel:
     embedding_rows: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, as_stored: bool = False) -> GGUFModel:
-    """Read a llama-family GGUF, every tensor dequantized into `dtype`; with as_stored, the matrices
-    in `stored` are left on the meta device instead. Problems are TinygenErrors."""
+def read_gguf(path: str | Path, dtype: torch.dtype | None = None, as_stored: bool = False) -> GGUFModel:
+    """Read a llama-family GGUF, every tensor dequantized into `dtype` (None: float32); with as_stored,
+    the matrices in `stored` are left on the meta device instead. Problems are TinygenErrors."""
+    import torch
     from gguf import dequantize
 
     from tinygen.formats.gguf_blocks import stored_form
 
     start = time.perf_counter()
+    dtype = dtype or torch.float32
     if not dtype.is_floating_point:
         raise TinygenError(f"GGUF weights convert to a floating-point dtype, not {dtype}")
     path = Path(path)
@@ -171,6 +176,8 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
     tensors = {}
     for t, hf_name, _ in plan_tensors(reader.tensors, config, path.name):
         if hf_name == "rope_freqs":
+            import torch
+
             freqs = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).to(torch.float32)
             if scaling := llama3_scaling(freqs, config, path.name):
                 config["rope_scaling"] = scaling

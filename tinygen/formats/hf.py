@@ -21,6 +21,7 @@ from tinygen.core.checkpoint import (
 from tinygen.core.tokenizer import Tokenizer
 from tinygen.errors import TinygenError, one_line
 from tinygen.formats import llama  # plain Python, no torch: cheap to import here
+from tinygen.formats.chat_templates import known_template
 
 HF_WEIGHTS = "model.safetensors"
 HF_SHARDS = "model.safetensors.index.json"
@@ -113,7 +114,13 @@ def load_hf_tokenizer(info: ModelInfo) -> Tokenizer:
         if not (vocab.exists() and merges.exists()):
             raise TinygenError(f"{info.path} has no vocab.json + merges.txt, so its tokenizer is unknown")
         return Tokenizer.from_gpt2_files(vocab, merges)
-    return hf_tokenizer(info.path)
+    tokenizer = hf_tokenizer(info.path)
+    # A tuned Gemma 3 folder without a template still chats in its own, as a GGUF of it does (gguf_model.py).
+    if tokenizer.jinja_template is None and \
+            (known := known_template(info.config.family, tokenizer.special, (info.path.resolve().name,))):
+        tokenizer.jinja_template = known.source
+        info.notes = tuple(dict.fromkeys((*info.notes, known.note)))
+    return tokenizer
 
 
 def load_hf(path: Path, device, dtype):

@@ -9,11 +9,11 @@ jinja2 is imported only when a template is first compiled, so that tinygen start
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime
 from functools import cached_property, lru_cache
+from typing import ClassVar
 
-from tinygen.core.template import ROLES, ChatTemplate
+from tinygen.core.template import ROLES, ChatTemplate, markers
 from tinygen.core.tokenizer import Tokenizer
 from tinygen.errors import TinygenError, one_line
 
@@ -97,7 +97,7 @@ def _environment():
         """`{% generation %}` marks the assistant's text for transformers' training masks; a prompt
         only needs the text inside."""
 
-        tags = {"generation"}
+        tags: ClassVar[set[str]] = {"generation"}
 
         def parse(self, parser):
             next(parser.stream)
@@ -119,16 +119,20 @@ def _environment():
 # Stand-ins for message text while a Jinja template is taken apart: plain words no template
 # rewrites, each unlike any template text.
 _PROBES = {"system": "Sys7tem5Probe", "user": "Us3rProbe", "assistant": "Ass1stantProbe"}
+_FOLLOW_UP = "F0llowUpProbe"  # a second user message, whose turn opens as every later one does
 
 
 def from_jinja(tokenizer: Tokenizer) -> ChatTemplate:
     """A model's own Jinja chat template (tokenizer.jinja_template) as per-message prefixes and
     suffixes, so that a conversation is rendered one message at a time (a message's ids never
     change when later ones are added), and checked against the template itself on conversations
-    with and without a system prompt. A template that does not render messages that way (one that
-    changes earlier text as the conversation grows) is refused."""
+    with and without a system prompt, with text padded in whitespace too. A system message is a
+    turn of its own or, as Gemma 3 writes it, the start of the first user turn. A template that
+    does not render messages that way (one that changes earlier text as the conversation grows)
+    is refused."""
     names = {i: n for n, i in tokenizer.special.items()}
-    jt = JinjaChatTemplate(tokenizer.jinja_template, names.get(tokenizer.bos_id), names.get(tokenizer.eos_id))
+    bos = names.get(tokenizer.bos_id)
+    jt = JinjaChatTemplate(tokenizer.jinja_template, bos, names.get(tokenizer.eos_id))
     s, u, a = (_PROBES[r] for r in ROLES)
     msgs = [{"role": "system", "content": s}, {"role": "user", "content": u}, {"role": "assistant", "content": a}]
     full = jt.render(msgs, add_generation_prompt=False)
@@ -147,35 +151,56 @@ def from_jinja(tokenizer: Tokenizer) -> ChatTemplate:
     if not between_ua.endswith(generation):
         raise fail("the assistant's turn opens unlike its generation prompt")
     u_suffix = between_ua[: len(between_ua) - len(generation)]
-    if not between_su.startswith(u_suffix):  # every role is assumed to close its turn alike; checked below
-        raise fail("the system turn closes unlike the user's")
-    s_suffix, u_prefix = u_suffix, between_su[len(u_suffix):]
-    # The lead is what sits before the first turn's role marker, e.g. BOS.
-    lead = ""
-    bos = names.get(tokenizer.bos_id)
-    if bos and lead_sys.startswith(bos) and not u_prefix.startswith(bos):  # BOS, not a role marker
-        lead, lead_sys = bos, lead_sys[len(bos):]
-    stops = [m for m in re.findall(r"<\|[^|<>]+\|>", a_suffix) if m in tokenizer.special][:1]
+    folded = not between_su.startswith(u_suffix)
+    if folded:  # the system text sits inside the first user turn (Gemma 3), before the user's own
+        u_prefix = _user_opener(jt, msgs, a_suffix, fail)
+        lead, opened, s_inside = lead_sys.partition(u_prefix)
+        if not (u_prefix and opened):
+            raise fail("the system message is neither a turn of its own nor inside the first user turn")
+        s_prefix, s_suffix = u_prefix + s_inside, between_su
+    else:  # every role is assumed to close its turn alike; checked below
+        s_suffix, u_prefix = u_suffix, between_su[len(u_suffix):]
+        # The lead is what sits before the first turn's role marker, e.g. BOS.
+        lead = bos if bos and lead_sys.startswith(bos) and not u_prefix.startswith(bos) else ""
+        s_prefix = lead_sys[len(lead):]
+    stops = markers(a_suffix, tokenizer.special)[:1]
     if not stops:
         raise fail("no special token ends the assistant's turn")
     template = ChatTemplate(
-        roles={"system": (lead_sys, s_suffix), "user": (u_prefix, u_suffix), "assistant": (generation, a_suffix)},
+        roles={"system": (s_prefix, s_suffix), "user": (u_prefix, u_suffix), "assistant": (generation, a_suffix)},
         generation_prompt=generation, stop=tuple(stops), lead=lead, default_system=jt.default_system_prompt,
-        name=jt.name,
+        name=jt.name, system_in_user=folded, trim=_trimmed(jt, msgs, full),
     )
     _check_against(template, jt, fail)
     return template
 
 
+def _user_opener(jt: JinjaChatTemplate, msgs: list[dict], a_suffix: str, fail) -> str:
+    """What opens a user turn that follows an assistant's (the first may open otherwise)."""
+    more = jt.render([*msgs, {"role": "user", "content": _FOLLOW_UP}], add_generation_prompt=False)
+    between = more.split(msgs[-1]["content"], 1)[-1].split(_FOLLOW_UP, 1)[0]
+    if _FOLLOW_UP not in more or not between.startswith(a_suffix):
+        raise fail("the assistant's turn closes unlike it does at the end")
+    return between[len(a_suffix):]
+
+
+def _trimmed(jt: JinjaChatTemplate, msgs: list[dict], full: str) -> tuple[str, ...]:
+    """The roles whose text the template strips of surrounding whitespace (Jinja's `| trim`):
+    padded, their text renders as it does bare."""
+    padded = [[*msgs[:i], {**m, "content": f" \n{m['content']}\n "}, *msgs[i + 1:]] for i, m in enumerate(msgs)]
+    return tuple(m["role"] for m, convo in zip(msgs, padded) if jt.render(convo, add_generation_prompt=False) == full)
+
+
 def _check_against(template: ChatTemplate, jt, fail) -> None:
-    """Per-message rendering equals the Jinja template's on conversations of several shapes."""
+    """Per-message rendering equals the Jinja template's on conversations of several shapes: with
+    and without a system prompt, and with text that starts or ends in whitespace."""
     turns = [{"role": "user", "content": "Hi there!"}, {"role": "assistant", "content": "Hello. How can I help?"},
              {"role": "user", "content": "Tell me\na story."}]
+    padded = [{**m, "content": f"\n {m['content']}  "} for m in turns]
     system = template.default_system
-    for convo in (turns, [{"role": "system", "content": "Be brief."}, *turns]):
+    for convo in (turns, [{"role": "system", "content": "Be brief."}, *turns], padded,
+                  [{"role": "system", "content": " Be brief.\n"}, *padded]):
         shown = convo if convo[0]["role"] == "system" or system is None else \
             [{"role": "system", "content": system}, *convo]
-        ours = template.lead + "".join(template.roles[m["role"]][0] + m["content"] + template.roles[m["role"]][1]
-                                       for m in shown) + template.generation_prompt
-        if ours != jt.render(convo, add_generation_prompt=True):
+        if template.text(shown) != jt.render(convo, add_generation_prompt=True):
             raise fail("its output differs from the per-message rendering")

@@ -1,5 +1,11 @@
-"""Layers that compute on a file's 5-, 6- and 8-bit blocks as stored (core/quantized.Int8Blocks),
-and the embedding of a model whose table stays in its file; plan.py decides which layer becomes one.
+"""Layers that compute on a file's blocks as stored (core/quantized.py), and the embedding of a
+model whose table stays in its file; plan.py decides which layer becomes one.
+
+BlockLinear runs every stored form through the native products (native.py, blockdot.c), where
+the machine can build them: 4-bit codes two a byte, or int8 codes, with a float16 scale and low per
+block, against activations rounded to int8 per 32 inputs, as llama.cpp computes on a CPU.
+Elsewhere the 4-bit codes go to torch's int4 kernel (quantize.Int4Linear), and the 5-, 6- and
+8-bit blocks to Int8BlockLinear.
 
 PyTorch's CPU kernels for quantized weights take 4-bit codes in groups of 32 or more inputs
 (`_weight_int4pack_mm_for_cpu`) or int8 codes with one scale per row (`_weight_int8pack_mm`); none
@@ -19,7 +25,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from tinygen.core.quantized import Int8Blocks, as_int8_blocks
+from tinygen.core.quantized import (
+    INT4,
+    Int8Blocks,
+    Q4Weight,
+    StoredWeight,
+    as_int8_blocks,
+)
+from tinygen.generate import native
 from tinygen.generate.quantize import (
     pack_chunks,
     pack_int4,
@@ -38,6 +51,93 @@ def nibble_layout(x: torch.Tensor, half: int, times: torch.Tensor) -> torch.Tens
     of two; a decode step pays for each operation it runs)."""
     rows, n_in = x.shape
     return (x.view(rows, n_in // half, 1, half) * times).view(rows, 2 * n_in)
+
+
+class UnfitBlocks(ValueError):
+    """Weights in a form the native products do not take: they run on torch's kernels instead."""
+
+
+class BlockLinear(nn.Module):
+    """y = x Wᵀ + b with W in blocks as a file stores it (Q4Weight or Int8Blocks), through
+    native.block_matmul_at. Scales and lows are float16 (a file's own are float16 or, in the
+    K-quants, a float16 times a 6- or 8-bit integer: within float16's rounding of the product), held
+    as their int16 bits, which a cast of the model's floating-point tensors leaves alone."""
+
+    def __init__(self, w: StoredWeight | Iterable[StoredWeight], form: str, bias: torch.Tensor | None = None):
+        """w: the weights, or runs of their rows; form: their form (core/quantized.INT4 or INT8)."""
+        super().__init__()
+        native.register_op()
+        self.kind = native.KIND[form]
+        parts = [self._pack(c) for c in ([w] if isinstance(w, (Q4Weight, Int8Blocks)) else w)]
+        codes, scales, lows = (None if p[0] is None else torch.cat(p) for p in zip(*parts))
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer("lows", lows)
+        self.out_features = scales.size(0)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._apply(lambda t: t)
+
+    def _apply(self, fn, recurse=True):
+        """After any move of the buffers, the addresses that forward hands to the native product."""
+        super()._apply(fn, recurse)
+        self.matrix = native.pointers(self.kind, self.codes, self.scales, self.lows, self.block)
+        return self
+
+    def _pack(self, w: StoredWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        self.in_features = n_in = (w.q if isinstance(w, Q4Weight) else w.codes).size(1)
+        if self.kind == native.KIND[INT4]:
+            self.block = n_in // w.scales.size(1)
+            if self.block != 32:
+                raise UnfitBlocks(f"4-bit groups of {self.block} inputs; the native product takes 32")
+            q = w.q.view(w.q.size(0), -1, 32)
+            codes = (q[..., :16] | (q[..., 16:] << 4)).view(q.size(0), -1)
+        else:
+            w = as_int8_blocks(w)
+            if w.block > 32:
+                w = as_int8_blocks(w, 32)
+            self.block = w.block
+            codes = w.codes
+        return codes, _half(w.scales), None if w.lows is None else _half(w.lows)
+
+    def extra_repr(self) -> str:
+        form = "4-bit codes" if self.kind == native.KIND[INT4] else f"int8 codes in blocks of {self.block}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {form}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if flat.dtype != torch.float32 or not flat.is_contiguous():
+            flat = flat.float().contiguous()
+        if torch.compiler.is_compiling():
+            y = torch.ops.tinygen.block_matmul(flat, self.kind, self.codes, self.scales, self.lows, self.block)
+        else:
+            y = native.block_matmul_at(flat, self.matrix)
+        y = y.view(*x.shape[:-1], self.out_features)
+        if x.dtype != torch.float32:
+            y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class NativeRMSNorm(nn.Module):
+    """nn.RMSNorm's forward for float32 CPU activations through native.rms_norm; the same weight."""
+
+    def __init__(self, norm: nn.RMSNorm):
+        super().__init__()
+        self.weight = norm.weight
+        self.eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+        self.normalized_shape = norm.normalized_shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or not x.is_contiguous() or torch.compiler.is_compiling():
+            return torch.nn.functional.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return native.rms_norm(x, self.weight, self.eps)
+
+
+def _half(t: torch.Tensor) -> torch.Tensor:
+    """t as float16, in its int16 bits."""
+    half = t.to(torch.float16)
+    if not torch.isfinite(half).all():
+        raise UnfitBlocks("a block scale beyond float16's range")
+    return half.contiguous().view(torch.int16)
 
 
 class Int8BlockLinear(nn.Module):

@@ -140,8 +140,10 @@ class ChatSession:
 
     def prompt_ids(self) -> list[int]:
         ids = self.fixed_ids()
-        for m in self.messages:
-            ids += m.ids
+        for i, m in enumerate(self.messages):
+            # Gemma 3 writes the system prompt inside the first user turn, which then goes without its opener.
+            first = i == 0 and self.system is not None and self.template.system_in_user
+            ids += self.renderer.message(m.role, m.content, after="system")[0] if first else m.ids
         return ids + self.renderer.generation_prompt()
 
     def _trim(self) -> int:

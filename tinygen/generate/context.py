@@ -31,6 +31,8 @@ class Context:
             if a != b:
                 break
             n += 1
+        if self.cache is not None and not self.cache.resumes(len(self.ids), n):
+            n = 0  # a sliding layer's ring has dropped keys that the window before n needs
         if fixed is not None:
             if self.cache is not fixed:  # the decoder's first call, or its cache grew (StaticDecoder.reserve)
                 if n:

@@ -311,8 +311,9 @@ def prefill(model: GPT, windows: list[list[int]], into: KVCache | None = None,
     if into is not None and into.batch_size != len(unique):
         raise ValueError("a cache to prefill into needs one row per distinct prompt")
     cache = into if into is not None else KVCache(model.config, len(unique), device, model.dtype, max_len)
-    h, _ = model.hidden(idx.to(device), CacheSlots(cache, torch.arange(T, device=device), T))
-    last = torch.tensor([len(w) - 1 for w in unique], device=device)
+    lengths = torch.tensor([len(w) for w in unique], device=device)  # a sliding layer's ring keeps each row's newest
+    h, _ = model.hidden(idx.to(device), CacheSlots(cache, torch.arange(T, device=device), T, lengths=lengths))
+    last = lengths - 1
     logits = model.head(h[torch.arange(len(unique), device=device), last])
     _check_finite(logits)
     if len(unique) < len(windows):

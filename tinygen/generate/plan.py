@@ -2,8 +2,9 @@
 
 A model loaded as stored (a quantized GGUF on a CPU, by default) holds its quantized matrices on the
 meta device: each becomes the layer that runs the file's own numbers (ModelInfo.stored, read here
-and nowhere else): 4-bit ones the int4 kernel (quantize.Int4Linear), 5-, 6- and 8-bit ones the int8
-blocks (blockquant.Int8BlockLinear), and an embedding left in the file reads its rows from there.
+and nowhere else): the native block products (blockquant.BlockLinear) where this machine built them,
+else torch's int4 kernel (quantize.Int4Linear, blockquant.Int8BlockLinear); its RMSNorms become
+native ones too, and an embedding left in the file reads its rows from there.
 For float weights, from the model's device and dtype, --quantize and --compile, each linear layer
 becomes int4 or int8 codes (quantize.py), a split or fused product for CPU decode steps
 (fastlinear.py), or stays as it is; --compile adds a compiled batch-1 step (compiled.py). The
@@ -26,7 +27,14 @@ from tinygen.core.quantized import (
     StoredMatrix,
 )
 from tinygen.errors import TinygenError
-from tinygen.generate.blockquant import Int8BlockLinear, RowsEmbedding
+from tinygen.generate import native
+from tinygen.generate.blockquant import (
+    BlockLinear,
+    Int8BlockLinear,
+    NativeRMSNorm,
+    RowsEmbedding,
+    UnfitBlocks,
+)
 from tinygen.generate.compiled import StaticDecoder
 from tinygen.generate.fastlinear import SmallLinear, SplitLinear
 from tinygen.generate.quantize import INT4_GROUPS, MODES, Int4Linear, Int8Linear
@@ -36,20 +44,6 @@ SPLIT_MIN_WEIGHTS = 1 << 18
 # Rows of a stored matrix decoded at a time (where the file allows): a large head's decoded codes
 # never exist whole beside its packed ones. A multiple of quantize.PACK_ROWS.
 STORED_CHUNK_ROWS = 8192
-
-
-class StoredGPT(GPT):
-    """A prepared GPT whose embedding reads its rows from the file (blockquant.RowsEmbedding) and
-    holds no table: GPT reads its device and dtype from the table, which would be dequantized whole
-    each time, so these read them from the final norm's gain, a float weight of every model."""
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.ln_f.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.ln_f.weight.dtype
 
 
 @dataclass
@@ -104,11 +98,21 @@ def prepare(model: GPT, quantize: str | None = None, compile: bool = False,
         if embedding_rows is None:
             raise TinygenError("the model's embedding was left in its file, but no reader of its rows came with it")
         prepared.transformer.wte = RowsEmbedding(embedding_rows, wte.num_embeddings, wte.embedding_dim, dtype)
-        prepared.__class__ = StoredGPT  # the copy's own class: the caller's model keeps GPT's
     if as_stored:
+        if native.library() is not None:
+            _native_norms(prepared)
         _return_freed_memory()
     prepared.eval()
     return Prepared(prepared, StaticDecoder(prepared) if compile else None)
+
+
+def _native_norms(model: nn.Module) -> None:
+    """Each float32 RMSNorm as NativeRMSNorm: a decode step runs sixty of them, where torch's CPU
+    norm is several operations each."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.RMSNorm and child.weight is not None and child.weight.dtype == torch.float32:
+                setattr(parent, name, NativeRMSNorm(child))
 
 
 def _return_freed_memory() -> None:
@@ -135,7 +139,13 @@ def _matrix(stored: dict[str, StoredMatrix], path: str) -> StoredMatrix:
 
 
 def _stored_layer(matrix: StoredMatrix, bias: torch.Tensor | None) -> nn.Module:
-    """The layer that runs a stored matrix: the int4 kernel for 4-bit codes, the int8 blocks for wider ones."""
+    """The layer that runs a stored matrix: the native block products where this machine built them,
+    else torch's int4 kernel for 4-bit codes and the int8 blocks for wider ones."""
+    if native.library() is not None:
+        try:
+            return BlockLinear(matrix.chunks(STORED_CHUNK_ROWS), matrix.form, bias)
+        except UnfitBlocks:
+            pass
     layer = Int4Linear if matrix.form == INT4 else Int8BlockLinear
     return layer(matrix.chunks(STORED_CHUNK_ROWS), bias, matrix.rows)
 

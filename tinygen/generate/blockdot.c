@@ -1,0 +1,272 @@
+/* Matrix products on weights in blocks as a quantized file stores them, for decoding on a CPU;
+   generate/native.py compiles this file once per machine and generate/blockquant.BlockLinear
+   calls it.
+
+   Each weight is code * scale + low over a block of inputs. Activations are rounded to int8 per
+   32 inputs (one scale each), as llama.cpp does for its CPU products, so that a block's dot product
+   is a sum of byte products (AVX2's maddubs: 32 multiply-adds an instruction) taken once, and the
+   block's float scale is applied once per 32 weights rather than once per weight. The lows need
+   only the sum of each block's inputs.
+
+   Two weight forms:
+     q4: 4-bit codes 0..15, 16 bytes per block of 32 (byte j: input j in its low nibble, input
+         j + 16 in its high one, ggml's order), a float16 scale and low per block;
+     i8: int8 codes, a float16 scale (and a low, or none) per block of 16 or 32.
+   y (M, N) = x (M, K) W^T, W (N, K), K a multiple of 32. Rows of W are shared among threads; each
+   row is read once for every 4 rows of x, from the cache. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define SIMD 1
+#endif
+
+#define TILE 4 /* rows of x per pass over a row of W */
+
+int blockdot_simd(void) {
+#ifdef SIMD
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static float half_to_float(uint16_t h) {
+#ifdef SIMD
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    union { uint32_t u; float f; } v;
+    if (exp == 0) {  /* zero or subnormal: man * 2^-24 */
+        float f = ldexpf((float)man, -24);
+        return sign ? -f : f;
+    }
+    v.u = sign | (exp == 31 ? 0x7F800000u | (man << 13) : ((exp + 112) << 23) | (man << 13));
+    return v.f;
+#endif
+}
+
+/* x's rows as int8 codes per 32 inputs with their scales, and the sums of each 16 and 32 of the
+   rounded inputs. The lows multiply those sums, not the exact ones: a weight's rounding error is
+   then (scale * code + low) times the input's, as in llama.cpp, where the exact sums would leave
+   the codes' uncentred part, up to 15 scales, against it. */
+typedef struct {
+    int8_t *q;
+    float *d, *sums, *sums32;  /* sums: per 16 inputs; sums32: per 32 */
+} Acts;
+
+static int quantize_acts(const float *x, int M, int K, Acts *a) {
+    int nb = K / 32;
+    a->q = malloc((size_t)M * K);
+    a->d = malloc(sizeof(float) * (size_t)M * nb);
+    a->sums = malloc(sizeof(float) * (size_t)M * nb * 2);
+    a->sums32 = malloc(sizeof(float) * (size_t)M * nb);
+    if (!a->q || !a->d || !a->sums || !a->sums32) return -1;
+    for (size_t i = 0; i < (size_t)M * nb; i++) {
+        const float *xb = x + i * 32;
+        int8_t *q = a->q + i * 32;
+        float amax = 0.f;
+        for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+        float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+        int s0 = 0, s1 = 0;
+        for (int j = 0; j < 32; j++) q[j] = (int8_t)lrintf(xb[j] * inv);
+        for (int j = 0; j < 16; j++) s0 += q[j];
+        for (int j = 16; j < 32; j++) s1 += q[j];
+        a->d[i] = d;
+        a->sums[2 * i] = d * s0;
+        a->sums[2 * i + 1] = d * s1;
+        a->sums32[i] = d * (s0 + s1);
+    }
+    return 0;
+}
+
+static void free_acts(Acts *a) {
+    free(a->q);
+    free(a->d);
+    free(a->sums);
+    free(a->sums32);
+}
+
+#ifdef SIMD
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+#ifdef SIMD
+/* Sum over k of lows[k] * sums[k] (float16 lows, float sums), 8 a step. */
+static float low_dot(const uint16_t *lo, const float *sums, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= n; k += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(lo + k))), _mm256_loadu_ps(sums + k), acc);
+    float r = hsum(acc);
+    for (; k < n; k++) r += half_to_float(lo[k]) * sums[k];
+    return r;
+}
+
+/* A block of 4-bit codes as 32 bytes in input order. */
+static inline __m256i q4_codes(const uint8_t *w) {
+    __m128i v = _mm_loadu_si128((const __m128i *)w);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
+}
+
+/* The 8 int32 partial sums of a block's byte products: unsigned codes u against signed x. */
+static inline __m256 block_dot(__m256i u, __m256i x) {
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)));
+}
+
+/* The same for signed codes: maddubs takes one unsigned operand, so |code| against x carrying
+   the code's sign. */
+static inline __m256 block_dot_signed(__m256i c, __m256i x) {
+    return block_dot(_mm256_sign_epi8(c, c), _mm256_sign_epi8(x, c));
+}
+
+/* A block's scale for each partial sum: inputs 0..15 land in lanes 0..3, 16..31 in lanes 4..7, so
+   a block of 16 puts its two scales in the two halves. */
+static inline __m256 block_scales(const uint16_t *sc, int b, int per) {
+    if (per == 1) return _mm256_set1_ps(half_to_float(sc[b]));
+    uint32_t pair;
+    memcpy(&pair, sc + 2 * b, 4);
+    __m128 two = _mm_cvtph_ps(_mm_cvtsi32_si128((int)pair));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+#endif
+
+
+/* Row n of W (q4 if per == 0, else int8 codes with `per` scales per 32 inputs) against rows
+   m0 .. m0 + tm of x, without the lows: a prefill's product, each block of W unpacked once for
+   TILE rows of x. */
+static void row_dot(const void *w, const uint16_t *sc, int nb, int per, const Acts *a, int m0, int tm, float *out) {
+#ifdef SIMD
+    const uint8_t *w4 = w;
+    const int8_t *w8 = w;
+    __m256 acc[TILE];
+    for (int t = 0; t < TILE; t++) acc[t] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256i codes = per ? _mm256_loadu_si256((const __m256i *)(w8 + (size_t)b * 32)) : q4_codes(w4 + (size_t)b * 16);
+        __m256 scale = per ? block_scales(sc, b, per) : _mm256_set1_ps(half_to_float(sc[b]));
+        for (int t = 0; t < tm; t++) {
+            size_t i = (size_t)(m0 + t) * nb + b;
+            __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + i * 32));
+            __m256 dot = per ? block_dot_signed(codes, x) : block_dot(codes, x);
+            acc[t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(a->d[i])), acc[t]);
+        }
+    }
+    for (int t = 0; t < tm; t++) out[t] = hsum(acc[t]);
+#else
+    for (int t = 0; t < tm; t++) {
+        float sum = 0.f;
+        for (int b = 0; b < nb; b++) {
+            size_t i = (size_t)(m0 + t) * nb + b;
+            const int8_t *x = a->q + i * 32;
+            for (int h = 0; h < 2; h++) {
+                int dot = 0;
+                for (int j = 16 * h; j < 16 * h + 16; j++) {
+                    int code = per ? ((const int8_t *)w)[(size_t)b * 32 + j]
+                                   : (((const uint8_t *)w)[(size_t)b * 16 + j % 16] >> (4 * h)) & 15;
+                    dot += code * x[j];
+                }
+                sum += half_to_float(sc[per == 2 ? 2 * b + h : b]) * a->d[i] * dot;
+            }
+        }
+        out[t] = sum;
+    }
+#endif
+}
+
+#ifndef SIMD
+static float low_dot(const uint16_t *lo, const float *sums, int n) {
+    float r = 0.f;
+    for (int k = 0; k < n; k++) r += half_to_float(lo[k]) * sums[k];
+    return r;
+}
+#endif
+
+/* The lows' part of row n against row m of x: each low times the sum of its block's inputs. */
+static float row_lows(const uint16_t *lo, int nb, int per, const Acts *a, int m) {
+    if (per == 2) return low_dot(lo, a->sums + (size_t)m * nb * 2, 2 * nb);
+    return low_dot(lo, a->sums32 + (size_t)m * nb, nb);
+}
+
+
+#ifdef SIMD
+/* Row n of W against x's one row, without the lows: a decode step's product. Called with `per`
+   a constant, so that each form gets a loop of its own, with no branch inside. */
+static inline float decode_row(const uint8_t *w, const uint16_t *sc, int nb, int per, const Acts *a) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (size_t)b * 32));
+        __m256 dot, scale;
+        if (per) {
+            dot = block_dot_signed(_mm256_loadu_si256((const __m256i *)(w + (size_t)b * 32)), x);
+            scale = block_scales(sc, b, per);
+        } else {
+            dot = block_dot(q4_codes(w + (size_t)b * 16), x);
+            scale = _mm256_set1_ps(half_to_float(sc[b]));
+        }
+        acc = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(a->d[b])), acc);
+    }
+    return hsum(acc);
+}
+#endif
+
+/* kind 4: q4 codes; kind 8: int8 codes in blocks of `block` (16 or 32). lows may be NULL.
+   Returns 0, or -1 when memory ran out (y is then unwritten). */
+int block_matmul(int kind, const void *codes, const uint16_t *scales, const uint16_t *lows, int block,
+                 int N, int K, const float *x, int M, float *y, int threads) {
+    Acts a;
+    int nb = K / 32, per = kind == 4 ? 0 : 32 / block, nbw = kind == 4 ? nb : K / block;
+    if (quantize_acts(x, M, K, &a)) {
+        free_acts(&a);
+        return -1;
+    }
+    size_t row_bytes = kind == 4 ? (size_t)nb * 16 : (size_t)K;
+#ifdef SIMD
+    if (M == 1) {
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int n = 0; n < N; n++) {
+            const uint8_t *w = (const uint8_t *)codes + (size_t)n * row_bytes;
+            const uint16_t *sc = scales + (size_t)n * nbw;
+            float dot = per == 0 ? decode_row(w, sc, nb, 0, &a)
+                      : per == 1 ? decode_row(w, sc, nb, 1, &a) : decode_row(w, sc, nb, 2, &a);
+            y[n] = dot + (lows ? row_lows(lows + (size_t)n * nbw, nb, per, &a, 0) : 0.f);
+        }
+        free_acts(&a);
+        return 0;
+    }
+#endif
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        float out[TILE];
+        const uint8_t *w = (const uint8_t *)codes + (size_t)n * row_bytes;
+        for (int m0 = 0; m0 < M; m0 += TILE) {
+            int tm = M - m0 < TILE ? M - m0 : TILE;
+            row_dot(w, scales + (size_t)n * nbw, nb, per, &a, m0, tm, out);
+            for (int t = 0; t < tm; t++)
+                y[(size_t)(m0 + t) * N + n] = out[t] + (lows ? row_lows(lows + (size_t)n * nbw, nb, per, &a, m0 + t) : 0.f);
+        }
+    }
+    free_acts(&a);
+    return 0;
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * w over each of x's M rows of K: a decode step's norms, one
+   call each instead of the handful of tensor operations torch's CPU RMSNorm runs. */
+void rms_norm(const float *x, const float *w, float eps, int M, int K, float *y) {
+    for (int m = 0; m < M; m++) {
+        const float *xr = x + (size_t)m * K;
+        float *yr = y + (size_t)m * K;
+        double ss = 0.0;
+        for (int k = 0; k < K; k++) ss += (double)xr[k] * xr[k];
+        float inv = (float)(1.0 / sqrt(ss / K + eps));
+        for (int k = 0; k < K; k++) yr[k] = xr[k] * inv * w[k];
+    }
+}
