@@ -51,6 +51,8 @@ def test_each_types_layer_is_the_float_product_on_int8_activations(type_name):
     layer = BlockLinear(w, stored_form(type_name), bias=torch.randn(48))
     # Scales and lows are kept as float16: a K-quant's d * sc, within float16's rounding.
     assert (held(w).dequantize() - values).abs().max() <= 2 ** -10 * values.abs().max()
+    if type_name.startswith("Q5"):  # 5-bit codes, packed to the file's own size
+        assert layer.kind == native.FIVE_BITS and layer.codes.nbytes == 48 * 512 * 20 // 32
     x = torch.randn(11, 512, generator=torch.Generator().manual_seed(2))
     for rows in (1, 3, 4, 11):  # a decode step, a tile and a part of one, and a prefill
         assert_product(layer, held(w).dequantize(), x[:rows], layer.bias)
@@ -87,6 +89,22 @@ def test_a_matrix_read_in_runs_of_rows_is_the_matrix_read_whole():
         assert torch.equal(dict(a.named_buffers())[name], buffer), name
     x = torch.randn(2, 256)
     assert torch.equal(a(x), b(x))
+
+
+def test_a_matrix_whose_later_rows_need_8_bits_is_kept_at_8(monkeypatch):
+    """The first run of rows decides 5-bit codes; a later run that needs more is refused, and the
+    plan builds the matrix again at 8 bits."""
+    from tinygen.generate import plan
+
+    g = torch.Generator().manual_seed(7)
+    small = Int8Blocks(torch.randint(-16, 16, (8, 64), dtype=torch.int8, generator=g), torch.rand(8, 2, generator=g))
+    wide = Int8Blocks(torch.randint(-128, 128, (8, 64), dtype=torch.int8, generator=g), torch.rand(8, 2, generator=g))
+    whole = Int8Blocks(torch.cat([small.codes, wide.codes]), torch.cat([small.scales, wide.scales]))
+    matrix = StoredMatrix("int8", lambda: whole, 16, lambda a, b: small if a == 0 else wide)
+    monkeypatch.setattr(plan, "STORED_CHUNK_ROWS", 8)
+    layer = plan._stored_layer(matrix, None)
+    assert isinstance(layer, BlockLinear) and layer.kind == native.KIND["int8"]
+    assert_product(layer, held(whole).dequantize(), torch.randn(3, 64, generator=g))
 
 
 def test_casting_the_model_leaves_the_blocks_as_they_are():

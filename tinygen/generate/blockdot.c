@@ -8,9 +8,11 @@
    block's float scale is applied once per 32 weights rather than once per weight. The lows need
    only the sum of each block's inputs.
 
-   Two weight forms:
+   Three weight forms:
      q4: 4-bit codes 0..15, 16 bytes per block of 32 (byte j: input j in its low nibble, input
          j + 16 in its high one, ggml's order), a float16 scale and low per block;
+     q5: 5-bit codes 0..31, 20 bytes per block of 32: q4's 16 bytes of low nibbles, then the
+         fifth bits (bit j of the 4 bytes, little-endian, for input j), a scale and low per block;
      i8: int8 codes, a float16 scale (and a low, or none) per block of 16 or 32.
    y (M, N) = x (M, K) W^T, W (N, K), K a multiple of 32. Rows of W are shared among threads; each
    row is read once for every 4 rows of x, from the cache. */
@@ -26,6 +28,11 @@
 #endif
 
 #define TILE 4 /* rows of x per pass over a row of W */
+
+/* The forms, as the functions below take them: I8_16 has two scales per 32 inputs. */
+enum { Q4, I8, I8_16, Q5 };
+
+static inline size_t block_bytes(int form) { return form == Q4 ? 16 : form == Q5 ? 20 : 32; }
 
 int blockdot_simd(void) {
 #ifdef SIMD
@@ -118,21 +125,40 @@ static inline __m256i q4_codes(const uint8_t *w) {
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
 }
 
+/* 32 bits (bit j of 4 little-endian bytes) as 32 bytes, 0xFF where the bit is set (llama.cpp's
+   bytes_from_bits_32). */
+static inline __m256i bits_32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)v), _mm256_set_epi64x(
+        0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000));
+    bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    return _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+}
+
+/* A block's 32 codes as bytes in input order (signed for the int8 forms). */
+static inline __m256i block_codes(const uint8_t *w, int form) {
+    if (form == Q4) return q4_codes(w);
+    if (form == Q5) return _mm256_or_si256(q4_codes(w), _mm256_and_si256(bits_32(w + 16), _mm256_set1_epi8(0x10)));
+    return _mm256_loadu_si256((const __m256i *)w);
+}
+
 /* The 8 int32 partial sums of a block's byte products: unsigned codes u against signed x. */
 static inline __m256 block_dot(__m256i u, __m256i x) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1)));
 }
 
-/* The same for signed codes: maddubs takes one unsigned operand, so |code| against x carrying
-   the code's sign. */
-static inline __m256 block_dot_signed(__m256i c, __m256i x) {
-    return block_dot(_mm256_sign_epi8(c, c), _mm256_sign_epi8(x, c));
+/* The same for any form: maddubs takes one unsigned operand, so a signed code goes in as |code|
+   against x carrying the code's sign. */
+static inline __m256 form_dot(__m256i c, __m256i x, int form) {
+    if (form == I8 || form == I8_16) return block_dot(_mm256_sign_epi8(c, c), _mm256_sign_epi8(x, c));
+    return block_dot(c, x);
 }
 
 /* A block's scale for each partial sum: inputs 0..15 land in lanes 0..3, 16..31 in lanes 4..7, so
    a block of 16 puts its two scales in the two halves. */
-static inline __m256 block_scales(const uint16_t *sc, int b, int per) {
-    if (per == 1) return _mm256_set1_ps(half_to_float(sc[b]));
+static inline __m256 block_scales(const uint16_t *sc, int b, int form) {
+    if (form != I8_16) return _mm256_set1_ps(half_to_float(sc[b]));
     uint32_t pair;
     memcpy(&pair, sc + 2 * b, 4);
     __m128 two = _mm_cvtph_ps(_mm_cvtsi32_si128((int)pair));
@@ -141,23 +167,29 @@ static inline __m256 block_scales(const uint16_t *sc, int b, int per) {
 #endif
 
 
-/* Row n of W (q4 if per == 0, else int8 codes with `per` scales per 32 inputs) against rows
-   m0 .. m0 + tm of x, without the lows: a prefill's product, each block of W unpacked once for
-   TILE rows of x. */
-static void row_dot(const void *w, const uint16_t *sc, int nb, int per, const Acts *a, int m0, int tm, float *out) {
+#ifndef SIMD
+/* Code j of a block in any form. */
+static int code_at(const uint8_t *w, int j, int form) {
+    if (form == I8 || form == I8_16) return ((const int8_t *)w)[j];
+    int u = (w[j % 16] >> (4 * (j / 16))) & 15;
+    if (form == Q5) u |= ((w[16 + j / 8] >> (j % 8)) & 1) << 4;
+    return u;
+}
+#endif
+
+/* Row n of W against rows m0 .. m0 + tm of x, without the lows: a prefill's product, each block
+   of W unpacked once for TILE rows of x. */
+static void row_dot(const uint8_t *w, const uint16_t *sc, int nb, int form, const Acts *a, int m0, int tm, float *out) {
 #ifdef SIMD
-    const uint8_t *w4 = w;
-    const int8_t *w8 = w;
     __m256 acc[TILE];
     for (int t = 0; t < TILE; t++) acc[t] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
-        __m256i codes = per ? _mm256_loadu_si256((const __m256i *)(w8 + (size_t)b * 32)) : q4_codes(w4 + (size_t)b * 16);
-        __m256 scale = per ? block_scales(sc, b, per) : _mm256_set1_ps(half_to_float(sc[b]));
+        __m256i codes = block_codes(w + b * block_bytes(form), form);
+        __m256 scale = block_scales(sc, b, form);
         for (int t = 0; t < tm; t++) {
             size_t i = (size_t)(m0 + t) * nb + b;
             __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + i * 32));
-            __m256 dot = per ? block_dot_signed(codes, x) : block_dot(codes, x);
-            acc[t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(a->d[i])), acc[t]);
+            acc[t] = _mm256_fmadd_ps(form_dot(codes, x, form), _mm256_mul_ps(scale, _mm256_set1_ps(a->d[i])), acc[t]);
         }
     }
     for (int t = 0; t < tm; t++) out[t] = hsum(acc[t]);
@@ -169,12 +201,8 @@ static void row_dot(const void *w, const uint16_t *sc, int nb, int per, const Ac
             const int8_t *x = a->q + i * 32;
             for (int h = 0; h < 2; h++) {
                 int dot = 0;
-                for (int j = 16 * h; j < 16 * h + 16; j++) {
-                    int code = per ? ((const int8_t *)w)[(size_t)b * 32 + j]
-                                   : (((const uint8_t *)w)[(size_t)b * 16 + j % 16] >> (4 * h)) & 15;
-                    dot += code * x[j];
-                }
-                sum += half_to_float(sc[per == 2 ? 2 * b + h : b]) * a->d[i] * dot;
+                for (int j = 16 * h; j < 16 * h + 16; j++) dot += code_at(w + b * block_bytes(form), j, form) * x[j];
+                sum += half_to_float(sc[form == I8_16 ? 2 * b + h : b]) * a->d[i] * dot;
             }
         }
         out[t] = sum;
@@ -191,53 +219,47 @@ static float low_dot(const uint16_t *lo, const float *sums, int n) {
 #endif
 
 /* The lows' part of row n against row m of x: each low times the sum of its block's inputs. */
-static float row_lows(const uint16_t *lo, int nb, int per, const Acts *a, int m) {
-    if (per == 2) return low_dot(lo, a->sums + (size_t)m * nb * 2, 2 * nb);
+static float row_lows(const uint16_t *lo, int nb, int form, const Acts *a, int m) {
+    if (form == I8_16) return low_dot(lo, a->sums + (size_t)m * nb * 2, 2 * nb);
     return low_dot(lo, a->sums32 + (size_t)m * nb, nb);
 }
 
 
 #ifdef SIMD
-/* Row n of W against x's one row, without the lows: a decode step's product. Called with `per`
+/* Row n of W against x's one row, without the lows: a decode step's product. Called with `form`
    a constant, so that each form gets a loop of its own, with no branch inside. */
-static inline float decode_row(const uint8_t *w, const uint16_t *sc, int nb, int per, const Acts *a) {
+static inline float decode_row(const uint8_t *w, const uint16_t *sc, int nb, int form, const Acts *a) {
     __m256 acc = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
         __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + (size_t)b * 32));
-        __m256 dot, scale;
-        if (per) {
-            dot = block_dot_signed(_mm256_loadu_si256((const __m256i *)(w + (size_t)b * 32)), x);
-            scale = block_scales(sc, b, per);
-        } else {
-            dot = block_dot(q4_codes(w + (size_t)b * 16), x);
-            scale = _mm256_set1_ps(half_to_float(sc[b]));
-        }
-        acc = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_set1_ps(a->d[b])), acc);
+        __m256 dot = form_dot(block_codes(w + b * block_bytes(form), form), x, form);
+        acc = _mm256_fmadd_ps(dot, _mm256_mul_ps(block_scales(sc, b, form), _mm256_set1_ps(a->d[b])), acc);
     }
     return hsum(acc);
 }
 #endif
 
-/* kind 4: q4 codes; kind 8: int8 codes in blocks of `block` (16 or 32). lows may be NULL.
-   Returns 0, or -1 when memory ran out (y is then unwritten). */
+/* kind 4: q4 codes; 5: q5 codes; 8: int8 codes in blocks of `block` (16 or 32). lows may be NULL
+   for kind 8. Returns 0, or -1 when memory ran out (y is then unwritten). */
 int block_matmul(int kind, const void *codes, const uint16_t *scales, const uint16_t *lows, int block,
                  int N, int K, const float *x, int M, float *y, int threads) {
     Acts a;
-    int nb = K / 32, per = kind == 4 ? 0 : 32 / block, nbw = kind == 4 ? nb : K / block;
+    int form = kind == 4 ? Q4 : kind == 5 ? Q5 : block == 16 ? I8_16 : I8;
+    int nb = K / 32, nbw = form == I8_16 ? 2 * nb : nb;
     if (quantize_acts(x, M, K, &a)) {
         free_acts(&a);
         return -1;
     }
-    size_t row_bytes = kind == 4 ? (size_t)nb * 16 : (size_t)K;
+    size_t row_bytes = (size_t)nb * block_bytes(form);
 #ifdef SIMD
     if (M == 1) {
         #pragma omp parallel for num_threads(threads) schedule(static)
         for (int n = 0; n < N; n++) {
             const uint8_t *w = (const uint8_t *)codes + (size_t)n * row_bytes;
             const uint16_t *sc = scales + (size_t)n * nbw;
-            float dot = per == 0 ? decode_row(w, sc, nb, 0, &a)
-                      : per == 1 ? decode_row(w, sc, nb, 1, &a) : decode_row(w, sc, nb, 2, &a);
-            y[n] = dot + (lows ? row_lows(lows + (size_t)n * nbw, nb, per, &a, 0) : 0.f);
+            float dot = form == Q4 ? decode_row(w, sc, nb, Q4, &a) : form == Q5 ? decode_row(w, sc, nb, Q5, &a)
+                      : form == I8 ? decode_row(w, sc, nb, I8, &a) : decode_row(w, sc, nb, I8_16, &a);
+            y[n] = dot + (lows ? row_lows(lows + (size_t)n * nbw, nb, form, &a, 0) : 0.f);
         }
         free_acts(&a);
         return 0;
@@ -249,9 +271,9 @@ int block_matmul(int kind, const void *codes, const uint16_t *scales, const uint
         const uint8_t *w = (const uint8_t *)codes + (size_t)n * row_bytes;
         for (int m0 = 0; m0 < M; m0 += TILE) {
             int tm = M - m0 < TILE ? M - m0 : TILE;
-            row_dot(w, scales + (size_t)n * nbw, nb, per, &a, m0, tm, out);
+            row_dot(w, scales + (size_t)n * nbw, nb, form, &a, m0, tm, out);
             for (int t = 0; t < tm; t++)
-                y[(size_t)(m0 + t) * N + n] = out[t] + (lows ? row_lows(lows + (size_t)n * nbw, nb, per, &a, m0 + t) : 0.f);
+                y[(size_t)(m0 + t) * N + n] = out[t] + (lows ? row_lows(lows + (size_t)n * nbw, nb, form, &a, m0 + t) : 0.f);
         }
     }
     free_acts(&a);

@@ -27,6 +27,7 @@ from torch import nn
 
 from tinygen.core.quantized import (
     INT4,
+    INT8,
     Int8Blocks,
     Q4Weight,
     StoredWeight,
@@ -63,11 +64,14 @@ class BlockLinear(nn.Module):
     K-quants, a float16 times a 6- or 8-bit integer: within float16's rounding of the product), held
     as their int16 bits, which a cast of the model's floating-point tensors leaves alone."""
 
-    def __init__(self, w: StoredWeight | Iterable[StoredWeight], form: str, bias: torch.Tensor | None = None):
-        """w: the weights, or runs of their rows; form: their form (core/quantized.INT4 or INT8)."""
+    def __init__(self, w: StoredWeight | Iterable[StoredWeight], form: str, bias: torch.Tensor | None = None,
+                 narrow: bool = True):
+        """w: the weights, or runs of their rows; form: their form (core/quantized.INT4 or INT8).
+        narrow: int8 codes that span 32 values (Q5_0, Q5_1, Q5_K) are kept as 5-bit codes, the
+        file's own size, rather than a byte each."""
         super().__init__()
         native.register_op()
-        self.kind = native.KIND[form]
+        self.kind, self.narrow = native.KIND[form], narrow
         parts = [self._pack(c) for c in ([w] if isinstance(w, (Q4Weight, Int8Blocks)) else w)]
         codes, scales, lows = (None if p[0] is None else torch.cat(p) for p in zip(*parts))
         self.register_buffer("codes", codes)
@@ -84,23 +88,31 @@ class BlockLinear(nn.Module):
         return self
 
     def _pack(self, w: StoredWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A run of rows in the native form: the first run decides between 5-bit and 8-bit codes."""
         self.in_features = n_in = (w.q if isinstance(w, Q4Weight) else w.codes).size(1)
         if self.kind == native.KIND[INT4]:
             self.block = n_in // w.scales.size(1)
             if self.block != 32:
                 raise UnfitBlocks(f"4-bit groups of {self.block} inputs; the native product takes 32")
             q = w.q.view(w.q.size(0), -1, 32)
-            codes = (q[..., :16] | (q[..., 16:] << 4)).view(q.size(0), -1)
-        else:
-            w = as_int8_blocks(w)
-            if w.block > 32:
-                w = as_int8_blocks(w, 32)
-            self.block = w.block
-            codes = w.codes
-        return codes, _half(w.scales), None if w.lows is None else _half(w.lows)
+            return (q[..., :16] | (q[..., 16:] << 4)).view(q.size(0), -1), _half(w.scales), _half(w.lows)
+        w = as_int8_blocks(w)
+        if w.block > 32:
+            w = as_int8_blocks(w, 32)
+        self.block = w.block
+        offset = _five_bit_offset(w) if self.narrow else None
+        if self.kind == native.KIND[INT8] and offset is not None and not hasattr(self, "scales"):
+            self.kind = native.FIVE_BITS
+        if self.kind == native.FIVE_BITS:
+            if offset is None:
+                raise UnfitBlocks("a later run of rows spans more than 5 bits")
+            return _five_bit_codes(w.codes, offset), _half(w.scales), _half(offset * w.scales +
+                                                                             (0 if w.lows is None else w.lows))
+        return w.codes, _half(w.scales), None if w.lows is None else _half(w.lows)
 
     def extra_repr(self) -> str:
-        form = "4-bit codes" if self.kind == native.KIND[INT4] else f"int8 codes in blocks of {self.block}"
+        form = {native.KIND[INT4]: "4-bit codes", native.FIVE_BITS: "5-bit codes"}.get(
+            self.kind, f"int8 codes in blocks of {self.block}")
         return f"in_features={self.in_features}, out_features={self.out_features}, {form}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +142,24 @@ class NativeRMSNorm(nn.Module):
         if x.dtype != torch.float32 or not x.is_contiguous() or torch.compiler.is_compiling():
             return torch.nn.functional.rms_norm(x, self.normalized_shape, self.weight, self.eps)
         return native.rms_norm(x, self.weight, self.eps)
+
+
+def _five_bit_offset(w: Int8Blocks) -> int | None:
+    """The offset that makes w's codes 0..31 (Q5_0's are -16..15, Q5_1's and Q5_K's 0..31), where
+    blocks of 32 allow it."""
+    if w.block != 32:
+        return None
+    low, high = int(w.codes.min()), int(w.codes.max())
+    return -16 if low >= -16 and high <= 15 else 0 if low >= 0 and high <= 31 else None
+
+
+def _five_bit_codes(codes: torch.Tensor, offset: int) -> torch.Tensor:
+    """Codes (rows, in) as blockdot.c's q5 form: per block of 32, the low nibbles as q4 packs them,
+    then the fifth bits, bit j of 4 little-endian bytes for input j. u = code - offset."""
+    u = (codes.to(torch.int16) - offset).to(torch.uint8).view(codes.size(0), -1, 32)
+    nibbles = (u[..., :16] & 15) | ((u[..., 16:] & 15) << 4)
+    bits = ((u >> 4).view(*u.shape[:2], 4, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    return torch.cat((nibbles, bits), dim=-1).view(codes.size(0), -1)
 
 
 def _half(t: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,7 @@ def library() -> ctypes.CDLL | None:
 
 
 KIND = {"int4": 4, "int8": 8}  # core/quantized's forms, as block_matmul's kinds
+FIVE_BITS = 5  # the kind of int8 codes that span 32 values, packed as 5 bits (blockdot.c's q5)
 
 
 def pointers(kind: int, codes: torch.Tensor, scales: torch.Tensor, lows: torch.Tensor | None, block: int) -> tuple:

@@ -142,10 +142,11 @@ def _stored_layer(matrix: StoredMatrix, bias: torch.Tensor | None) -> nn.Module:
     """The layer that runs a stored matrix: the native block products where this machine built them,
     else torch's int4 kernel for 4-bit codes and the int8 blocks for wider ones."""
     if native.library() is not None:
-        try:
-            return BlockLinear(matrix.chunks(STORED_CHUNK_ROWS), matrix.form, bias)
-        except UnfitBlocks:
-            pass
+        for narrow in (True, False):  # 5-bit codes where every run of rows allows them
+            try:
+                return BlockLinear(matrix.chunks(STORED_CHUNK_ROWS), matrix.form, bias, narrow)
+            except UnfitBlocks:
+                pass
     layer = Int4Linear if matrix.form == INT4 else Int8BlockLinear
     return layer(matrix.chunks(STORED_CHUNK_ROWS), bias, matrix.rows)
 
