@@ -127,7 +127,7 @@ def _fused(parts) -> StoredWeight:
 
 
 # How each form runs, as `tinygen info` says it.
-RUNS = {INT4: "as stored (int4 kernel)", INT8: "as stored (int8 blocks)"}
+RUNS = {INT4: "as stored (4-bit blocks)", INT8: "as stored (int8 blocks)"}
 FLOATS = {"F32": "float32", "F16": "converted to float32", "BF16": "converted to float32"}
 
 
