@@ -72,7 +72,8 @@ class BlockLinear(nn.Module):
         super().__init__()
         native.register_op()
         self.kind, self.narrow = native.KIND[form], narrow
-        parts = [self._pack(c) for c in ([w] if isinstance(w, (Q4Weight, Int8Blocks)) else w)]
+        runs = [w] if isinstance(w, (Q4Weight, Int8Blocks)) else w
+        parts = [self._pack(run, first=i == 0) for i, run in enumerate(runs)]
         codes, scales, lows = (None if p[0] is None else torch.cat(p) for p in zip(*parts))
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
@@ -87,7 +88,7 @@ class BlockLinear(nn.Module):
         self.matrix = native.pointers(self.kind, self.codes, self.scales, self.lows, self.block)
         return self
 
-    def _pack(self, w: StoredWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _pack(self, w: StoredWeight, first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """A run of rows in the native form: the first run decides between 5-bit and 8-bit codes."""
         self.in_features = n_in = (w.q if isinstance(w, Q4Weight) else w.codes).size(1)
         if self.kind == native.KIND[INT4]:
@@ -95,13 +96,13 @@ class BlockLinear(nn.Module):
             if self.block != 32:
                 raise UnfitBlocks(f"4-bit groups of {self.block} inputs; the native product takes 32")
             q = w.q.view(w.q.size(0), -1, 32)
-            return (q[..., :16] | (q[..., 16:] << 4)).view(q.size(0), -1), _half(w.scales), _half(w.lows)
+            return _nibbles(q).view(q.size(0), -1), _half(w.scales), _half(w.lows)
         w = as_int8_blocks(w)
         if w.block > 32:
             w = as_int8_blocks(w, 32)
         self.block = w.block
         offset = _five_bit_offset(w) if self.narrow else None
-        if self.kind == native.KIND[INT8] and offset is not None and not hasattr(self, "scales"):
+        if first and self.kind == native.KIND[INT8] and offset is not None:
             self.kind = native.FIVE_BITS
         if self.kind == native.FIVE_BITS:
             if offset is None:
@@ -144,6 +145,11 @@ class NativeRMSNorm(nn.Module):
         return native.rms_norm(x, self.weight, self.eps)
 
 
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (..., 32) as ggml packs a block: byte j holds code j low and code j + 16 high."""
+    return q[..., :16] | (q[..., 16:] << 4)
+
+
 def _five_bit_offset(w: Int8Blocks) -> int | None:
     """The offset that makes w's codes 0..31 (Q5_0's are -16..15, Q5_1's and Q5_K's 0..31), where
     blocks of 32 allow it."""
@@ -157,7 +163,7 @@ def _five_bit_codes(codes: torch.Tensor, offset: int) -> torch.Tensor:
     """Codes (rows, in) as blockdot.c's q5 form: per block of 32, the low nibbles as q4 packs them,
     then the fifth bits, bit j of 4 little-endian bytes for input j. u = code - offset."""
     u = (codes.to(torch.int16) - offset).to(torch.uint8).view(codes.size(0), -1, 32)
-    nibbles = (u[..., :16] & 15) | ((u[..., 16:] & 15) << 4)
+    nibbles = _nibbles(u & 15)
     bits = ((u >> 4).view(*u.shape[:2], 4, 8) << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
     return torch.cat((nibbles, bits), dim=-1).view(codes.size(0), -1)
 

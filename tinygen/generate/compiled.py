@@ -20,9 +20,15 @@ import torch
 from tinygen.core.model import GPT, CacheSlots, KVCache
 
 
-def cache_dir() -> Path:
+def tinygen_cache() -> Path:
+    """$XDG_CACHE_HOME/tinygen: what tinygen builds once per machine (compiled steps, native.py's
+    library), safe to delete."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tinygen" / "torchinductor"
+    return Path(base) / "tinygen"
+
+
+def cache_dir() -> Path:
+    return tinygen_cache() / "torchinductor"
 
 
 # A CPU model with a longer context gets a request-sized cache (see the module's docstring); at or

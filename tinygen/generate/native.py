@@ -18,11 +18,14 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 # At module level, for the custom op's annotations (this module's callers hold torch already).
 import torch
+
+from tinygen import atomic
+from tinygen.errors import TinygenError
+from tinygen.generate.compiled import tinygen_cache
 
 SOURCE = Path(__file__).with_name("blockdot.c")
 # OpenMP shares each product's rows among torch's own threads (torch's wheels bring the same
@@ -31,8 +34,7 @@ FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tinygen" / "kernels"
+    return tinygen_cache() / "kernels"
 
 
 def _cpu() -> str:
@@ -57,23 +59,16 @@ def build(compiler: str, flags: list[str]) -> Path | None:
     if failed.exists():
         return None
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
-    os.close(fd)
     try:
-        done = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", tmp, "-lm"],
-                              check=False, capture_output=True, timeout=120)
-        if done.returncode:
-            failed.write_bytes(done.stderr[-4096:])
-            return None
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)  # another process building the same key writes the same bytes
-        return target
-    except (OSError, subprocess.SubprocessError):
+        with atomic.atomic_path(target) as tmp:  # another process building the same key writes the same bytes
+            subprocess.run([compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(tmp), "-lm"],
+                           check=True, capture_output=True, timeout=120)
+    except subprocess.CalledProcessError as e:
+        atomic.write_bytes(failed, e.stderr[-4096:])
         return None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except (OSError, subprocess.SubprocessError, TinygenError):
+        return None
+    return target
 
 
 def compiler_path() -> str | None:
