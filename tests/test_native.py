@@ -58,6 +58,17 @@ def test_each_types_layer_is_the_float_product_on_int8_activations(type_name):
         assert_product(layer, held(w).dequantize(), x[:rows], layer.bias)
 
 
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q8_0"])
+@pytest.mark.parametrize("cols", [96, 800])
+def test_a_width_of_odd_blocks_multiplies_as_any_other(type_name, cols):
+    """3 and 25 blocks a row: the wide loops' odd last block and their scales past a run of 16."""
+    w = decode(blocks_of(type_name, rows=8, cols=cols, seed=3), type_name)
+    layer = BlockLinear(w, stored_form(type_name))
+    x = torch.randn(5, cols, generator=torch.Generator().manual_seed(4))
+    for rows in (1, 5):
+        assert_product(layer, held(w).dequantize(), x[:rows])
+
+
 def test_blocks_of_16_and_32_with_and_without_lows_and_extreme_codes():
     g = torch.Generator().manual_seed(0)
     for block, lows in ((16, False), (32, False), (32, True), (16, True)):
@@ -143,9 +154,9 @@ def test_the_build_is_cached_by_source_and_flags_and_failures_are_remembered(tmp
     compiler = native.compiler_path()
     first = native.build(compiler, ["-O1"])
     assert first is not None and native.build(compiler, ["-O1"]) == first  # cached: the same file
-    source = tmp_path / "blockdot.c"
-    source.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
-    monkeypatch.setattr(native, "SOURCE", source)
+    for path in (*native.SOURCES, native.HEADER):  # a copy of the sources, one of them changed
+        (tmp_path / path.name).write_text(path.read_text() + ("\n/* changed */\n" if path.name == "blockdot.c" else ""))
+    monkeypatch.setattr(native, "SOURCES", tuple(tmp_path / path.name for path in native.SOURCES))
     assert native.build(compiler, ["-O1"]) not in (None, first)  # a changed source is a new build
     assert native.build(compiler, ["-O1", "--no-such-flag"]) is None
     assert list((tmp_path / "tinygen" / "kernels").glob("*.failed"))  # asked once, not at every start

@@ -138,7 +138,7 @@ class CacheSlots:
 
     cache: KVCache
     pos: torch.Tensor  # the new tokens' positions, which are also the slots they write: (T,) or (B, T)
-    kv_len: int  # slots [0, kv_len) are read; a pass of T > 1 tokens is at positions [kv_len - T, kv_len)
+    kv_len: int  # slots [0, kv_len) are read; a pass of T tokens without a mask is at positions [kv_len - T, kv_len)
     # (B, 1, T, kv_len) bool, True = may attend. None: plain causal attention, which is right for a
     # prefill from position 0 (kv_len == T) and for one query that may see every slot it reads.
     mask: torch.Tensor | None = None

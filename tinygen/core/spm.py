@@ -18,6 +18,7 @@ import re
 import threading
 from collections.abc import Iterable
 
+from tinygen.core.memory import return_freed_memory
 from tinygen.errors import TinygenError
 
 # GGUF token types, as llama.cpp and SentencePiece number them.
@@ -160,6 +161,7 @@ class SentencePieceTokenizer:
                 except (RuntimeError, OSError) as e:
                     raise TinygenError(f"invalid SentencePiece vocabulary: {e}") from None
                 self._processor = processor
+                return_freed_memory()  # the load's parse of a large vocabulary
             return self._processor
 
     def _partition(self, text: str, special: bool) -> list[str | int]:

@@ -8,6 +8,7 @@ ModelFormat this module registers (FORMAT).
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 
 from tinygen.core.checkpoint import ModelFormat, ModelInfo, build_model, load_tokenizer
@@ -89,6 +90,9 @@ def load_gguf(path: Path, device, dtype, as_stored: bool = False):
     shapes = {name: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in gguf.tensors.items()}
     info = gguf_info(path, gguf.config, gguf.fields, shapes)
     tokenizer = load_tokenizer(info=info)
+    # The vocabulary's arrays live on in the tokenizer: a loaded model does not also keep them as the
+    # file's strings, a Python object each.
+    info = replace(info, tokenizer_data={k: v for k, v in info.tokenizer_data.items() if not isinstance(v, list)})
     stored = {}
     for ours, parts in llama.hf_names(info.config).items():
         if ours.endswith(".weight") and all(p in gguf.stored for p in parts):

@@ -1,5 +1,6 @@
-"""The native block products (blockdot.c), built once per machine with its C compiler and loaded
-through ctypes; blockquant.BlockLinear calls them, plan.py asks whether they are there.
+"""The native block products (blockdot.c) and decode layer (layerstep.c), built once per machine
+with its C compiler and loaded through ctypes; blockquant.BlockLinear and nativeblock.NativeBlock
+call them, plan.py asks whether they are there.
 
 No torch library multiplies a file's quantized blocks by int8 activations as llama.cpp does on a
 CPU, so tinygen carries this one small C file and compiles it for the CPU it runs on (-march=native)
@@ -27,7 +28,9 @@ from tinygen import atomic
 from tinygen.errors import TinygenError
 from tinygen.generate.compiled import tinygen_cache
 
-SOURCE = Path(__file__).with_name("blockdot.c")
+# Compiled together; the header, which both include, is part of the build's key.
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("blockdot.c", "layerstep.c"))
+HEADER = Path(__file__).with_name("blockdot.h")
 # OpenMP shares each product's rows among torch's own threads (torch's wheels bring the same
 # libgomp, which the loader then shares); a compiler without it builds a one-thread library.
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
@@ -48,10 +51,10 @@ def _cpu() -> str:
 
 
 def build(compiler: str, flags: list[str]) -> Path | None:
-    """blockdot.c built with these flags, from the cache when it was built before; None where the
+    """The sources built with these flags, from the cache when they were built before; None where the
     compiler fails (remembered, so that it is asked once)."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join([compiler, *flags]).encode(), _cpu().encode()])).hexdigest()
+    sources = [path.read_bytes() for path in (*SOURCES, HEADER)]
+    key = hashlib.sha256(b"\0".join([*sources, " ".join([compiler, *flags]).encode(), _cpu().encode()])).hexdigest()
     target = cache_dir() / f"blockdot-{key[:24]}.so"
     failed = target.with_suffix(".failed")  # so that a compiler without these flags is asked once
     if target.exists():
@@ -61,7 +64,7 @@ def build(compiler: str, flags: list[str]) -> Path | None:
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         with atomic.atomic_path(target) as tmp:  # another process building the same key writes the same bytes
-            subprocess.run([compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(tmp), "-lm"],
+            subprocess.run([compiler, *flags, "-shared", "-fPIC", *map(str, SOURCES), "-o", str(tmp), "-lm"],
                            check=True, capture_output=True, timeout=120)
     except subprocess.CalledProcessError as e:
         atomic.write_bytes(failed, e.stderr[-4096:])
@@ -97,8 +100,38 @@ def library() -> ctypes.CDLL | None:
         lib.block_matmul.restype = i
         lib.rms_norm.argtypes = [p, p, ctypes.c_float, i, i, p]
         lib.rms_norm.restype = None
+        lib.layer_step.argtypes = [ctypes.POINTER(Layer), p, p, p, p, p, p, i, i, i]
+        lib.layer_step.restype = i
         return lib
     return None
+
+
+class Matrix(ctypes.Structure):
+    """blockdot.h's Matrix: a BlockLinear's blocks by address."""
+
+    _fields_ = [("kind", ctypes.c_int), ("block", ctypes.c_int), ("N", ctypes.c_int), ("K", ctypes.c_int),
+                ("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("lows", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p)]
+
+
+class Layer(ctypes.Structure):
+    """layerstep.c's Layer: a decoder layer's matrices and gains by address, and its shape."""
+
+    _fields_ = [*((name, Matrix) for name in ("qkv", "out", "up", "down")),
+                *((name, ctypes.c_void_p) for name in ("norm1", "norm2", "post1", "post2", "q_norm", "k_norm")),
+                *((name, ctypes.c_int) for name in ("n_head", "n_kv_head", "head_dim", "hidden", "gelu")),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+def layer_step(layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """A decoder layer on one token x (..., C) float32 at position kv_len - 1, its keys and values
+    stored in the layer's cache k, v (1, n_kv_head, slots, head_dim), contiguous float32."""
+    out = torch.empty_like(x)
+    if library().layer_step(ctypes.byref(layer), x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                            k.data_ptr(), v.data_ptr(), k.size(2), kv_len, torch.get_num_threads()):
+        raise MemoryError("out of memory for a decode step")
+    return out
 
 
 KIND = {"int4": 4, "int8": 8}  # core/quantized's forms, as block_matmul's kinds

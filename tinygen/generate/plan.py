@@ -4,7 +4,8 @@ A model loaded as stored (a quantized GGUF on a CPU, by default) holds its quant
 meta device: each becomes the layer that runs the file's own numbers (ModelInfo.stored, read here
 and nowhere else): the native block products (blockquant.BlockLinear) where this machine built them,
 else torch's int4 kernel (quantize.Int4Linear, blockquant.Int8BlockLinear); its RMSNorms become
-native ones too, and an embedding left in the file reads its rows from there.
+native ones too, and then each block a NativeBlock, whose decode step is one native call; an
+embedding left in the file reads its rows from there.
 For float weights, from the model's device and dtype, --quantize and --compile, each linear layer
 becomes int4 or int8 codes (quantize.py), a split or fused product for CPU decode steps
 (fastlinear.py), or stays as it is; --compile adds a compiled batch-1 step (compiled.py). The
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tinygen.core.memory import return_freed_memory
 from tinygen.core.model import GPT
 from tinygen.core.quantized import (
     INT4,
@@ -37,6 +39,7 @@ from tinygen.generate.blockquant import (
 )
 from tinygen.generate.compiled import StaticDecoder
 from tinygen.generate.fastlinear import SmallLinear, SplitLinear
+from tinygen.generate.nativeblock import NativeBlock
 from tinygen.generate.quantize import INT4_GROUPS, MODES, Int4Linear, Int8Linear
 
 # Below this many weights, one matmul call is as fast as any split (the matrix sits in cache).
@@ -101,7 +104,8 @@ def prepare(model: GPT, quantize: str | None = None, compile: bool = False,
     if as_stored:
         if native.library() is not None:
             _native_norms(prepared)
-        _return_freed_memory()
+            _native_blocks(prepared)
+        return_freed_memory()
     prepared.eval()
     return Prepared(prepared, StaticDecoder(prepared) if compile else None)
 
@@ -115,15 +119,12 @@ def _native_norms(model: nn.Module) -> None:
                 setattr(parent, name, NativeRMSNorm(child))
 
 
-def _return_freed_memory() -> None:
-    """Reading a file's blocks into the kernels' forms frees a few hundred MB of temporaries, which
-    glibc keeps in its heap for later: give them back to the system, so that the process holds
-    about what the weights take. Elsewhere (no malloc_trim) nothing is done."""
-    import ctypes
-
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+def _native_blocks(model: GPT) -> None:
+    """Each block that layerstep.c computes as a NativeBlock: a decode step's layer in one call."""
+    blocks = model.transformer.h
+    for i, block in enumerate(blocks):
+        if NativeBlock.fits(block, model.config):
+            blocks[i] = NativeBlock(block, model.config)
 
 
 def _placement(model: GPT) -> tuple[torch.device, torch.dtype]:
