@@ -73,6 +73,19 @@ def test_decode_bytes_count_kv_heads_and_an_untied_head():
     assert int8 < decode_bytes(tied, 10) / 3  # int8 matrices and their scales; the lookup table is not read
 
 
+
+def test_decode_bytes_count_a_sliding_layers_window_only():
+    from conftest import make_model
+
+    from tinygen.bench.ceilings import decode_bytes
+    from tinygen.core.config import ModelConfig
+
+    config = ModelConfig(n_layer=3, n_head=2, n_kv_head=1, n_embd=32, block_size=64, vocab_size=50,
+                         sliding_window=4, sliding_layers=(0, 2))
+    model = make_model(config)
+    kv_per_slot = 2 * 16 * 4  # keys and values of one kv head of 16 dims, float32
+    assert decode_bytes(model, 10) - decode_bytes(model, 1) == (4 + 10 + 4 - 3) * kv_per_slot
+
 def test_decode_bytes_count_a_matrix_kept_as_int8_blocks_as_its_codes():
     """A compiled CPU step reads a Q8_0 matrix's int8 codes and per-32 scales, not its float32 copy."""
     from tinygen.bench.ceilings import decode_bytes

@@ -213,6 +213,15 @@ def test_a_gemma3_folder_samples_at_the_cli_as_transformers_generates(files, mod
     assert r.text == tokenizer.decode(want.tolist())
 
 
+
+def test_info_names_the_gemma3_switches(files, cli):
+    r = cli("info", "-m", files["small"]["f32"])
+    assert_ok(r)
+    row = next(line for line in r.text.splitlines() if line.startswith("architecture"))
+    for switch in ("qk-norm", "sliding window 5 in 5 of 6 layers", "local rope theta 1000", "post-norms",
+                   "embedding scale", "GeGLU MLP"):
+        assert switch in row, switch
+
 def test_a_multimodal_gemma3_folder_loads_its_text_model(tmp_path, tokenizer, vocab):
     """model_type "gemma3": the text model under text_config and model.language_model., beside a
     vision tower that tinygen leaves behind."""

@@ -53,8 +53,9 @@ def decode_context(prompt_tokens: int, new_tokens: int, decoder=None) -> int:
 def decode_bytes(net, context: int) -> int:
     """Bytes read to decode one token that attends over context cache slots (decode_context):
     every weight but the embedding table (a lookup reads one row), the output head (the table
-    again when tied, else its own matrix), and those slots' keys and values, kv_heads of them
-    per layer (grouped-query attention stores fewer than n_head). A matrix that also keeps its int8
+    again when tied, else its own matrix), and those slots' keys and values (a sliding layer's
+    within its window), kv_heads of them per layer (grouped-query attention stores fewer than
+    n_head). A matrix that also keeps its int8
     codes (SplitLinear.int8_blocks: only a compiled CPU step keeps them, and only it reads them) is
     counted as those codes and their scales, not as its float32 weight."""
     tensors = [*net.named_parameters(), *net.named_buffers()]
@@ -66,7 +67,9 @@ def decode_bytes(net, context: int) -> int:
         if (blocks := getattr(m, "int8_blocks", None)) is not None:
             weights += sum(b.numel() * b.element_size() for b in blocks) - m.weight.numel() * m.weight.element_size()
     cfg = net.config
-    kv = 2 * cfg.n_layer * context * cfg.kv_heads * cfg.head_dim * net.dtype.itemsize
+    # A sliding layer reads at most its window.
+    slots = sum(min(context, cfg.sliding_window) if cfg.is_sliding(i) else context for i in range(cfg.n_layer))
+    kv = 2 * slots * cfg.kv_heads * cfg.head_dim * net.dtype.itemsize
     return weights + kv
 
 

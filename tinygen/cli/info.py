@@ -54,7 +54,15 @@ def rows(meta: ModelInfo, tokenizer: Tokenizer) -> list[tuple[str, str]]:
                                 ("llama3 rope scaling", cfg.rope_scaling is not None), ("qk-norm", cfg.qk_norm),
                                 ("relu² MLP", cfg.mlp == "relu2"),
                                 (f"logit soft-cap {cfg.logit_softcap:g}" if cfg.logit_softcap else "", cfg.logit_softcap),
-                                (f"value embeddings ×{cfg.value_embeds}", cfg.value_embeds)) if on]
+                                (f"value embeddings ×{cfg.value_embeds}", cfg.value_embeds),
+                                (f"sliding window {cfg.sliding_window or 0:,} in {len(cfg.sliding_layers)} of "
+                                 f"{cfg.n_layer} layers", cfg.sliding_layers),
+                                (f"local rope theta {cfg.rope_local_theta:g}" if cfg.rope_local_theta else "",
+                                 cfg.rope_local_theta is not None),
+                                ("post-norms", cfg.post_norms), ("embedding scale", cfg.embed_scale),
+                                ("GeGLU MLP", cfg.mlp == "geglu"),
+                                (f"attention scalar {cfg.attn_scalar:g}" if cfg.attn_scalar else "", cfg.attn_scalar))
+                if on]
     if template.name != "tinygen":  # a model's own Jinja template
         chat = f"its own template: {template.name}" + (f"; default system prompt: {template.default_system}"
                                                        if template.default_system else "")

@@ -55,17 +55,17 @@ class KVCache:
     def tensors(self) -> list[torch.Tensor]:
         return [*self.ks, *self.vs]
 
-    def update(self, layer: int, pos: torch.Tensor, kv_len: int, k: torch.Tensor, v: torch.Tensor, start: int = 0):
+    def update(self, layer: int, pos: torch.Tensor, kv_len: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, H, T, D) at positions pos, (T,) shared by every row or (B, T) per row,
-        and return every row's slots [start, kv_len) of this global layer."""
+        and return every row's slots [0, kv_len) of this global layer."""
         ck, cv = self.ks[layer], self.vs[layer]
         k, v = _as_stored(ck, k, v)
         _put(ck, cv, pos, k, v)
         # Compiled, kv_len may be a dynamic length: comparing it would add a guard, and a recompile
         # at the last slot; a view of every slot costs a compiled step nothing.
-        if not torch.compiler.is_compiling() and kv_len == ck.size(2) and not start:
+        if not torch.compiler.is_compiling() and kv_len == ck.size(2):
             return ck, cv
-        return ck[:, :, start:kv_len], cv[:, :, start:kv_len]
+        return ck[:, :, :kv_len], cv[:, :, :kv_len]
 
     def slide(self, layer: int, plan: Window, k: torch.Tensor, v: torch.Tensor):
         """A sliding layer's keys and values (B, H, S, D) for this pass, under plan.mask. A step
