@@ -49,7 +49,7 @@ def test_waits_for_rank_0_alone_outlast_the_step_timeout(tmp_path):
         D.barrier(d)
         if d.master:
             time.sleep(5)  # "evaluating and saving"
-        print(f"rank {d.rank} agreed {agree(d, False, d.rank == 1, float(d.rank))}", flush=True)
+        print(f"rank {d.rank} agreed {agree(d, False, d.rank == 1, d.rank == 0, float(d.rank))}", flush=True)
         try:  # the premise: the step group does give up after two seconds
             if d.master:
                 time.sleep(5)
@@ -59,7 +59,7 @@ def test_waits_for_rank_0_alone_outlast_the_step_timeout(tmp_path):
     """))
     r = torchrun(str(script), cwd=tmp_path, port=29541, timeout=120)
     for rank in (0, 1):
-        assert f"rank {rank} agreed (False, True, 1.0)" in r.stdout, r.stdout + r.stderr[-3000:]
+        assert f"rank {rank} agreed (False, True, True, 1.0)" in r.stdout, r.stdout + r.stderr[-3000:]
     assert "rank 1 step group timed out" in r.stdout, r.stdout + r.stderr[-3000:]
 
 

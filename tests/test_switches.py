@@ -17,7 +17,7 @@ from tinygen.core.model import GPT
 from tinygen.errors import TinygenError
 from tinygen.generate.engine import generate_batch
 from tinygen.generate.sampling import SamplingParams
-from tinygen.training.loop import lr_at
+from tinygen.training.schedule import lr_at
 from tinygen.training.settings import TrainSettings
 from tinygen.training.optim import make_optimizer
 

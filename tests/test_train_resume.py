@@ -78,7 +78,7 @@ def test_resume_refuses_flags_that_would_change_the_run(cli, corpus, run_copy, t
     assert _state(run_copy)["step"] == 5
     # A checkpoint and a state file from different steps (a save cut short) cannot continue exactly.
     state = _state(run_copy)
-    state_paths(run_copy)[1].write_text(json.dumps({**state, "step": 4}))
+    state_paths(run_copy)[1].write_text(json.dumps({**state, "step": 4, "kept_step": 4}))
     assert_one_line_error(cli("train", corpus, "--out", run_copy, "--resume", "--device", "cpu"), "step 5",
                           "step 4", "--force")
 

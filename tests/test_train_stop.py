@@ -166,7 +166,8 @@ def test_sigterm_to_one_worker_stops_every_rank_and_resume_runs_to_a_time_limit(
     err = run.finish(timeout=60)
     assert run.proc.returncode == 0, err[-3000:]
     stopped = _step(tmp_path / "m.safetensors")
-    assert f"saved m.safetensors at step {stopped} (interrupted)" in err and stopped >= 10
+    # The checkpoint keeps the step of the lowest validation loss, perhaps an earlier one, and says so.
+    assert "saved m.safetensors at step" in err and f"{stopped} (interrupted)" in err and stopped >= 10
     assert f"torchrun --nproc_per_node=2 -m tinygen {shlex.join(args)} --resume" in err.splitlines()
     # Resume, now to a time limit 3 s past what the run has used, evaluating and sampling at every
     # step: both ranks must see the limit at the same step, or one waits for the other forever.
@@ -175,7 +176,7 @@ def test_sigterm_to_one_worker_stops_every_rank_and_resume_runs_to_a_time_limit(
     err = run.finish(timeout=90)
     assert run.proc.returncode == 0, err[-3000:]
     state = json.loads(state_paths(tmp_path / "m.safetensors")[1].read_text())
-    assert f"resuming at step {stopped}" in err and f"at step {state['step']} (final)" in err
+    assert f"resuming at step {stopped}" in err and f"{state['step']} (final)" in err
     assert state["step"] > stopped and state["elapsed"] >= limit
 
 

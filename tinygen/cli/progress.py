@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 from tinygen.core.tokenizer import Tokenizer
-from tinygen.training.events import Eval, Saved, Start, Step
+from tinygen.training.events import Eval, Kept, Overfit, Saved, Start, Step
 from tinygen.training.metrics import metrics_path, read_metrics
 
 
@@ -23,6 +23,8 @@ class TrainDisplay:
     def __init__(self, console: Console, tokenizer: Tokenizer, out: Path, log_every: int = 10):
         self.console = console
         self.tokenizer = tokenizer
+        self.out = out
+        self.interrupted = False
         self.metrics_path = metrics_path(out)
         self.log_every = log_every
         self.val_loss: float | None = None
@@ -69,8 +71,12 @@ class TrainDisplay:
             self._step(ev)
         elif isinstance(ev, Eval):
             self._eval(ev)
-        elif isinstance(ev, Saved) and ev.reason in ("final", "interrupted"):  # an error's own line says it saved
-            self.console.print(f"[green]saved[/green] {ev.path} at step {ev.step} ({ev.reason})")
+        elif isinstance(ev, Overfit):
+            self._overfit(ev)
+        elif isinstance(ev, Kept):
+            self._kept(ev)
+        elif isinstance(ev, Saved) and ev.reason == "interrupted":  # Kept, next, says what was saved
+            self.interrupted = True
 
     def _step(self, ev: Step) -> None:
         self.losses.append((ev.step, ev.loss))
@@ -96,6 +102,30 @@ class TrainDisplay:
             line.append("\n  ")
             line.append(text[:200] + ("…" if len(text) > 200 else ""), style="italic")
         self.console.print(line)
+
+    def _overfit(self, ev: Overfit) -> None:
+        self.console.print(
+            f"[yellow]warning:[/yellow] overfitting: validation loss has risen {ev.val - ev.best_val:.3f} since step "
+            f"{ev.since} ({ev.best_val:.3f} → {ev.val:.3f}) while the training loss fell to {ev.train_loss:.3f}: the "
+            f"model is memorising its {ev.train_tokens:,} training tokens. Try more text, a smaller model (--preset, "
+            f"--n-layer, --n-embd) or --dropout 0.1–0.2" + ("; stopping (--early-stop)" if ev.stopping else ""),
+            highlight=False)
+
+    def _kept(self, ev: Kept) -> None:
+        """Which step the checkpoint holds, and why: the run's last line before the chart."""
+        val = f", validation loss {ev.val_loss:.4f}" if ev.val_loss is not None else ""
+        end = "interrupted" if self.interrupted else "final"
+        if ev.step == ev.last_step:
+            line = f"[green]saved[/green] {self.out} at step {ev.step} ({end}){val}"
+        else:
+            last = f" (validation loss {ev.last_val:.4f})" if ev.last_val is not None and not self.interrupted else ""
+            line = (f"[green]saved[/green] {self.out} at step {ev.step}{val}, the lowest of {ev.evaluations} "
+                    f"evaluations; the last step, {ev.last_step}{last} ({end}), is in its training state for "
+                    f"--resume (--keep last keeps the last)")
+        if ev.halted:
+            line += " · stopped early: " + ("validation stopped improving (--patience)" if ev.halted == "patience"
+                                            else "overfitting (--early-stop)")
+        self.console.print(line, highlight=False)
 
     def finish(self) -> None:
         if len(self.losses) >= 2:

@@ -25,6 +25,11 @@ class Optimizer(str, Enum):  # training.settings.OPTIMIZERS, which --help must n
     muon = "muon"
 
 
+class Keep(str, Enum):  # training.settings.KEEPS
+    best = "best"
+    last = "last"
+
+
 class Schedule(str, Enum):  # training.settings.SCHEDULES
     cosine = "cosine"
     wsd = "wsd"
@@ -137,8 +142,19 @@ def train(
                                                            "torch older than 2.9).", show_default=False)] = None,
     grad_clip: Annotated[float, typer.Option(metavar="X", min=0.0, help="Clip the gradient norm to this; 0 is "
                                              "off.")] = 1.0,
-    eval_every: Annotated[int, typer.Option(metavar="N", min=1, help="Evaluate, sample and save every this many "
-                                            "steps.")] = 250,
+    eval_every: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Evaluate, sample and save every "
+                                                      "this many steps. Default: four times per pass over the "
+                                                      "training text, at most every 250 steps.",
+                                                      show_default=False)] = None,
+    keep: Annotated[Keep, typer.Option(help="The checkpoint at --out: best (the weights of the lowest validation "
+                                       "loss; the last ones stay in the training state for --resume) or last.")
+                    ] = Keep.best,
+    patience: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Stop after N evaluations without a "
+                                                    "new lowest validation loss. Default: 3 when no --max-steps, "
+                                                    "--tokens or --time is given, else off.",
+                                                    show_default=False)] = None,
+    early_stop: Annotated[bool, _flag("Stop when validation loss has risen at two evaluations in a row while the "
+                                      "training loss fell (overfitting).", "--early-stop")] = False,
     eval_tokens: Annotated[int, typer.Option(metavar="N", min=1, help="Validation tokens scored per "
                                              "evaluation.")] = 200_000,
     val_fraction: Annotated[float, typer.Option(metavar="X", min=0.0, help="Share held out for validation: whole "
@@ -174,7 +190,7 @@ def train(
                    schedule=Schedule(schedule).value, cooldown=cooldown,
                    weight_decay=weight_decay, optimizer=optimizer and Optimizer(optimizer).value, grad_clip=grad_clip,
                    eval_every=eval_every, eval_tokens=eval_tokens, seed=seed, compile=compile,
-                   dtype=Dtype(dtype).value),
+                   dtype=Dtype(dtype).value, keep=Keep(keep).value, patience=patience, early_stop=early_stop),
     )
     _run(recipe, device, dtype)
 
@@ -185,7 +201,7 @@ def _run(recipe, device: str, dtype: Dtype) -> None:
     from tinygen.bench.hardware import peak_bf16_flops
     from tinygen.core.device import resolve_device
     from tinygen.training.distributed import init_distributed, shutdown_distributed
-    from tinygen.training.events import Saved, TrainingFailed
+    from tinygen.training.events import TrainingFailed
     from tinygen.training.loop import train as train_loop
     from tinygen.training.recipe import prepare
     from tinygen.training.stopping import PeerFailed, StopFlag
@@ -207,14 +223,14 @@ def _run(recipe, device: str, dtype: Dtype) -> None:
                 for _ in events:
                     pass
             return
-        last = _show(events, run, stop, console, recipe.out)
+        interrupted = _show(events, run, stop, console, recipe.out)
     except TrainingFailed as e:
         raise TinygenError(f"{e}; continue with: {_resume_command(dist)}" if e.saved_step >= 0 else str(e)) from e
     except PeerFailed:
         raise typer.Exit(1) from None  # rank 0 says why
     finally:
         shutdown_distributed(dist)
-    if isinstance(last, Saved) and last.reason == "interrupted":
+    if interrupted:
         # Printed after the live display has stopped, so the command stands on a line of its own.
         console.print("to continue:", style="dim")
         console.print(_resume_command(dist), highlight=False, soft_wrap=True)
@@ -223,18 +239,20 @@ def _run(recipe, device: str, dtype: Dtype) -> None:
         raise typer.Exit(0 if dist.torchrun else 130)
 
 
-def _show(events, run, stop, console, out: Path):
-    """Rank 0's display of the run's notes and events; the last event."""
+def _show(events, run, stop, console, out: Path) -> bool:
+    """Rank 0's display of the run's notes and events; whether the run was interrupted."""
     from tinygen.cli.progress import TrainDisplay
+    from tinygen.training.events import Saved
 
     for note in run.notes:
         console.print(f"[dim]{note}[/dim]", highlight=False)
-    last = None
+    interrupted = False
     with stop.installed(), TrainDisplay(console, run.tokenizer, out) as display:
-        for last in events:
-            display.handle(last)
+        for event in events:
+            display.handle(event)
+            interrupted |= isinstance(event, Saved) and event.reason == "interrupted"
     display.finish()
-    return last
+    return interrupted
 
 
 def _warn_if_bf16_is_emulated() -> None:

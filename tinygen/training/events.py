@@ -1,5 +1,6 @@
 """What `train` tells its caller: the events it yields on rank 0 (Start, then Step, Eval and Saved
-as they happen) and the error it raises when rank 0's evaluation, sampling or save failed.
+as they happen, Overfit once if it comes to that, Kept at the end) and the error it raises when
+rank 0's evaluation, sampling or save failed.
 
 The library never prints; the command line turns these into its display (cli/progress.py).
 """
@@ -43,6 +44,32 @@ class Eval:
     val_loss: float | None
     val_bpb: float | None
     sample: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Overfit:
+    """Validation loss has risen at two evaluations in a row while the training loss fell."""
+
+    step: int
+    since: int  # the step of the lowest validation loss
+    best_val: float
+    val: float
+    train_loss: float  # the mean training loss since the evaluation before
+    train_tokens: int
+    stopping: bool  # --early-stop: the run ends here
+
+
+@dataclass
+class Kept:
+    """What the checkpoint at --out holds when the run ends: the weights of `step`."""
+
+    step: int
+    val_loss: float | None  # as scored at that step's evaluation; None without validation
+    rule: str  # "best": the lowest validation loss; "last": the last step
+    last_step: int
+    last_val: float | None
+    evaluations: int
+    halted: str | None  # why the run ended before its budget: "patience" or "overfitting"
 
 
 @dataclass

@@ -1,12 +1,14 @@
 """The training loop: next-token cross-entropy, AdamW or Muon (optim.py), warmup then cosine or
-warmup-stable-decay, resumable.
+warmup-stable-decay, resumable; the checkpoint kept is the one of the lowest validation loss.
 
 `train` is a generator of events (events.py); it never prints. Only rank 0 yields events and
 writes files: the checkpoint, its state and the metrics (metrics.py). Everything needed to
 continue exactly where a run stopped (optimizer moments, step, tokens seen, the batch sampler's
-RNG, the dropout RNG) goes into the state files beside the checkpoint (state.py). Evaluation and
-saving happen at step boundaries, where all ranks also decide together whether to stop
-(stopping.py).
+RNG, the dropout RNG, and the last weights when the checkpoint holds earlier, better ones) goes
+into the state files beside the checkpoint (state.py). Evaluation and saving happen at step
+boundaries, where all ranks also decide together whether to stop (stopping.py): on a request, at
+the end of the budget, or when validation has stopped improving (patience) or is rising while the
+training loss falls (overfitting, with early_stop).
 
 A Trainer is one run. Its phases are its methods, in the order a run meets them: set-up (the
 constructor, then `begin`), the step boundary (`run`), `step`, `evaluate` and `save`, and `stop`.
@@ -32,10 +34,12 @@ from tinygen.core.tokenizer import Tokenizer
 from tinygen.errors import TinygenError
 from tinygen.training.batches import Batches, ChatSupervision
 from tinygen.training.distributed import Dist
-from tinygen.training.events import Eval, Saved, Start, Step, TrainingFailed
+from tinygen.training.events import Eval, Kept, Saved, Start, Step, TrainingFailed
+from tinygen.training.keeping import EvalRecord, eval_interval
 from tinygen.training.metrics import MetricsLog
 from tinygen.training.optim import make_optimizer
 from tinygen.training.precision import training_dtype
+from tinygen.training.schedule import lr_at
 from tinygen.training.settings import TrainSettings
 from tinygen.training.state import (
     load_state,
@@ -45,21 +49,6 @@ from tinygen.training.state import (
     save_state,
 )
 from tinygen.training.stopping import PeerFailed, agree
-
-
-def lr_at(step: int, progress: float, s: TrainSettings) -> float:
-    """Linear warmup, then either cosine from lr down to lr * min_lr_ratio over the rest of the
-    budget, or (wsd) lr held until the last `cooldown` of the budget and from there straight down to 0.
-
-    Warmup-stable-decay (Hu et al., MiniCPM; Hägele et al., 2024) matches cosine at the end and
-    spends longer at the full lr; progress is a share of steps or of time, so under --time the
-    cooldown starts when 1 - cooldown of the time is gone."""
-    if step < s.warmup_steps:
-        return s.lr * (step + 1) / s.warmup_steps
-    if s.schedule == "wsd":
-        return s.lr * min(1.0, max(0.0, (1 - progress) / s.cooldown))
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * cosine)
 
 
 def flops_per_token(model: GPT) -> float:
@@ -83,6 +72,7 @@ class RunState:
     final_at: int = -1  # the step whose final evaluation and save are done
     saved_at: int = -1  # rank 0: the step the files on disk hold
     failure: tuple[str, Exception] | None = None  # rank 0's failed evaluation or save: everyone stops next
+    record: EvalRecord = field(default_factory=EvalRecord)  # rank 0's: what is kept, whether to end early
 
 
 def train(
@@ -134,6 +124,7 @@ class Trainer:
         micro_tokens = s.batch_size * block * dist.world
         self.accum = max(1, round((s.batch_tokens or micro_tokens) / micro_tokens))
         self.tokens_per_step = micro_tokens * self.accum
+        self.eval_every = s.eval_every or eval_interval(len(train_data), self.tokens_per_step)
         self.total_steps = min(x for x in (s.max_steps, s.max_tokens and math.ceil(s.max_tokens / self.tokens_per_step))
                                if x) if (s.max_steps or s.max_tokens) else None
         # ------------------------------------------------------------ model, optimizer, state
@@ -168,14 +159,15 @@ class Trainer:
         if trained_with != s.optimizer:
             raise TinygenError(f"the run at {out} was trained with --optimizer {trained_with}; resume it with "
                                f"the same optimizer, or start a new run with --force")
-        meta = load_state(out, self.optimizer, batch_rng, dist.rank, self.device)
+        meta = load_state(out, self.optimizer, batch_rng, dist.rank, self.device, self.model)
         if meta.get("tokens_per_step", self.tokens_per_step) != self.tokens_per_step:
             raise TinygenError(f"the run at {out} took {meta['tokens_per_step']:,} tokens per step with "
                                f"{meta.get('world', '?')} process(es), but {dist.world} would take "
                                f"{self.tokens_per_step:,}; resume it with {meta.get('world', 'as many')} process(es)")
         step = meta["step"]
         return RunState(step=step, tokens_seen=meta["tokens_seen"], elapsed=meta["elapsed"],
-                        last=meta.get("last", {}), evaluated_at=step, saved_at=step)
+                        last=meta.get("last", {}), evaluated_at=step, saved_at=step,
+                        record=EvalRecord.from_state(meta))
 
     def wrapped(self, model: GPT) -> torch.nn.Module:
         """What runs the forward and backward: the model, under DDP across processes, compiled if asked."""
@@ -204,12 +196,13 @@ class Trainer:
         st = self.state
         self.started = time.perf_counter()
         while True:
-            stop, failed, st.elapsed = agree(self.dist, should_stop(), st.failure is not None, self.clock())
-            finished = self.progress(st.step, st.elapsed) >= 1.0
+            stop, failed, halted, st.elapsed = agree(self.dist, should_stop(), st.failure is not None,
+                                                     st.record.halted is not None, self.clock())
+            finished = self.progress(st.step, st.elapsed) >= 1.0 or halted
             if failed or stop or (finished and st.final_at == st.step):
                 yield from self.stop(stop, failed)
                 return
-            if finished or (st.step != st.evaluated_at and st.step % self.s.eval_every == 0):
+            if finished or (st.step != st.evaluated_at and st.step % self.eval_every == 0):
                 yield from self.evaluate(finished)
                 continue
             if (event := self.step()) is not None:
@@ -243,6 +236,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         st.step += 1
         st.tokens_seen += self.tokens_per_step
+        st.record.trained(loss)
         dt = time.perf_counter() - t0
         now = self.clock()
         st.last = {"step": st.step, "train_loss": loss, "lr": lr, "tokens": st.tokens_seen, "time": round(now, 2)}
@@ -301,14 +295,21 @@ class Trainer:
             doing = f"evaluation at step {st.step}"
             try:
                 val = self.validation(finished)
+                # The run's evaluations compare alike: the final one scores in sliding windows, the
+                # others in plain ones, which read less context and so score a little worse.
+                compared = self.validation(False) if finished and val else val
                 doing = f"sampling at step {st.step}"
                 ev = Eval(st.step, val.loss if val else None, val.bits_per_byte if val else None, self.sample())
                 st.last.update(val_loss=ev.val_loss, val_bpb=ev.val_bpb)
                 if ev.val_loss is not None:
                     self.metrics.write({"step": st.step, "val_loss": ev.val_loss, "val_bpb": ev.val_bpb})
                 yield ev
+                improved, overfit = st.record.judge(st.step, compared.loss if compared else None, self.s,
+                                                    self.train_tokens)
+                if overfit is not None:
+                    yield overfit
                 doing = f"saving at step {st.step}"
-                yield self.save("final" if finished else "eval", rngs)
+                yield self.save("final" if finished else "eval", rngs, keep=improved or self.s.keep == "last")
             except Exception as e:
                 st.failure = (doing, e)
         st.evaluated_at = st.step
@@ -348,17 +349,23 @@ class Trainer:
         finally:
             self.model.train()
 
-    def save(self, reason: str, rngs: dict) -> Saved:
-        """The checkpoint and the state to resume it from, as they stand at this step boundary."""
+    def save(self, reason: str, rngs: dict, keep: bool) -> Saved:
+        """The state to resume from, as it stands at this step boundary, with the last weights; and
+        the checkpoint, when these weights are the ones to keep (or none is kept yet)."""
         s, st = self.s, self.state
-        prov = {**self.provenance, "optimizer": s.optimizer, "steps": st.step, "tokens_seen": st.tokens_seen,
-                "train_seconds": round(st.elapsed, 1)}
-        prov.update({k: st.last[k] for k in ("train_loss", "val_loss", "val_bpb") if st.last.get(k) is not None})
-        save_checkpoint(self.out, self.model, self.tokenizer, prov)
+        record = st.record
+        if keep or record.kept_step is None or not self.out.exists():
+            prov = {**self.provenance, "optimizer": s.optimizer, "steps": st.step, "tokens_seen": st.tokens_seen,
+                    "train_seconds": round(st.elapsed, 1),
+                    "kept": "the last step" if s.keep == "last" else "the lowest validation loss"}
+            prov.update({k: st.last[k] for k in ("train_loss", "val_loss", "val_bpb") if st.last.get(k) is not None})
+            save_checkpoint(self.out, self.model, self.tokenizer, prov)
+            record.kept_step = st.step
         save_state(self.out, self.optimizer, self.batches.at_boundary(), rngs,
                    {"step": st.step, "tokens_seen": st.tokens_seen, "elapsed": st.elapsed,
                     "tokens_per_step": self.tokens_per_step, "world": self.dist.world, "settings": asdict(s),
-                    "recipe": self.recipe, "last": st.last})
+                    "recipe": self.recipe, "last": st.last, **record.to_state()},
+                   model=None if record.kept_step == st.step else self.model)
         st.saved_at = st.step
         return Saved(self.out, st.step, reason)
 
@@ -376,7 +383,12 @@ class Trainer:
         if failed:
             if st.saved_at != st.step:
                 with suppress(Exception):  # the save itself may be what failed
-                    yield self.save("error", rngs)
+                    yield self.save("error", rngs, keep=self.s.keep == "last")
             raise TrainingFailed(*st.failure, self.out, st.saved_at) from st.failure[1]
         if stop and st.final_at != st.step and dist.master:
-            yield self.save("interrupted", rngs) if st.saved_at != st.step else Saved(self.out, st.step, "interrupted")
+            yield self.save("interrupted", rngs, keep=self.s.keep == "last") if st.saved_at != st.step \
+                else Saved(self.out, st.step, "interrupted")
+        record = st.record
+        if dist.master and record.kept_step is not None:
+            yield Kept(record.kept_step, record.kept_val(st.step, st.last.get("val_loss")), self.s.keep, st.step,
+                       st.last.get("val_loss"), len(record.evals), record.halted)

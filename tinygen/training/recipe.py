@@ -83,7 +83,7 @@ def _prepare_text(recipe: Recipe, settings: TrainSettings, notes: list[str], bas
     load = partial(data_lib.load_tokens, files, tokenizer, cache_dir, separator=recipe.separator,
                    val_fraction=recipe.val_fraction, seed=settings.seed, digest=digest)
     tokens = _on_rank0_first(load, dist)
-    model = _text_model(recipe, base, tokenizer, settings.seed, notes)
+    model = _text_model(recipe, base, tokenizer, settings.seed, notes, len(tokens.train))
     if tokenizer.n_vocab > model.config.vocab_size:
         raise TinygenError(f"the tokenizer has {tokenizer.n_vocab} tokens but the model only {model.config.vocab_size}")
     if not len(tokens.val):
@@ -113,13 +113,19 @@ def _on_rank0_first(load, dist: Dist):
     return tokens
 
 
-def _text_model(recipe: Recipe, base: GPT | None, tokenizer: Tokenizer, seed: int, notes: list[str]) -> GPT:
+def _text_model(recipe: Recipe, base: GPT | None, tokenizer: Tokenizer, seed: int, notes: list[str],
+                train_tokens: int) -> GPT:
     """The model to train: the resumed one, the --init one, or a new one of the recipe's shape."""
     if recipe.resume:
         return _continued(base, base.config.dropout)
     if base is not None:
         return _fine_tuned(recipe, base, notes)
     shape = {k: getattr(recipe, k) for k in resume_lib.SHAPE_FIELDS if getattr(recipe, k) is not None}
+    preset_block = PRESETS[recipe.preset or "tiny"]["block_size"]
+    if "block_size" not in shape and train_tokens < SEQUENCES_AT_LEAST * (preset_block + 1):
+        shape["block_size"] = _fitting_block(train_tokens)
+        notes.append(f"context: {shape['block_size']} tokens, since the text has only {train_tokens:,} training "
+                     f"tokens (the preset's {preset_block} would leave too few different windows)")
     switches = {k: getattr(recipe, k) for k in resume_lib.SWITCH_FIELDS}
     if switches["qk_norm"] is None:
         switches["qk_norm"] = recipe.arch == "rope"
@@ -127,6 +133,20 @@ def _text_model(recipe: Recipe, base: GPT | None, tokenizer: Tokenizer, seed: in
                          arch=recipe.arch, dropout=recipe.dropout, **switches)
     torch.manual_seed(seed)
     return GPT(config)
+
+
+# A text shorter than this many of the preset's windows trains on shorter ones.
+SEQUENCES_AT_LEAST = 4
+SMALLEST_BLOCK = 8
+
+
+def _fitting_block(train_tokens: int) -> int:
+    """The longest power-of-two context of which the training tokens hold SEQUENCES_AT_LEAST windows."""
+    block = 1 << max(0, (train_tokens // SEQUENCES_AT_LEAST - 1).bit_length() - 1)
+    if block < SMALLEST_BLOCK:
+        raise TinygenError(f"the training text is {train_tokens} tokens, too little to learn from; give it more text "
+                           f"(or a smaller --val-fraction)")
+    return block
 
 
 def _trained_tokenizer(recipe: Recipe, files: list[Path], digest: str, cache_dir: Path, seed: int,
@@ -158,11 +178,19 @@ def _check(recipe: Recipe) -> None:
         raise TinygenError("--chat fine-tunes an existing model: pass --init BASE.safetensors (or --resume)")
 
 
+# Without a budget: until validation stops improving, at most this many steps.
+DEFAULT_STEPS = 1000
+DEFAULT_PATIENCE = 3
+
+
 def _fresh_settings(recipe: Recipe) -> tuple[TrainSettings, list[str]]:
     train, notes = dict(recipe.train), []
     if not any(train.get(k) for k in resume_lib.STOPS):
-        train["max_steps"] = 1000
-        notes.append("no --max-steps, --tokens or --time given: training for 1000 steps")
+        train["max_steps"] = DEFAULT_STEPS
+        if train.get("patience") is None:
+            train["patience"] = DEFAULT_PATIENCE
+        notes.append(f"no --max-steps, --tokens or --time given: training until validation stops improving "
+                     f"({train['patience']} evaluations without a new lowest loss), at most {DEFAULT_STEPS} steps")
     settings = TrainSettings(**train)
     if recipe.init and train.get("lr") is None:
         # Fine-tuning at the learning rate that trains from scratch would undo much of what the base

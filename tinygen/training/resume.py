@@ -19,7 +19,7 @@ from tinygen.errors import TinygenError
 from tinygen.training.settings import Recipe, TrainSettings
 
 STOPS = ("max_steps", "max_tokens", "max_time")
-CHANGEABLE = (*STOPS, "eval_every", "eval_tokens", "lr", "compile", "dtype")
+CHANGEABLE = (*STOPS, "eval_every", "eval_tokens", "lr", "compile", "dtype", "keep", "patience", "early_stop")
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size")
 SWITCH_FIELDS = ("qk_norm", "mlp", "tie_embeddings", "logit_softcap", "value_embeds")
 MODEL_FIELDS = (*SHAPE_FIELDS, "arch", *SWITCH_FIELDS)
@@ -77,8 +77,9 @@ def resumed(recipe: Recipe, meta: dict, config: ModelConfig, provenance: dict) -
     """The recipe and settings that continue the run saved at recipe.out (meta: its state file;
     config and provenance: its checkpoint's), and a note for each change the typed flags make."""
     out = recipe.out
-    if provenance.get("steps", meta["step"]) != meta["step"]:
-        raise TinygenError(f"{out} holds step {provenance['steps']} but its state file step {meta['step']}: a save "
+    kept = meta.get("kept_step", meta["step"])  # the step of the weights at out: the best one, or the last
+    if provenance.get("steps", kept) != kept:
+        raise TinygenError(f"{out} holds step {provenance['steps']} but its state file says step {kept}: a save "
                            f"was cut short, so the run cannot continue exactly; start afresh with --force")
 
     def refuse(what: str, saved: str) -> TinygenError:
@@ -98,6 +99,7 @@ def resumed(recipe: Recipe, meta: dict, config: ModelConfig, provenance: dict) -
     # A run saved before a setting existed ran as its absence meant, whatever today's default is.
     settings.setdefault("optimizer", "adamw")
     settings.setdefault("schedule", "cosine")
+    settings.setdefault("keep", "last")
     notes = []
     for name in sorted(recipe.given & set(settings)):
         typed, before = recipe.train[name], settings[name]

@@ -18,6 +18,7 @@ from tinygen.errors import TinygenError
 
 SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "muon")
+KEEPS = ("best", "last")
 # Each optimizer's default --lr, the best of a sweep on the bundled model's data and shape (README,
 # "A faster recipe"): Muon's orthogonal steps stay stable at a learning rate that makes AdamW diverge.
 DEFAULT_LR = {"adamw": 1e-3, "muon": 1.2e-2}
@@ -38,7 +39,7 @@ class TrainSettings:
     lr: float | None = None  # None: the optimizer's own default (DEFAULT_LR)
     min_lr_ratio: float = 0.1  # cosine decays to lr * this
     warmup_steps: int = 20
-    schedule: str = "wsd"  # warmup, stable at lr, then a linear cooldown to 0; or "cosine" (loop.lr_at)
+    schedule: str = "wsd"  # warmup, stable at lr, then a linear cooldown to 0; or "cosine" (schedule.lr_at)
     cooldown: float = 0.2  # wsd: the share of the budget spent cooling down
     weight_decay: float = 0.1  # decoupled, on matrices and the embedding; Muon's matrices too
     # "muon": Muon for the blocks' matrices, AdamW for the rest (optim.py); or "adamw". None: muon
@@ -46,19 +47,24 @@ class TrainSettings:
     optimizer: str | None = None
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
-    eval_every: int = 250
+    eval_every: int | None = None  # None: a few times per pass over the training tokens (loop.eval_interval)
     eval_tokens: int = 200_000  # validation tokens scored per eval (all of them if fewer)
     sample_tokens: int = 48  # length of the sample shown at each eval; 0 turns samples off
     seed: int = 1337
     compile: bool = False
     dtype: str = "auto"  # what the forward and backward compute in (precision.training_dtype)
+    keep: str = "best"  # the checkpoint at --out: the weights of the lowest validation loss so far, or the last
+    patience: int | None = None  # stop after this many evaluations without a new lowest validation loss
+    early_stop: bool = False  # stop where overfitting is named (validation rising twice while training falls)
 
     def __post_init__(self):
         if not (self.max_steps or self.max_tokens or self.max_time):
             raise TinygenError("say when to stop: --max-steps, --tokens or --time")
-        for name in ("batch_size", "eval_every"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size", "eval_every", "patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise TinygenError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.keep not in KEEPS:
+            raise TinygenError(f"unknown --keep {self.keep!r}; choose from {', '.join(KEEPS)}")
         if self.optimizer is None:
             self.optimizer = default_optimizer()
         if self.optimizer not in OPTIMIZERS:

@@ -1,6 +1,7 @@
-"""A run's resumable state beside its checkpoint: `<out>.state.safetensors` (optimizer moments and
-RNG states, as tensors) and `<out>.state.json` (counters, settings, and what the run was made from,
-for `--resume` to check). Never pickle.
+"""A run's resumable state beside its checkpoint: `<out>.state.safetensors` (optimizer moments, RNG
+states, and the last weights when the checkpoint keeps an earlier step's, as tensors) and
+`<out>.state.json` (counters, settings, the evaluations so far, and what the run was made from, for
+`--resume` to check). Never pickle.
 
 Each rank draws its own dropout masks, so each rank's generator state is saved (`rng.torch.R`, and
 `rng.cuda.R` for the GPU it trains on) and each rank gets its own back: with one saved state for
@@ -32,15 +33,23 @@ def rng_states(dist: Dist, device: torch.device) -> dict[str, torch.Tensor]:
     return {f"rng.{kind}.{rank}": t for kind, state in mine.items() for rank, t in enumerate(all_gather(dist, state))}
 
 
-def save_state(out: Path, optimizer, batch_rng: torch.Generator, rngs: dict[str, torch.Tensor], meta: dict) -> None:
+def save_state(out: Path, optimizer, batch_rng: torch.Generator, rngs: dict[str, torch.Tensor], meta: dict,
+               model: torch.nn.Module | None = None) -> None:
     """Optimizer moments and RNG states (rngs: from rng_states) as tensors, counters as JSON; both
-    written atomically."""
+    written atomically. model: the weights to continue from, when the checkpoint at out holds
+    others (an earlier step's, kept for its lower validation loss)."""
     from safetensors.torch import save_file
 
     tensors_path, json_path = state_paths(out)
     sd = optimizer.state_dict()
     tensors = {f"opt.{pid}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
                for pid, st in sd["state"].items() for k, v in st.items()}
+    if model is not None:  # a tied matrix once: safetensors refuses two names for one storage
+        seen = set()
+        for name, t in model.state_dict().items():
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                tensors[f"model.{name}"] = t.detach().cpu().contiguous()
     tensors["rng.batch"] = batch_rng.get_state()
     tensors.update(rngs)
     meta = {**meta, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]}
@@ -65,12 +74,20 @@ def remove_state(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def load_state(out: Path, optimizer, batch_rng: torch.Generator, rank: int, device: torch.device) -> dict:
-    """Restore the optimizer, the batch sampler's RNG and this rank's own dropout generators."""
+def load_state(out: Path, optimizer, batch_rng: torch.Generator, rank: int, device: torch.device,
+               model: torch.nn.Module | None = None) -> dict:
+    """Restore the optimizer, the batch sampler's RNG and this rank's own dropout generators, and the
+    model's weights where the state holds them (else the checkpoint's, which the model has, are the last)."""
     from safetensors.torch import load_file
 
     meta = read_state_meta(out)
     tensors = load_file(str(state_paths(out)[0]))
+    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    if weights and model is not None:
+        with torch.no_grad():
+            for name, t in model.state_dict().items():
+                if name in weights:
+                    t.copy_(weights[name])
     sd = optimizer.state_dict()
     state: dict = {}
     for key, value in tensors.items():

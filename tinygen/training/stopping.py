@@ -1,7 +1,7 @@
 """How a run stops early: a signal becomes a request, and under torchrun the ranks decide together.
 
 A request (Ctrl-C, SIGTERM, a failure on rank 0) is only read at a step boundary. There, one
-all-reduce of [stop, failed, elapsed seconds] tells every rank what any rank saw, so they all stop
+all-reduce of [stop, failed, halted, elapsed seconds] tells every rank what any rank saw, so they all stop
 at the same step, and they all use the slowest clock for the lr schedule and --time. Without it, a
 rank that stopped alone left the others waiting in a collective forever.
 """
@@ -67,12 +67,14 @@ class StopFlag:
                 signal.signal(sig, handler)
 
 
-def agree(dist: Dist, stop: bool, failed: bool, elapsed: float) -> tuple[bool, bool, float]:
-    """(stop, failed, elapsed) as all ranks decide them: any rank's stop or failure, the largest elapsed.
-    One small all-reduce per step, nothing next to the gradients' own. It runs on the control group:
-    after an evaluation the other ranks wait here while rank 0 evaluates, samples and saves."""
+def agree(dist: Dist, stop: bool, failed: bool, halted: bool, elapsed: float) -> tuple[bool, bool, bool, float]:
+    """(stop, failed, halted, elapsed) as all ranks decide them: any rank's stop, failure or halt (rank
+    0's evaluations ending the run early), the largest elapsed. One small all-reduce per step, nothing
+    next to the gradients' own. It runs on the control group: after an evaluation the other ranks
+    wait here while rank 0 evaluates, samples and saves."""
     if dist.world == 1:
-        return stop, failed, elapsed
-    flags = all_reduce_max(dist, torch.tensor([float(stop), float(failed), elapsed], dtype=torch.float64))
-    stop_, failed_, elapsed_ = flags.tolist()
-    return stop_ > 0, failed_ > 0, elapsed_
+        return stop, failed, halted, elapsed
+    flags = all_reduce_max(dist, torch.tensor([float(stop), float(failed), float(halted), elapsed],
+                                              dtype=torch.float64))
+    stop_, failed_, halted_, elapsed_ = flags.tolist()
+    return stop_ > 0, failed_ > 0, halted_ > 0, elapsed_
