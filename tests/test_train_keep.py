@@ -181,6 +181,14 @@ def test_patience_ends_the_run_after_so_many_evaluations_without_a_new_best(tmp_
     _, events = _run(config, tokenizer, tokens, tmp_path / "m.safetensors", settings)
     assert [e.step for e in events if isinstance(e, Step)][-1] == 18  # evaluations 5 and 6 brought nothing new
     assert events[-1].halted == "patience" and events[-1].step == 12
+    # Resumed, the run goes on (until patience ends it again, at the next evaluation without a new best).
+    scripted([2.4])
+    loaded, _, _ = load_model(tmp_path / "m.safetensors")
+    model = GPT(config)
+    model.load_state_dict(loaded.state_dict())
+    events = list(train(model, tokenizer, tokens, tokens[:500], tmp_path / "m.safetensors", settings, device=CPU,
+                        resume=True))
+    assert [e.step for e in events if isinstance(e, Step)] == [19, 20, 21] and events[-1].halted == "patience"
 
 
 def test_evaluations_come_a_few_times_per_pass():

@@ -165,9 +165,10 @@ class Trainer:
                                f"{meta.get('world', '?')} process(es), but {dist.world} would take "
                                f"{self.tokens_per_step:,}; resume it with {meta.get('world', 'as many')} process(es)")
         step = meta["step"]
+        record = EvalRecord.from_state(meta)
+        record.halted = None  # resumed to go on: what ended the run before does not end it again at once
         return RunState(step=step, tokens_seen=meta["tokens_seen"], elapsed=meta["elapsed"],
-                        last=meta.get("last", {}), evaluated_at=step, saved_at=step,
-                        record=EvalRecord.from_state(meta))
+                        last=meta.get("last", {}), evaluated_at=step, saved_at=step, record=record)
 
     def wrapped(self, model: GPT) -> torch.nn.Module:
         """What runs the forward and backward: the model, under DDP across processes, compiled if asked."""
