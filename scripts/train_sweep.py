@@ -40,7 +40,7 @@ def run(corpus: Path, setting: dict, budget: str, workdir: Path) -> dict:
             "--device", "cpu", "--force", "--preset", setting["preset"], "--dropout", str(setting["dropout"]),
             "--weight-decay", str(setting["weight_decay"])]
     start = time.monotonic()
-    proc = subprocess.run(args, capture_output=True, text=True)
+    proc = subprocess.run(args, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1:]}
     state = json.loads(out.with_name(out.name + ".state.json").read_text())
