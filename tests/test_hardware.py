@@ -118,8 +118,8 @@ def test_the_compiled_roofline_counts_the_slots_the_static_step_reads(monkeypatc
     decoder = StaticDecoder(net, compile=False)  # the same step, uncompiled: no compiler needed
     read = []
     update = KVCache.update
-    monkeypatch.setattr(KVCache, "update", lambda self, layer, pos, kv_len, k, v, start=0:
-                        read.append(kv_len - start) or update(self, layer, pos, kv_len, k, v, start))
+    monkeypatch.setattr(KVCache, "update", lambda self, layer, pos, kv_len, k, v:
+                        read.append(kv_len) or update(self, layer, pos, kv_len, k, v))
     with torch.inference_mode():
         decoder(decoder.cache, torch.zeros(1, dtype=torch.long), [10])
     assert read == [11, 11]  # every layer reads the 11 slots filled, of the cache's 48

@@ -113,12 +113,12 @@ def test_muon_resumed_with_accumulation_equals_uninterrupted(tmp_path, tokenizer
 
     torch.manual_seed(0)
     first = GPT(config)
-    count = {"n": 0}
+    count, last = {"n": 0}, None
     for e in train(first, tokenizer, tokens, tokens[:300], tmp_path / "b.safetensors", settings, device=CPU,
                    should_stop=lambda: count["n"] >= 5):
         count["n"] = e.step if isinstance(e, Step) else count["n"]
-        last = e
-    assert isinstance(last, Saved) and last.reason == "interrupted" and last.step == 5
+        last = e if isinstance(e, Saved) else last
+    assert last.reason == "interrupted" and last.step == 5
 
     resumed = GPT(config)
     resumed.load_state_dict(load_model(tmp_path / "b.safetensors")[0].state_dict())
