@@ -24,10 +24,6 @@
 
 #include "blockdot.h"
 
-#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
-#include <immintrin.h>
-#define SIMD 1
-#endif
 
 #define TILE 4 /* rows of x per pass over a row of W */
 
@@ -99,15 +95,6 @@ static void free_acts(Acts *a) {
     free(a->sums);
     free(a->sums32);
 }
-
-#ifdef SIMD
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-#endif
 
 #ifdef SIMD
 /* Sum over k of lows[k] * sums[k] (float16 lows, float sums), 8 a step. */

@@ -20,11 +20,6 @@
 
 #include "blockdot.h"
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define SIMD 1
-#endif
-
 typedef struct {
     Matrix qkv, out, up, down;  /* up: the gate's rows, then the up projection's */
     const float *norm1, *norm2;  /* before attention, before the MLP */
@@ -40,9 +35,7 @@ static float dot(const float *a, const float *b, int n) {
 #ifdef SIMD
     __m256 acc = _mm256_setzero_ps();
     for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    r = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    r = hsum(acc);
 #endif
     for (; i < n; i++) r += a[i] * b[i];
     return r;

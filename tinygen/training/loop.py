@@ -310,7 +310,7 @@ class Trainer:
                 if overfit is not None:
                     yield overfit
                 doing = f"saving at step {st.step}"
-                yield self.save("final" if finished else "eval", rngs, keep=improved or self.s.keep == "last")
+                yield self.save("final" if finished else "eval", rngs, improved)
             except Exception as e:
                 st.failure = (doing, e)
         st.evaluated_at = st.step
@@ -350,12 +350,13 @@ class Trainer:
         finally:
             self.model.train()
 
-    def save(self, reason: str, rngs: dict, keep: bool) -> Saved:
+    def save(self, reason: str, rngs: dict, improved: bool = False) -> Saved:
         """The state to resume from, as it stands at this step boundary, with the last weights; and
-        the checkpoint, when these weights are the ones to keep (or none is kept yet)."""
+        the checkpoint, when these weights are the ones to keep (the last ones, or the lowest
+        validation loss yet: improved) or none is kept yet."""
         s, st = self.s, self.state
         record = st.record
-        if keep or record.kept_step is None or not self.out.exists():
+        if improved or s.keep == "last" or record.kept_step is None or not self.out.exists():
             prov = {**self.provenance, "optimizer": s.optimizer, "steps": st.step, "tokens_seen": st.tokens_seen,
                     "train_seconds": round(st.elapsed, 1),
                     "kept": "the last step" if s.keep == "last" else "the lowest validation loss"}
@@ -384,11 +385,10 @@ class Trainer:
         if failed:
             if st.saved_at != st.step:
                 with suppress(Exception):  # the save itself may be what failed
-                    yield self.save("error", rngs, keep=self.s.keep == "last")
+                    yield self.save("error", rngs)
             raise TrainingFailed(*st.failure, self.out, st.saved_at) from st.failure[1]
         if stop and st.final_at != st.step and dist.master:
-            yield self.save("interrupted", rngs, keep=self.s.keep == "last") if st.saved_at != st.step \
-                else Saved(self.out, st.step, "interrupted")
+            yield self.save("interrupted", rngs) if st.saved_at != st.step else Saved(self.out, st.step, "interrupted")
         record = st.record
         if dist.master and record.kept_step is not None:
             yield Kept(record.kept_step, record.kept_val(st.step, st.last.get("val_loss")), self.s.keep, st.step,
