@@ -86,6 +86,20 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.train(STORY_LINES * 20, vocab_size=400)
 
 
+@pytest.fixture(scope="session")
+def tokens(tokenizer):
+    """The story lines as training tokens, for the training loop's tests."""
+    from tinygen.training import data as data_lib
+
+    return data_lib.encode_documents(STORY_LINES * 30, tokenizer)
+
+
+@pytest.fixture()
+def small_config(tokenizer) -> ModelConfig:
+    """A two-block model the training loop's tests train in a few seconds."""
+    return ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=tokenizer.n_vocab, dropout=0.1)
+
+
 @pytest.fixture()
 def corpus(tmp_path) -> Path:
     """A small plain-text corpus for `tinygen train`: the story lines as documents."""

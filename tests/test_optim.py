@@ -12,7 +12,6 @@ from tinygen.core.checkpoint import load_model
 from tinygen.core.config import ModelConfig
 from tinygen.core.model import GPT
 from tinygen.errors import TinygenError
-from tinygen.training import data as data_lib
 from tinygen.training.events import Saved, Start, Step
 from tinygen.training.loop import train
 from tinygen.training.settings import TrainSettings
@@ -20,14 +19,9 @@ from tinygen.training.optim import Combined, Float32Muon, make_optimizer, orthog
 from tinygen.training.settings import OPTIMIZERS
 from tinygen.training.state import load_state, save_state, state_paths
 
-from conftest import STORY_LINES, assert_ok, assert_one_line_error
+from conftest import assert_ok, assert_one_line_error
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tokens(tokenizer):
-    return data_lib.encode_documents(STORY_LINES * 30, tokenizer)
 
 
 def _config(tokenizer, **kw) -> ModelConfig:

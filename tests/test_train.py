@@ -29,16 +29,6 @@ from conftest import STORY_LINES, TINY, assert_ok, ctrl_c_during, make_model
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def tokens(tokenizer):
-    return data_lib.encode_documents(STORY_LINES * 30, tokenizer)
-
-
-@pytest.fixture()
-def small_config(tokenizer):
-    return ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=tokenizer.n_vocab, dropout=0.1)
-
-
 def _run(model, tokenizer, tokens, out, settings, **kw):
     return list(train(model, tokenizer, tokens, tokens[:500], out, settings, device=CPU, **kw))
 

@@ -12,10 +12,8 @@ import torch
 from conftest import STORY_LINES, assert_ok
 
 from tinygen.core.checkpoint import load_model
-from tinygen.core.config import ModelConfig
 from tinygen.core.evaluate import Score
 from tinygen.core.model import GPT
-from tinygen.training import data as data_lib
 from tinygen.training.events import Eval, Kept, Overfit, Saved, Step
 from tinygen.training.keeping import EVAL_EVERY_MOST, eval_interval
 from tinygen.training.loop import Trainer, train
@@ -23,16 +21,6 @@ from tinygen.training.settings import TrainSettings
 from tinygen.training.state import state_paths
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def tokens(tokenizer):
-    return data_lib.encode_documents(STORY_LINES * 30, tokenizer)
-
-
-@pytest.fixture()
-def config(tokenizer):
-    return ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=tokenizer.n_vocab, dropout=0.1)
 
 
 @pytest.fixture()
@@ -57,18 +45,18 @@ def scripted(monkeypatch):
     return script
 
 
-def _run(config, tokenizer, tokens, out, settings, seed=0, **kw):
+def _run(small_config, tokenizer, tokens, out, settings, seed=0, **kw):
     torch.manual_seed(seed)
-    model = GPT(config)
+    model = GPT(small_config)
     return model, list(train(model, tokenizer, tokens, tokens[:500], out, settings, device=CPU, **kw))
 
 
-def _run_until(step: int, config, tokenizer, tokens, out, settings) -> list:
+def _run_until(step: int, small_config, tokenizer, tokens, out, settings) -> list:
     """The run interrupted after `step`, as Ctrl-C does (saved at the next step boundary)."""
     torch.manual_seed(0)
     done = {"n": 0}
     events = []
-    for e in train(GPT(config), tokenizer, tokens, tokens[:500], out, settings, device=CPU,
+    for e in train(GPT(small_config), tokenizer, tokens, tokens[:500], out, settings, device=CPU,
                    should_stop=lambda: done["n"] >= step):
         done["n"] = e.step if isinstance(e, Step) else done["n"]
         events.append(e)
@@ -85,11 +73,11 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def test_the_lowest_validation_loss_is_kept_and_the_last_weights_stay_in_the_state(tmp_path, tokenizer, tokens,
-                                                                                   config, scripted):
+                                                                                   small_config, scripted):
     settings = TrainSettings(max_steps=12, batch_size=4, eval_every=3, warmup_steps=2, sample_tokens=0, lr=3e-3)
     scripted([3.0, 2.0, 2.5, 2.7])  # evaluations at steps 3, 6, 9, 12: step 6 is the lowest
     out = tmp_path / "m.safetensors"
-    model, events = _run(config, tokenizer, tokens, out, settings)
+    model, events = _run(small_config, tokenizer, tokens, out, settings)
     kept = events[-1]
     assert isinstance(kept, Kept) and (kept.step, kept.val_loss, kept.last_step, kept.evaluations) == (6, 2.0, 12, 4)
     info = load_model(out)[2]
@@ -98,7 +86,7 @@ def test_the_lowest_validation_loss_is_kept_and_the_last_weights_stay_in_the_sta
     # The checkpoint is step 6's weights: the same run, interrupted at step 7, kept these (an interrupt
     # saves the training state; the checkpoint stays the best evaluated).
     scripted([3.0, 2.0])
-    _run_until(7, config, tokenizer, tokens, tmp_path / "six.safetensors", settings)
+    _run_until(7, small_config, tokenizer, tokens, tmp_path / "six.safetensors", settings)
     assert load_model(tmp_path / "six.safetensors")[2].provenance["steps"] == 6
     assert _same(_weights(out), _weights(tmp_path / "six.safetensors"))
     # The state holds the last weights, the model as trained.
@@ -110,20 +98,20 @@ def test_the_lowest_validation_loss_is_kept_and_the_last_weights_stay_in_the_sta
     assert state["kept_step"] == 6 and state["best"] == {"step": 6, "val_loss": 2.0} and len(state["evals"]) == 4
 
 
-def test_resuming_after_an_earlier_step_was_kept_equals_the_uninterrupted_run(tmp_path, tokenizer, tokens, config,
+def test_resuming_after_an_earlier_step_was_kept_equals_the_uninterrupted_run(tmp_path, tokenizer, tokens, small_config,
                                                                               scripted):
     settings = TrainSettings(max_steps=12, batch_size=4, eval_every=3, warmup_steps=2, sample_tokens=0, lr=3e-3)
     scripted([3.0, 2.0, 2.5, 2.7])
-    straight, _ = _run(config, tokenizer, tokens, tmp_path / "a.safetensors", settings)
+    straight, _ = _run(small_config, tokenizer, tokens, tmp_path / "a.safetensors", settings)
 
     scripted([3.0, 2.0, 2.5, 2.7])
     out = tmp_path / "b.safetensors"
-    _run_until(10, config, tokenizer, tokens, out, settings)
+    _run_until(10, small_config, tokenizer, tokens, out, settings)
     assert load_model(out)[2].provenance["steps"] == 6  # the checkpoint holds the best step, not the last
 
     scripted([2.7])  # the evaluation still to come, at step 12 (final)
     loaded, _, _ = load_model(out)
-    resumed = GPT(config)
+    resumed = GPT(small_config)
     resumed.load_state_dict(loaded.state_dict())
     events = list(train(resumed, tokenizer, tokens, tokens[:500], out, settings, device=CPU, resume=True))
     assert events[0].resumed_step == 10
@@ -132,12 +120,12 @@ def test_resuming_after_an_earlier_step_was_kept_equals_the_uninterrupted_run(tm
     assert events[-1].step == 6  # the best is still step 6's
 
 
-def test_keep_last_keeps_the_last_step(tmp_path, tokenizer, tokens, config, scripted):
+def test_keep_last_keeps_the_last_step(tmp_path, tokenizer, tokens, small_config, scripted):
     settings = TrainSettings(max_steps=9, batch_size=4, eval_every=3, warmup_steps=2, sample_tokens=0, lr=3e-3,
                              keep="last")
     scripted([3.0, 2.0, 2.5])
     out = tmp_path / "m.safetensors"
-    model, events = _run(config, tokenizer, tokens, out, settings)
+    model, events = _run(small_config, tokenizer, tokens, out, settings)
     assert events[-1].step == 9 and load_model(out)[2].provenance["kept"] == "the last step"
     assert _same(_weights(out), model.state_dict())
     from safetensors.torch import load_file
@@ -145,11 +133,11 @@ def test_keep_last_keeps_the_last_step(tmp_path, tokenizer, tokens, config, scri
     assert not [k for k in load_file(state_paths(out)[0]) if k.startswith("model.")]  # not twice
 
 
-def test_overfitting_is_named_once_and_early_stop_ends_the_run_there(tmp_path, tokenizer, tokens, config, scripted):
+def test_overfitting_is_named_once_and_early_stop_ends_the_run_there(tmp_path, tokenizer, tokens, small_config, scripted):
     falling = [5.0 - 0.1 * i for i in range(40)]
     settings = TrainSettings(max_steps=30, batch_size=4, eval_every=3, warmup_steps=2, sample_tokens=0, lr=3e-3)
     scripted([3.0, 2.0, 2.2, 2.4, 2.6, 2.1, 2.3, 2.5, 2.8, 3.0, 3.1], falling)
-    _, events = _run(config, tokenizer, tokens, tmp_path / "a.safetensors", settings)
+    _, events = _run(small_config, tokenizer, tokens, tmp_path / "a.safetensors", settings)
     warnings = [e for e in events if isinstance(e, Overfit)]
     assert len(warnings) == 1  # named once, though it happens again later
     w = warnings[0]
@@ -159,32 +147,32 @@ def test_overfitting_is_named_once_and_early_stop_ends_the_run_there(tmp_path, t
 
     scripted([3.0, 2.0, 2.2, 2.4, 2.6], falling)
     settings = TrainSettings(**{**settings.__dict__, "early_stop": True})
-    _, events = _run(config, tokenizer, tokens, tmp_path / "b.safetensors", settings)
+    _, events = _run(small_config, tokenizer, tokens, tmp_path / "b.safetensors", settings)
     assert [e.step for e in events if isinstance(e, Step)][-1] == 12
     assert events[-1].halted == "overfitting" and events[-1].step == 6
     assert load_model(tmp_path / "b.safetensors")[2].provenance["steps"] == 6
 
 
-def test_validation_rising_while_training_does_not_fall_is_not_overfitting(tmp_path, tokenizer, tokens, config,
+def test_validation_rising_while_training_does_not_fall_is_not_overfitting(tmp_path, tokenizer, tokens, small_config,
                                                                              scripted):
     settings = TrainSettings(max_steps=12, batch_size=4, eval_every=3, warmup_steps=2, sample_tokens=0, lr=3e-3)
     scripted([3.0, 2.0, 2.2, 2.4], [4.0] * 12)  # a plateau: too high a learning rate, say, not memorising
-    _, events = _run(config, tokenizer, tokens, tmp_path / "m.safetensors", settings)
+    _, events = _run(small_config, tokenizer, tokens, tmp_path / "m.safetensors", settings)
     assert not [e for e in events if isinstance(e, Overfit)]
 
 
-def test_patience_ends_the_run_after_so_many_evaluations_without_a_new_best(tmp_path, tokenizer, tokens, config,
+def test_patience_ends_the_run_after_so_many_evaluations_without_a_new_best(tmp_path, tokenizer, tokens, small_config,
                                                                             scripted):
     settings = TrainSettings(max_steps=300, batch_size=4, eval_every=3, warmup_steps=2, sample_tokens=0, lr=3e-3,
                              patience=2)
     scripted([3.0, 2.0, 2.1, 1.9, 1.95, 2.0, 2.3])
-    _, events = _run(config, tokenizer, tokens, tmp_path / "m.safetensors", settings)
+    _, events = _run(small_config, tokenizer, tokens, tmp_path / "m.safetensors", settings)
     assert [e.step for e in events if isinstance(e, Step)][-1] == 18  # evaluations 5 and 6 brought nothing new
     assert events[-1].halted == "patience" and events[-1].step == 12
     # Resumed, the run goes on (until patience ends it again, at the next evaluation without a new best).
     scripted([2.4])
     loaded, _, _ = load_model(tmp_path / "m.safetensors")
-    model = GPT(config)
+    model = GPT(small_config)
     model.load_state_dict(loaded.state_dict())
     events = list(train(model, tokenizer, tokens, tokens[:500], tmp_path / "m.safetensors", settings, device=CPU,
                         resume=True))
