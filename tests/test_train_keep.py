@@ -15,7 +15,7 @@ from tinygen.core.checkpoint import load_model
 from tinygen.core.evaluate import Score
 from tinygen.core.model import GPT
 from tinygen.training.events import Eval, Kept, Overfit, Saved, Step
-from tinygen.training.keeping import EVAL_EVERY_MOST, eval_interval
+from tinygen.training.keeping import EVAL_EVERY_LEAST, EVAL_EVERY_MOST, eval_interval
 from tinygen.training.loop import Trainer, train
 from tinygen.training.settings import TrainSettings
 from tinygen.training.state import state_paths
@@ -180,8 +180,9 @@ def test_patience_ends_the_run_after_so_many_evaluations_without_a_new_best(tmp_
 
 
 def test_evaluations_come_a_few_times_per_pass():
-    assert eval_interval(100_000, 8192) == 3  # about 12 steps a pass
-    assert eval_interval(1_000, 8192) == 1
+    assert eval_interval(400_000, 8192) == 12  # about 49 steps a pass
+    assert eval_interval(100_000, 8192) == EVAL_EVERY_LEAST  # 12 steps a pass: not every 3 steps
+    assert eval_interval(1_000, 8192) == EVAL_EVERY_LEAST
     assert eval_interval(10**9, 8192) == EVAL_EVERY_MOST
 
 
@@ -215,3 +216,20 @@ def test_a_text_too_small_for_the_presets_context_trains_on_a_shorter_one(cli, t
     assert note in r.err and "Traceback" not in r.err
     net, _, info = load_model(out)
     assert net.config.block_size < 256 and info.provenance["val_tokens"] > 0
+
+
+def test_a_tiny_text_with_no_flags_at_all_gets_a_plan_that_trains(cli, tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("\n".join(STORY_LINES * 3))
+    out = tmp_path / "m.safetensors"
+    r = cli("train", corpus, "--out", out, "--device", "cpu", timeout=300)
+    assert_ok(r)
+    first = r.err.splitlines()[0]
+    assert first.startswith("plan: ") and "until validation stops improving" in first
+    assert "context: " in r.err and f"saved {out}" in r.err
+    net, tok, info = load_model(out)
+    assert tok.n_vocab <= 512 and net.config.block_size < 256
+    state = json.loads(state_paths(out)[1].read_text())
+    plan = state["recipe"]["plan"]
+    # no budget given: the run stops within the plan's passes (patience may stop it sooner)
+    assert plan["open_ended"] and state["tokens_seen"] < plan["passes"] * plan["train_tokens"] + state["tokens_per_step"]

@@ -26,7 +26,8 @@ def train_section(net, steps: int, repeats: int, batch_size: int, compare: bool,
 
     from tinygen.core.tokenizer import Tokenizer
     from tinygen.training.events import Step
-    from tinygen.training.loop import flops_per_token, train
+    from tinygen.training.loop import train
+    from tinygen.training.plan import flops_per_token
     from tinygen.training.settings import TrainSettings
 
     cfg = net.config

@@ -18,6 +18,9 @@ from tinygen.core.tokenizer import Tokenizer
 from tinygen.training.events import Eval, Kept, Overfit, Saved, Start, Step
 from tinygen.training.metrics import metrics_path, read_metrics
 
+# An early sample can hold any byte, a terminal's escape among them: shown as U+FFFD instead.
+CONTROLS = dict.fromkeys([*range(32), 127, *range(128, 160)], "\N{REPLACEMENT CHARACTER}")
+
 
 class TrainDisplay:
     def __init__(self, console: Console, tokenizer: Tokenizer, out: Path, log_every: int = 10):
@@ -98,7 +101,7 @@ class TrainDisplay:
             self.val_losses.append((ev.step, ev.val_loss))
             line.append(f": val loss {ev.val_loss:.4f}" + (f", {ev.val_bpb:.3f} bits/byte" if ev.val_bpb else ""))
         if ev.sample:
-            text = self.tokenizer.decode(ev.sample).strip().replace("\n", " ")
+            text = self.tokenizer.decode(ev.sample).strip().replace("\n", " ").translate(CONTROLS)
             line.append("\n  ")
             line.append(text[:200] + ("…" if len(text) > 200 else ""), style="italic")
         self.console.print(line)

@@ -76,7 +76,8 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="Checkpoint to write (.safetensors).",
                                       show_default=False)],
     preset: Annotated[Optional[Preset], typer.Option(help="Model size: tiny (~1M), mini, small (~15M), medium, "
-                                                     "gpt2 (124M). Default tiny.", show_default=False)] = None,
+                                                     "gpt2 (124M). Default: planned from the text and budget.",
+                                                     show_default=False)] = None,
     n_layer: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Override the preset's number of "
                                                    "blocks.", show_default=False)] = None,
     n_head: Annotated[Optional[int], typer.Option(metavar="N", min=1, help="Override the preset's attention heads.",
@@ -88,7 +89,8 @@ def train(
                                                       show_default=False)] = None,
     arch: Annotated[Arch, typer.Option(help="rope (rotary, RMSNorm, SwiGLU) or gpt2.")] = Arch.rope,
     dropout: Annotated[float, typer.Option(metavar="X", min=0.0, max=1.0, help="Dropout; 0.1-0.2 helps on small "
-                                           "data.")] = 0.0,
+                                           "data. Default: planned (0 to 0.2, by passes over the text).",
+                                           show_default=False)] = 0.0,
     qk_norm: Annotated[Optional[bool], typer.Option("--qk-norm/--no-qk-norm", help="RMSNorm on each query and key "
                                                     "head. Default: on for the rope arch.",
                                                     show_default=False)] = None,
@@ -103,7 +105,8 @@ def train(
     value_embeds: Annotated[int, typer.Option(metavar="N", min=0, help="Token embeddings added to the attention "
                                               "values of the first N and last N blocks (rope arch).")] = 0,
     vocab_size: Annotated[int, typer.Option(metavar="N", help="Size of the BPE vocabulary to train, special tokens "
-                                            "included.")] = 4096,
+                                            "included. Default: planned from the text's size, at most 4096.",
+                                            show_default=False)] = 4096,
     tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", metavar="MODEL", help="Reuse this model's "
                                                       f"tokenizer instead of training one: {MODEL_KINDS}; or a folder "
                                                       "of vocab.json and merges.txt, or a tokenizer file from "
@@ -135,7 +138,7 @@ def train(
     cooldown: Annotated[float, typer.Option(metavar="X", min=0.0, max=1.0, help="With --schedule "
                                             "wsd: the share of the budget spent decaying.")] = 0.2,
     weight_decay: Annotated[float, typer.Option(metavar="X", min=0.0, help="Weight decay (matrices only, "
-                                                "Muon's too).")] = 0.1,
+                                                "Muon's too). Default: planned (0.1).", show_default=False)] = 0.1,
     optimizer: Annotated[Optional[Optimizer], typer.Option(help="muon: Muon for the matrices inside the blocks and "
                                                            "AdamW for the embeddings, head, norms and biases, both "
                                                            "at --lr; or adamw for all. Default: muon (adamw on "
@@ -213,7 +216,7 @@ def _run(recipe, device: str, dtype: Dtype) -> None:
     stop = StopFlag(on_request=(lambda: ui.warn("stopping: saving a checkpoint (Ctrl-C again to abort)"))
                     if dist.master else None)
     try:
-        run = prepare(recipe, dist=dist)
+        run = prepare(recipe, dist=dist, device=dev)
         events = train_loop(run.model, run.tokenizer, run.train_data, run.val_data, recipe.out, run.settings,
                             device=dev, dist=dist, resume=recipe.resume, val_bytes=run.val_bytes,
                             provenance=run.provenance, recipe=run.recipe, chat=run.chat, should_stop=stop,
@@ -244,6 +247,8 @@ def _show(events, run, stop, console, out: Path) -> bool:
     from tinygen.cli.progress import TrainDisplay
     from tinygen.training.events import Saved
 
+    if run.plan is not None:
+        console.print(f"plan: {run.plan.line()}", highlight=False)
     for note in run.notes:
         console.print(f"[dim]{note}[/dim]", highlight=False)
     interrupted = False

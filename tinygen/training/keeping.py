@@ -15,13 +15,17 @@ from tinygen.training.settings import TrainSettings
 
 # Evaluations per pass over the training tokens, when --eval-every is not given: small data overfits
 # within a few passes, and an evaluation only every EVAL_EVERY_MOST steps would see it too late.
+# On a text of a few steps a pass, every EVAL_EVERY_LEAST steps: evaluating at every step costs a
+# good share of the run, and patience counted in single steps stops at the first noisy pause.
 EVALS_PER_PASS = 4
 EVAL_EVERY_MOST = 250
+EVAL_EVERY_LEAST = 4
 
 
 def eval_interval(train_tokens: int, tokens_per_step: int) -> int:
-    """Steps between evaluations: a few per pass over the training tokens, at most EVAL_EVERY_MOST."""
-    return max(1, min(EVAL_EVERY_MOST, round(train_tokens / tokens_per_step / EVALS_PER_PASS)))
+    """Steps between evaluations: a few per pass over the training tokens, within
+    [EVAL_EVERY_LEAST, EVAL_EVERY_MOST]."""
+    return max(EVAL_EVERY_LEAST, min(EVAL_EVERY_MOST, round(train_tokens / tokens_per_step / EVALS_PER_PASS)))
 
 
 @dataclass
@@ -59,7 +63,10 @@ class EvalRecord:
         improved = self.best is None or val_loss < self.best["val_loss"]
         if improved:
             self.best = {"step": step, "val_loss": val_loss}
-        if s.patience and sum(1 for e in self.evals if e[0] > self.best["step"]) >= s.patience:
+        # Patience counts from the end of warmup: before the learning rate has peaked, a pause in
+        # the loss's fall says nothing about where it will end.
+        since = max(self.best["step"], s.warmup_steps)
+        if s.patience and sum(1 for e in self.evals if e[0] > since) >= s.patience:
             self.halted = self.halted or "patience"
         if self.overfit_at is not None or len(self.evals) < 3:
             return improved, None

@@ -38,6 +38,7 @@ from tinygen.training.events import Eval, Kept, Saved, Start, Step, TrainingFail
 from tinygen.training.keeping import EvalRecord, eval_interval
 from tinygen.training.metrics import MetricsLog
 from tinygen.training.optim import make_optimizer
+from tinygen.training.plan import flops_per_token
 from tinygen.training.precision import training_dtype
 from tinygen.training.schedule import lr_at
 from tinygen.training.settings import TrainSettings
@@ -49,12 +50,6 @@ from tinygen.training.state import (
     save_state,
 )
 from tinygen.training.stopping import PeerFailed, agree
-
-
-def flops_per_token(model: GPT) -> float:
-    """Training FLOPs per token (PaLM appendix B): 6N plus attention's 12 * L * C * T."""
-    c = model.config
-    return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
 
 @dataclass

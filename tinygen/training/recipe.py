@@ -26,9 +26,11 @@ from tinygen.core.tokenizer import Tokenizer
 from tinygen.errors import TinygenError
 from tinygen.training import chatdata
 from tinygen.training import data as data_lib
+from tinygen.training import plan as plan_lib
 from tinygen.training import resume as resume_lib
 from tinygen.training.batches import ChatSupervision
-from tinygen.training.distributed import Dist, barrier
+from tinygen.training.distributed import Dist, all_gather, barrier
+from tinygen.training.precision import training_dtype
 from tinygen.training.settings import Recipe, TrainSettings
 from tinygen.training.state import read_state_meta
 
@@ -45,33 +47,44 @@ class Run:
     recipe: dict  # what the state file keeps, for a later --resume to check and restore
     notes: list[str]  # for the user: defaults taken, changes made on resume, how validation was split
     chat: ChatSupervision | None = None
+    plan: plan_lib.Plan | None = None  # what the run was planned as (a new model on text)
 
 
-def prepare(recipe: Recipe, *, dist: Dist) -> Run:
-    """The run the recipe describes, ready to train: a new one, or the one saved at recipe.out (--resume)."""
+def prepare(recipe: Recipe, *, dist: Dist, device: torch.device | None = None) -> Run:
+    """The run the recipe describes, ready to train on device: a new one, or the one saved at
+    recipe.out (--resume). A new model trained on text follows a plan (plan.py) in what the user
+    did not type."""
     _check(recipe)
     base = tokenizer = meta = None
     if recipe.resume:
         base, tokenizer, info = load_model(recipe.out)
         meta = read_state_meta(recipe.out)
         recipe, settings, notes = resume_lib.resumed(recipe, meta, base.config, info.provenance)
-    else:
+    elif recipe.chat or recipe.init:
         settings, notes = _fresh_settings(recipe)
+    else:
+        settings, notes = None, []  # from the plan, once the text is tokenized
     recipe.out.parent.mkdir(parents=True, exist_ok=True)
     if recipe.chat:
         return _prepare_chat(recipe, settings, notes, base, tokenizer, meta)
-    return _prepare_text(recipe, settings, notes, base, tokenizer, meta, dist)
+    return _prepare_text(recipe, settings, notes, base, tokenizer, meta, dist, device or torch.device("cpu"))
 
 
-def _prepare_text(recipe: Recipe, settings: TrainSettings, notes: list[str], base: GPT | None,
-                  tokenizer: Tokenizer | None, meta: dict | None, dist: Dist) -> Run:
+def _prepare_text(recipe: Recipe, settings: TrainSettings | None, notes: list[str], base: GPT | None,
+                  tokenizer: Tokenizer | None, meta: dict | None, dist: Dist, device: torch.device) -> Run:
     """Training on text, from scratch or from --init: a resumed run (meta, its state) brings its
-    base model and tokenizer; --init brings both, --tokenizer the tokenizer alone."""
+    base model and tokenizer; --init brings both, --tokenizer the tokenizer alone. A new model
+    (settings None) is planned."""
     out = recipe.out
     files = data_lib.expand_sources(recipe.data)
     digest = data_lib.files_digest(files)
     if meta is not None:
         resume_lib.check_data(meta, digest, out)
+    planning = settings is None
+    if planning and not recipe.tokenizer and "vocab_size" not in recipe.given:
+        text_bytes = sum(f.stat().st_size for f in files) * (1 - recipe.val_fraction)
+        recipe = replace(recipe, vocab_size=plan_lib.vocab_for(round(text_bytes)))
+    seed = settings.seed if settings else recipe.train.get("seed", TrainSettings.seed)
     cache_dir = out.parent / ".tinygen-cache"
     cache_dir.mkdir(exist_ok=True)
     if recipe.init and not recipe.resume:
@@ -79,10 +92,18 @@ def _prepare_text(recipe: Recipe, settings: TrainSettings, notes: list[str], bas
     elif recipe.tokenizer and not recipe.resume:
         tokenizer = load_tokenizer_source(recipe.tokenizer)
     elif tokenizer is None:
-        tokenizer = _trained_tokenizer(recipe, files, digest, cache_dir, settings.seed, dist)
+        tokenizer = _trained_tokenizer(recipe, files, digest, cache_dir, seed, dist)
     load = partial(data_lib.load_tokens, files, tokenizer, cache_dir, separator=recipe.separator,
-                   val_fraction=recipe.val_fraction, seed=settings.seed, digest=digest)
+                   val_fraction=recipe.val_fraction, seed=seed, digest=digest)
     tokens = _on_rank0_first(load, dist)
+    plan = None
+    if planning:
+        plan = _plan(recipe, len(tokens.train), tokenizer.n_vocab, dist, device)
+        recipe = replace(recipe, preset=plan.preset if plan.preset in PRESETS else recipe.preset,
+                         block_size=plan.block_size, dropout=plan.dropout)
+        settings, notes = _fresh_settings(recipe, plan)
+    elif meta is not None and meta["recipe"].get("plan"):
+        plan = plan_lib.Plan(**{**meta["recipe"]["plan"], "typed": tuple(meta["recipe"]["plan"]["typed"])})
     model = _text_model(recipe, base, tokenizer, settings.seed, notes, len(tokens.train))
     if tokenizer.n_vocab > model.config.vocab_size:
         raise TinygenError(f"the tokenizer has {tokenizer.n_vocab} tokens but the model only {model.config.vocab_size}")
@@ -91,15 +112,17 @@ def _prepare_text(recipe: Recipe, settings: TrainSettings, notes: list[str], bas
     else:
         notes.append(f"validation: {tokens.description}" + (" (too few documents to hold out whole ones)"
                                                              if tokens.split == "tail" else ""))
-    saved = _saved_recipe(recipe, digest, tokens.split)
+    saved = {**_saved_recipe(recipe, digest, tokens.split), **({"plan": plan.to_dict()} if plan else {})}
     provenance = {
         "data": _listing(files),
         "train_docs": tokens.n_docs[0], "val_docs": tokens.n_docs[1],
         "train_tokens": len(tokens.train), "val_tokens": len(tokens.val),
         "val_split": tokens.description,
         **({"init": saved["init"]} if saved["init"] else {}),
+        **({"plan": plan.line()} if plan else {}),
     }
-    return Run(model, tokenizer, tokens.train, tokens.val, tokens.val_bytes, settings, provenance, saved, notes)
+    return Run(model, tokenizer, tokens.train, tokens.val, tokens.val_bytes, settings, provenance, saved, notes,
+               plan=plan)
 
 
 def _on_rank0_first(load, dist: Dist):
@@ -122,8 +145,7 @@ def _text_model(recipe: Recipe, base: GPT | None, tokenizer: Tokenizer, seed: in
         return _fine_tuned(recipe, base, notes)
     shape = {k: getattr(recipe, k) for k in resume_lib.SHAPE_FIELDS if getattr(recipe, k) is not None}
     preset_block = PRESETS[recipe.preset or "tiny"]["block_size"]
-    if "block_size" not in shape and train_tokens < SEQUENCES_AT_LEAST * (preset_block + 1):
-        shape["block_size"] = _fitting_block(train_tokens)
+    if "block_size" not in recipe.given and shape.get("block_size", preset_block) < preset_block:
         notes.append(f"context: {shape['block_size']} tokens, since the text has only {train_tokens:,} training "
                      f"tokens (the preset's {preset_block} would leave too few different windows)")
     switches = {k: getattr(recipe, k) for k in resume_lib.SWITCH_FIELDS}
@@ -133,20 +155,6 @@ def _text_model(recipe: Recipe, base: GPT | None, tokenizer: Tokenizer, seed: in
                          arch=recipe.arch, dropout=recipe.dropout, **switches)
     torch.manual_seed(seed)
     return GPT(config)
-
-
-# A text shorter than this many of the preset's windows trains on shorter ones.
-SEQUENCES_AT_LEAST = 4
-SMALLEST_BLOCK = 8
-
-
-def _fitting_block(train_tokens: int) -> int:
-    """The longest power-of-two context of which the training tokens hold SEQUENCES_AT_LEAST windows."""
-    block = 1 << max(0, (train_tokens // SEQUENCES_AT_LEAST - 1).bit_length() - 1)
-    if block < SMALLEST_BLOCK:
-        raise TinygenError(f"the training text is {train_tokens} tokens, too little to learn from; give it more text "
-                           f"(or a smaller --val-fraction)")
-    return block
 
 
 def _trained_tokenizer(recipe: Recipe, files: list[Path], digest: str, cache_dir: Path, seed: int,
@@ -178,19 +186,52 @@ def _check(recipe: Recipe) -> None:
         raise TinygenError("--chat fine-tunes an existing model: pass --init BASE.safetensors (or --resume)")
 
 
-# Without a budget: until validation stops improving, at most this many steps.
-DEFAULT_STEPS = 1000
 DEFAULT_PATIENCE = 3
+# Fine-tuning (--init, --chat) without a budget: until validation stops improving, at most this many steps.
+DEFAULT_STEPS = 1000
 
 
-def _fresh_settings(recipe: Recipe) -> tuple[TrainSettings, list[str]]:
+def _plan(recipe: Recipe, train_tokens: int, n_vocab: int, dist: Dist, device: torch.device) -> plan_lib.Plan:
+    """The plan for a new model on this text: what the user typed, and the plan's choice for the rest."""
+    given, train = recipe.given, recipe.train
+    typed = {k: v for k in ("dropout", "block_size") if k in given and (v := getattr(recipe, k)) is not None}
+    typed |= {k: train[k] for k in ("weight_decay", "lr") if k in given and train.get(k) is not None}
+    shape = {k: getattr(recipe, k) for k in resume_lib.SHAPE_FIELDS if k != "block_size" and k in given}
+    if recipe.preset is not None or shape:
+        typed["shape"] = {**PRESETS[recipe.preset or "tiny"], **shape, "name": recipe.preset or "custom"}
+        typed["preset"] = recipe.preset or "custom"
+    switches = {k: getattr(recipe, k) for k in resume_lib.SWITCH_FIELDS}
+    if switches["qk_norm"] is None:
+        switches["qk_norm"] = recipe.arch == "rope"
+    base = ModelConfig(arch=recipe.arch, **switches)
+    step_tokens = train.get("batch_tokens") or train.get("batch_size", 32) * dist.world
+    budget = plan_lib.Budget(seconds=train.get("max_time"), tokens=train.get("max_tokens"),
+                             steps=train.get("max_steps"), step_sequences=None if train.get("batch_tokens") else
+                             step_tokens, step_tokens=train.get("batch_tokens"))
+    rate = plan_lib.step_rate(device, training_dtype(device, train.get("dtype", "auto")))
+    # Every rank must make the same plan (its passes are the budget they stop at together): rank 0's probe.
+    rate = all_gather(dist, torch.tensor([rate], dtype=torch.float64))[0].item() * dist.world
+    return plan_lib.make_plan(train_tokens, n_vocab, budget, rate, base, typed,
+                              "GPU" if device.type == "cuda" else "CPU")
+
+
+def _fresh_settings(recipe: Recipe, plan: plan_lib.Plan | None = None) -> tuple[TrainSettings, list[str]]:
+    """The settings of a new run: as typed, with the plan's choices (a new model) or, for a fine-tune
+    given no budget, until validation stops improving within DEFAULT_STEPS."""
     train, notes = dict(recipe.train), []
+    if plan is not None and "weight_decay" not in recipe.given:
+        train["weight_decay"] = plan.weight_decay
     if not any(train.get(k) for k in resume_lib.STOPS):
-        train["max_steps"] = DEFAULT_STEPS
         if train.get("patience") is None:
             train["patience"] = DEFAULT_PATIENCE
+        if plan is not None:
+            train["max_tokens"] = plan.max_tokens
+            limit = f"at most {plan.max_tokens:,} tokens (the plan's passes)"
+        else:
+            train["max_steps"] = DEFAULT_STEPS
+            limit = f"at most {DEFAULT_STEPS} steps"
         notes.append(f"no --max-steps, --tokens or --time given: training until validation stops improving "
-                     f"({train['patience']} evaluations without a new lowest loss), at most {DEFAULT_STEPS} steps")
+                     f"({train['patience']} evaluations without a new lowest loss), {limit}")
     settings = TrainSettings(**train)
     if recipe.init and train.get("lr") is None:
         # Fine-tuning at the learning rate that trains from scratch would undo much of what the base
