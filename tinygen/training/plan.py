@@ -29,7 +29,7 @@ from tinygen.errors import TinygenError
 CANDIDATES = ("tiny", "mini", "small", "medium", "gpt2")
 VOCAB_BYTES = 25
 VOCAB_RANGE = (512, 4096)
-TOKENS_PER_PARAM = 10
+TOKENS_PER_PARAM = 20  # Chinchilla's compute-optimal ratio (Hoffmann et al., 2022)
 USEFUL_PASSES = 4
 MAX_PASSES = 30
 DEFAULT_BUDGET_S = 30 * 60
