@@ -8,6 +8,7 @@ import torch
 from conftest import assert_ok
 from safetensors import safe_open
 
+from tinygen.core.checkpoint import load_model
 from tinygen.core.config import PRESETS, ModelConfig
 from tinygen.errors import TinygenError
 from tinygen.training import plan as plan_lib
@@ -124,7 +125,10 @@ def test_train_prints_the_plan_first_and_records_it(tmp_path, cli):
     state = json.loads(out.with_name(out.name + ".state.json").read_text())
     assert prov["plan"] == r.err.splitlines()[0].removeprefix("plan: ")
     assert state["recipe"]["plan"]["train_tokens"] == prov["train_tokens"]
-    assert state["recipe"]["plan"]["vocab_size"] == vocab_for(round(text.stat().st_size * 0.95))
+    # the BPE was asked for the plan's vocabulary, and the plan records what it found
+    _, tok, _ = load_model(out)
+    assert state["recipe"]["vocab_size"] == vocab_for(round(text.stat().st_size * 0.95))
+    assert state["recipe"]["plan"]["vocab_size"] == tok.n_vocab <= state["recipe"]["vocab_size"]
     assert state["recipe"]["plan"]["typed"] == ["dropout"]
     r = cli("train", text, "-o", out, "--max-steps", "3", "--resume", "--device", "cpu", timeout=300)
     assert_ok(r)
