@@ -2,16 +2,17 @@
 budget. It picks the vocabulary, the model's size, its context, dropout, weight decay, learning
 rate and how many passes over the text to make. Every part the user types stays as typed.
 
-The rule was read off the sweeps in docs/training.md ("The plan"), where each constant below is
-measured:
-- a vocabulary of about one entry per VOCAB_BYTES bytes of training text: a small text cannot
-  teach the rare tokens of a large vocabulary, and they cost it its scarce examples;
+The rule, and the sweeps that test it, are in docs/training.md ("The plan"):
+- a vocabulary of about one entry per VOCAB_BYTES bytes of training text, so that a very small
+  text does not ask its BPE for more merges than it holds; every text swept, 100 kB included,
+  did better at 4096 than at 1024;
 - the largest preset for which the budget buys at least TOKENS_PER_PARAM training tokens per
   parameter of its blocks, counting at most USEFUL_PASSES passes over the text: repeats teach less
   than new text, so a small text cannot feed a large model however long it trains;
-- dropout as the text is repeated: none within a pass, more the more often each token is seen;
+- dropout as the text is repeated: none up to a few passes, more the more often each token is seen;
 - without --time, --tokens or --max-steps, the budget is DEFAULT_BUDGET_S of this machine's time,
   at most MAX_PASSES passes, and the run stops earlier when validation stops improving.
+Weight decay and the learning rate stay the default recipe's, which its own sweeps chose.
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ class Plan:
     def to_dict(self) -> dict:
         return {**asdict(self), "typed": list(self.typed)}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        return cls(**{**d, "typed": tuple(d["typed"])})
+
 
 def vocab_for(train_bytes: int) -> int:
     """The vocabulary for this much training text: a power of two near train_bytes / VOCAB_BYTES."""
@@ -119,10 +124,8 @@ def flops_per_token(model: GPT) -> float:
     return 6 * model.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
 
 
-def block_params(config: ModelConfig) -> int:
+def block_params(model: GPT) -> int:
     """Parameters of the blocks: the model less its embeddings, which a token count does not size."""
-    with torch.device("meta"):
-        model = GPT(config)
     return sum(p.numel() for name, p in model.named_parameters() if name.startswith("transformer.h."))
 
 
@@ -153,24 +156,22 @@ def make_plan(train_tokens: int, vocab_size: int, budget: Budget, rate: float, b
     "weight_decay", "lr", "block_size". A typed part is kept, and the others are chosen around it."""
     shape = typed.get("shape")
     candidates = [shape] if shape else [PRESETS[p] | {"name": p} for p in CANDIDATES]
-    sized = []
+    chosen = None  # the smallest candidate, unless a larger one is fed enough tokens (candidates grow)
     for cand in candidates:
         fields = {k: v for k, v in cand.items() if k != "name"}
         block = typed.get("block_size") or fields["block_size"]
         if "block_size" not in typed and train_tokens < SEQUENCES_AT_LEAST * (block + 1):
             block = fitting_block(train_tokens)
-        config = replace(base, **{**fields, "block_size": block}, vocab_size=vocab_size)
         with torch.device("meta"):
-            model = GPT(config)
+            model = GPT(replace(base, **{**fields, "block_size": block}, vocab_size=vocab_size))
         speed = rate / flops_per_token(model)  # tokens per second
         tokens = budget.tokens_at(block, speed)
         if not budget.given():
             tokens = min(tokens, MAX_PASSES * train_tokens)
         useful = min(tokens, USEFUL_PASSES * train_tokens)
-        sized.append((cand.get("name", "custom"), model.num_params(), block_params(config), block, tokens, speed,
-                      useful))
-    fits = [s for s in sized if s[6] >= TOKENS_PER_PARAM * s[2]]
-    name, params, _, block, tokens, speed, _ = fits[-1] if fits else sized[0]
+        if chosen is None or useful >= TOKENS_PER_PARAM * block_params(model):
+            chosen = (cand.get("name", "custom"), model.num_params(), block, tokens, speed)
+    name, params, block, tokens, speed = chosen
     passes = tokens / train_tokens
     dropout = typed["dropout"] if "dropout" in typed else next(d for most, d in DROPOUT_BY_PASSES if passes <= most)
     return Plan(train_tokens=train_tokens, preset=typed.get("preset", name), params=params, vocab_size=vocab_size,

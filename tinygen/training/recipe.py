@@ -103,7 +103,7 @@ def _prepare_text(recipe: Recipe, settings: TrainSettings | None, notes: list[st
                          block_size=plan.block_size, dropout=plan.dropout)
         settings, notes = _fresh_settings(recipe, plan)
     elif meta is not None and meta["recipe"].get("plan"):
-        plan = plan_lib.Plan(**{**meta["recipe"]["plan"], "typed": tuple(meta["recipe"]["plan"]["typed"])})
+        plan = plan_lib.Plan.from_dict(meta["recipe"]["plan"])
     model = _text_model(recipe, base, tokenizer, settings.seed, notes, len(tokens.train))
     if tokenizer.n_vocab > model.config.vocab_size:
         raise TinygenError(f"the tokenizer has {tokenizer.n_vocab} tokens but the model only {model.config.vocab_size}")
@@ -204,10 +204,9 @@ def _plan(recipe: Recipe, train_tokens: int, n_vocab: int, dist: Dist, device: t
     if switches["qk_norm"] is None:
         switches["qk_norm"] = recipe.arch == "rope"
     base = ModelConfig(arch=recipe.arch, **switches)
-    step_tokens = train.get("batch_tokens") or train.get("batch_size", 32) * dist.world
-    budget = plan_lib.Budget(seconds=train.get("max_time"), tokens=train.get("max_tokens"),
-                             steps=train.get("max_steps"), step_sequences=None if train.get("batch_tokens") else
-                             step_tokens, step_tokens=train.get("batch_tokens"))
+    budget = plan_lib.Budget(seconds=train.get("max_time"), tokens=train.get("max_tokens"), steps=train.get("max_steps"),
+                             step_sequences=train.get("batch_size", TrainSettings.batch_size) * dist.world,
+                             step_tokens=train.get("batch_tokens"))
     rate = plan_lib.step_rate(device, training_dtype(device, train.get("dtype", "auto")))
     # Every rank must make the same plan (its passes are the budget they stop at together): rank 0's probe.
     rate = all_gather(dist, torch.tensor([rate], dtype=torch.float64))[0].item() * dist.world
