@@ -223,16 +223,16 @@ def test_continuous_batching_refills_slots_and_matches_unbatched(model):
 
 
 def test_the_cache_holds_what_the_longest_request_reaches(model, monkeypatch):
-    from tinygen.generate import engine
+    from tinygen.generate import forward
 
     sizes = []
 
-    class Recorded(engine.KVCache):
+    class Recorded(forward.KVCache):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             sizes.append(self.max_len)
 
-    monkeypatch.setattr(engine, "KVCache", Recorded)
+    monkeypatch.setattr(forward, "KVCache", Recorded)
     prompts = [[1, 2, 3], [4] * 9, [5, 6]]
     limits = [4, 6, 20]  # the last row, admitted into a slot later, reaches 22 slots
     assert generate_batch(model, prompts, GREEDY, limits, batch_size=1) == \

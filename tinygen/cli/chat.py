@@ -16,12 +16,14 @@ from tinygen.cli.options import (
     DtypeOpt,
     QuantOpt,
     Sampling,
+    constraint_flags,
     sampling_flags,
 )
 from tinygen.errors import TinygenError
 
 
 @sampling_flags(max_new_tokens=256, temperature=0.7, top_p=0.9, repetition_penalty=1.1)
+@constraint_flags
 def chat(
     model: Annotated[Optional[str], typer.Option("--model", "-m", metavar="MODEL", envvar="TINYGEN_MODEL",
                                                  show_envvar=False, help=f"Model to chat with: {MODEL_KINDS}. "
@@ -34,6 +36,7 @@ def chat(
     jsonl: Annotated[bool, typer.Option("--jsonl", metavar="", help='Replies as {"role", "content"} JSON lines; '
                                         "input lines may be JSON messages too (so they can hold newlines).")] = False,
     sampling: Sampling = None,
+    constraint=None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantOpt = None,
@@ -50,7 +53,7 @@ def chat(
     path = resolve_model_path(model, DEFAULT_CHAT_MODEL)
     net, tokenizer, _, decoder = load_model(str(path), device, dtype, quantize, compile)
     session = ChatSession(net, tokenizer, params, max_tokens=sampling.max_new_tokens, seed=sampling.seed, system=system,
-                          compiled=decoder)
+                          compiled=decoder, constraint=constraint)
     repl = Repl(session, jsonl=jsonl)
     interactive = prompt is None and sys.stdin.isatty()
     if not session.template.tuned and not interactive:

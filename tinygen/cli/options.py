@@ -12,9 +12,12 @@ import functools
 import inspect
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from tinygen.errors import TinygenError
 
 
 class Dtype(str, Enum):
@@ -130,20 +133,82 @@ _SAMPLING_FLAGS = {"max_new_tokens": (MaxNewOpt, 200), "temperature": (TempOpt, 
 def sampling_flags(**defaults):
     """Give a command the sampling flags, with these defaults, in place of its `sampling` parameter;
     it receives their values as one Sampling. Each flag is written once, here, for every command."""
+    return _flags_in_place_of("sampling", _SAMPLING_FLAGS, defaults, lambda values: Sampling(**values))
+
+
+JsonSchemaOpt = Annotated[Optional[str], typer.Option("--json-schema", metavar="FILE|TEXT", show_default=False,
+                                                      rich_help_panel="Structured output",
+                                                      help="The output is JSON that this JSON schema (a file, or "
+                                                      "the schema itself) validates, enforced token by token.")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", rich_help_panel="Structured output",
+                                       help="The output is a JSON object (any object).")]
+RegexOpt = Annotated[Optional[str], typer.Option("--regex", metavar="PATTERN", show_default=False,
+                                                 rich_help_panel="Structured output",
+                                                 help="The output matches this regular expression, whole.")]
+ChoiceOpt = Annotated[Optional[list[str]], typer.Option("--choice", metavar="TEXT", show_default=False,
+                                                        rich_help_panel="Structured output",
+                                                        help="The output is one of these texts (repeatable).")]
+GrammarOpt = Annotated[Optional[str], typer.Option("--grammar", metavar="FILE", show_default=False,
+                                                   rich_help_panel="Structured output",
+                                                   help="The output follows this grammar: Lark, or llama.cpp's "
+                                                   "GBNF.")]
+_CONSTRAINT_FLAGS = {"json_schema": (JsonSchemaOpt, None), "json": (JsonOpt, False), "regex": (RegexOpt, None),
+                     "choice": (ChoiceOpt, None), "grammar": (GrammarOpt, None)}
+
+
+def constraint_flags(command):
+    """Give a command the structured-output flags in place of its `constraint` parameter; it receives
+    the one constraint they name (a generate.constrain.Constraint), or None."""
+    return _flags_in_place_of("constraint", _CONSTRAINT_FLAGS, {}, constraint_of)(command)
+
+
+def constraint_of(values: dict):
+    from tinygen.generate.constrain import ANY_OBJECT, Constraint  # torch: only once a command runs
+
+    given = [name for name, value in values.items() if value]
+    if len(given) > 1:
+        raise TinygenError(f"give one of --json-schema, --json, --regex, --choice and --grammar, not "
+                           f"{' and '.join('--' + n.replace('_', '-') for n in given)}")
+    if not given:
+        return None
+    name, value = given[0], values[given[0]]
+    if name == "json":
+        return Constraint.json_schema(ANY_OBJECT)
+    if name == "json_schema":
+        return Constraint.json_schema(value if value.lstrip().startswith("{") else _read(value, "--json-schema"))
+    if name == "choice":
+        return Constraint.choice(value)
+    if name == "regex":
+        return Constraint("regex", value)
+    return Constraint("grammar", _read(value, "--grammar"))
+
+
+def _read(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TinygenError(f"{flag}: no such file: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TinygenError(f"{flag}: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _flags_in_place_of(name: str, flags: dict, defaults: dict, build):
+    """A decorator that swaps a command's `name` parameter for these Typer flags, and hands the
+    command build(their values) under that name."""
 
     def add(command):
         signature = inspect.signature(command, eval_str=True)  # Typer reads the annotations as objects
-        flags = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=option,
-                                   default=defaults.get(name, default))
-                 for name, (option, default) in _SAMPLING_FLAGS.items()]
+        new = [inspect.Parameter(flag, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=option,
+                                 default=defaults.get(flag, default))
+               for flag, (option, default) in flags.items()]
         parameters = []
         for parameter in signature.parameters.values():
-            parameters += flags if parameter.name == "sampling" else [parameter]
+            parameters += new if parameter.name == name else [parameter]
 
         @functools.wraps(command)
         def with_flags(**values):
-            sampling = Sampling(**{name: values.pop(name) for name in _SAMPLING_FLAGS})
-            return command(sampling=sampling, **values)
+            built = build({flag: values.pop(flag) for flag in flags})
+            return command(**{name: built}, **values)
 
         with_flags.__signature__ = signature.replace(parameters=parameters)
         return with_flags

@@ -139,11 +139,17 @@ class Repl:
             self.note("(reply interrupted)")
             return
         last = self.session.last
+        complete = last.completion.complete
         if self.jsonl:
-            ui.write(json.dumps({"role": "assistant", "content": self.session.messages[-1].content},
+            record = {"role": "assistant", "content": self.session.messages[-1].content}
+            ui.write(json.dumps(record if complete is None else {**record, "complete": complete},
                                 ensure_ascii=False) + "\n")
         else:
             self._show("\n")
+        if complete is False:
+            why = (f"ran out of tokens (max_tokens {self.session.max_tokens})"
+                   if last.completion.finish_reason == "length" else "could not go on")
+            ui.warn(f"the reply {why} before its {self.session.constraint.label} was complete")
         if last.trimmed:
             dropped = "message was" if last.trimmed == 1 else f"{last.trimmed} messages were"
             self.note(f"(the context was full: the oldest {dropped} dropped)")

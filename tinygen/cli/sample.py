@@ -21,18 +21,21 @@ from tinygen.cli.options import (
     QuantOpt,
     Sampling,
     StopOpt,
+    constraint_flags,
     sampling_flags,
 )
 from tinygen.errors import TinygenError
 
 
 @sampling_flags()
+@constraint_flags
 def sample(
     prompt: Annotated[Optional[str], typer.Argument(metavar="PROMPT", help="Prompt text; `-` or piped stdin reads it "
                                                     "from stdin. Empty starts a fresh document.", show_default=False)] = None,
     model: ModelOpt = None,
     sampling: Sampling = None,
     stop: StopOpt = None,
+    constraint=None,
     num_samples: Annotated[int, typer.Option(metavar="N", min=1, help="How many samples of each prompt: the prompt "
                                              "is read once and the samples decode together; sample j of a --seed S "
                                              "run uses seed S + j.")] = 1,
@@ -43,9 +46,11 @@ def sample(
                                                  "empty line is an empty prompt), newlines folded.",
                                                  show_default=False)] = None,
     jsonl: Annotated[bool, typer.Option("--jsonl", metavar="", help="JSON lines out: {\"prompt\", \"completion\", "
-                                        "\"tokens\", \"finish_reason\"} per completion. Without a PROMPT, JSON lines "
-                                        "in too, from --input or stdin: {\"prompt\": ..., any sampling field, "
-                                        "\"max_new_tokens\", \"stop\", \"seed\"}.")] = False,
+                                        "\"tokens\", \"finish_reason\"} per completion (and \"complete\" under a "
+                                        "constraint). Without a PROMPT, JSON lines in too, from --input or stdin: "
+                                        "{\"prompt\": ..., any sampling field, \"max_new_tokens\", \"stop\", "
+                                        "\"seed\", and one of \"json_schema\", \"regex\", \"choice\", \"grammar\" "
+                                        "or \"response_format\"}.")] = False,
     batch_size: Annotated[int, typer.Option(metavar="N", min=1, help="Most rows generated at once in batch mode; "
                                             "a finished row's slot goes to the next prompt.")] = 16,
     explain: Annotated[bool, typer.Option("--explain", metavar="", help="Show each step's likeliest next tokens: the "
@@ -67,7 +72,7 @@ def sample(
         raise TinygenError("--explain follows one sample of one prompt; drop --input/--num-samples")
     if input is not None and prompt is not None:
         raise TinygenError("give a PROMPT or --input FILE, not both")
-    base = Request("", sampling.params(), sampling.max_new_tokens, tuple(stop or ()), sampling.seed)
+    base = Request("", sampling.params(), sampling.max_new_tokens, tuple(stop or ()), sampling.seed, constraint)
     if input is not None or (jsonl and prompt is None and not explain_k):
         requests = parse_requests(_input_lines(input, jsonl), base, jsonl=jsonl, num_samples=num_samples)
         textgen = TextGenerator(*load_model(model, device, dtype, quantize)[:2])
@@ -111,6 +116,8 @@ def _stream(textgen, requests, batch_size: int, echo: Optional[bool]) -> None:
             sink.text(event.text)
             continue
         sink.end()
+        warn_incomplete(event.completion, requests[event.index],
+                        f"sample {event.index + 1}" if len(requests) > 1 else "the output")
         if stats:
             c = event.completion
             ui.stats_line(c.n_tokens, c.seconds, c.first_token_seconds)
@@ -160,9 +167,22 @@ def _print_batch(textgen, requests, batch_size: int, jsonl: bool, num_samples: i
         if jsonl:
             record = {"prompt": requests[index].prompt, "completion": result.text, "tokens": result.n_tokens,
                       "finish_reason": result.finish_reason}
+            if result.complete is not None:
+                record["complete"] = result.complete
             if num_samples > 1:
                 record["sample"] = index % num_samples
             line = json.dumps(record, ensure_ascii=False)
         else:
             line = result.text.replace("\r", " ").replace("\n", " ")
+            warn_incomplete(result, requests[index], f"output {index + 1}")
         ui.write(line + "\n")
+
+
+def warn_incomplete(result, request, which: str) -> None:
+    """One line on stderr for an output that stopped before its constraint was met, so that nobody
+    takes it for a valid one."""
+    if result.complete is not False:
+        return
+    why = (f"ran out of tokens (--max-new-tokens {request.max_new_tokens})" if result.finish_reason == "length"
+           else "could not go on")
+    ui.warn(f"{which} {why} before its {request.constraint.label} was complete")

@@ -18,6 +18,7 @@ from tinygen.core.evaluate import document_start
 from tinygen.core.template import ROLES, Renderer, template_for
 from tinygen.errors import TinygenError
 from tinygen.generate import engine
+from tinygen.generate.constrain import Constraint
 from tinygen.generate.context import Context
 from tinygen.generate.sampling import SamplingParams
 from tinygen.generate.textgen import Completion, Request, TextGenerator
@@ -57,8 +58,12 @@ def conversation_lead(renderer: Renderer) -> list[int]:
 
 class ChatSession:
     def __init__(self, model, tokenizer, params: SamplingParams = SamplingParams(), *, max_tokens: int = 256,
-                 seed: int | None = None, system: str | None = None, compiled=None, keep_cache: bool = True):
+                 seed: int | None = None, system: str | None = None, compiled=None, keep_cache: bool = True,
+                 constraint: Constraint | None = None):
         self.textgen = TextGenerator(model, tokenizer, compiled=compiled)
+        self.constraint = constraint  # what every reply must be (constrain.py), or None
+        if constraint is not None:
+            self.textgen.guide.check(constraint)
         self.tokenizer = tokenizer
         self.template = template_for(tokenizer)
         self.renderer = Renderer(tokenizer, self.template)
@@ -197,7 +202,10 @@ class ChatSession:
                                f"context holds {self.block_size}")
         result = Completion()
         self.last = Turn(result, trimmed, len(prompt), interrupted=True)
-        request = Request("", self.params, self.max_tokens, self.renderer.stop_strings)
+        # Under a constraint the reply ends where it is complete, and its end-of-turn token; the
+        # template's stop strings (a plain transcript's "User:") could cut it short.
+        stops = () if self.constraint is not None else self.renderer.stop_strings
+        request = Request("", self.params, self.max_tokens, stops, constraint=self.constraint)
         try:
             yield from self.textgen.stream_ids(prompt, request, result, generator=self.rng, stop_ids=self._stop_ids,
                                                context=self.kv, keep=len(self.fixed_ids()))

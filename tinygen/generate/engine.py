@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from tinygen.core.model import GPT, CacheSlots, KVCache
-from tinygen.errors import TinygenError
+from tinygen.core.model import GPT, KVCache
+from tinygen.generate import constrain
 from tinygen.generate.compiled import StaticDecoder
 from tinygen.generate.context import Context
+from tinygen.generate.forward import check_finite, decode, extend, prefill
 from tinygen.generate.sampling import RowSettings, SamplingParams, sample_next
 
 
@@ -56,16 +57,21 @@ class Row:
     made: int = 0  # tokens generated so far
     cached: int = 0  # tokens of this row in the cache, which is also the position of its next token
     keep: int = 0  # leading tokens that stay in the cache when the context slides (at most half of it)
+    make_matcher: Callable[[], constrain.Matcher] | None = None  # when it has a constraint
+    matcher: constrain.Matcher | None = None  # what its constraint allows next, while it generates
 
 
 class Batch:
     """The rows decoding together, slot by slot, and the tensors that follow them."""
 
     def __init__(self, model: GPT, rows: list[Row], track_seen: bool, shared_generator: torch.Generator | None,
-                 cache: KVCache | None = None, cache_len: int | None = None, context: Context | None = None):
+                 stop_ids: frozenset[int], cache: KVCache | None = None, cache_len: int | None = None,
+                 context: Context | None = None):
         self.model = model
         self.device = model.device
         self.rows = rows
+        self.stop_ids = stop_ids
+        self.stuck: list[bool] | None = None  # the rows a constraint lets go no further (constrain.masked)
         self.shared_generator = shared_generator  # one stream for every row, when the caller gave one
         windows = [self.window(r) for r in rows]
         if context is not None:  # one row, whose window may start with tokens the cache holds already
@@ -92,18 +98,25 @@ class Batch:
         10,000 seeds, not 10,000 generator states."""
         if row.seeded and row.generator is None:
             row.generator = make_generator(row.seed, self.device)
+        if row.make_matcher is not None and row.matcher is None:
+            row.matcher = row.make_matcher()
 
     def window(self, row: Row) -> list[int]:
         return window_of(row.tokens, row.keep, self.model.config.block_size)
 
     def sample(self) -> torch.Tensor:
+        """Each row's next token; a constraint's mask goes on the logits first, before any filter."""
+        matchers = [r.matcher for r in self.rows]
+        self.stuck = None
+        if any(m is not None for m in matchers):
+            self.logits, self.stuck = constrain.masked(self.logits, matchers, sorted(self.stop_ids))
         generators = [r.generator for r in self.rows]
         if self.shared_generator is not None or all(g is None for g in generators):
             generators = self.shared_generator  # one stream (or torch's global one) for the whole batch
         try:
             return sample_next(self.logits, self.settings, generators, self.seen)
         except RuntimeError:  # torch.multinomial refuses a distribution with NaN in it
-            _check_finite(self.logits)
+            check_finite(self.logits)
             raise
 
     def mark_seen(self, chosen: torch.Tensor) -> None:
@@ -170,6 +183,7 @@ def generate(
     observe: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor], None] | None = None,
     context: Context | None = None,
     keep: int | Sequence[int] = 0,
+    constraints: Sequence[Callable[[], constrain.Matcher] | None] | None = None,
 ) -> Iterator[list[tuple[int, int]]]:
     """Yield, per step, the (row, token) pairs of the rows still generating.
 
@@ -191,6 +205,9 @@ def generate(
     included: what `sample --explain` shows. A context (one prompt only) keeps the KV cache for
     the next call, which then prefills only what its prompt does not share with this one's
     tokens; a call that ends early (an exception, or the caller closing it) leaves it empty.
+    constraints (one per prompt, None for none) make each constrained row's matcher when it
+    starts: its logits are masked to what the matcher allows, and the row also ends when the
+    matcher is stopped or allows nothing (constrain.py).
     """
     if context is not None and len(prompts) != 1:
         raise ValueError("a Context follows one conversation: one prompt at a time")
@@ -198,6 +215,7 @@ def generate(
     waiting = _queue(prompts, params, max_new_tokens, None if shared else generator, seeds, finished)
     for row in waiting:
         row.keep = min(keep if isinstance(keep, int) else keep[row.index], model.config.block_size // 2)
+        row.make_matcher = constraints[row.index] if constraints else None
     if not waiting:
         return
     width = min(batch_size or len(waiting), len(waiting))
@@ -208,10 +226,10 @@ def generate(
     if decoder is not None:
         decoder.reserve(cache_len)
     # Rows leave `waiting` as they start; a finished row is dropped from memory with its tokens.
-    batch = Batch(model, [waiting.popleft() for _ in range(width)], track_seen, shared,
+    stop_ids = frozenset(stop_ids)
+    batch = Batch(model, [waiting.popleft() for _ in range(width)], track_seen, shared, stop_ids,
                   decoder.cache if decoder is not None else None, cache_len, context)
     step = decoder or (lambda cache, tokens, cached: decode(model, cache, tokens, cached))
-    stop_ids = frozenset(stop_ids)
     first = batch.rows[0]
     yield from _decode(model, batch, waiting, step, stop_ids, done, finished, observe)
     if context is not None:
@@ -229,14 +247,18 @@ def _decode(model: GPT, batch: Batch, waiting: deque, step, stop_ids: frozenset[
             observe(batch.logits, batch.seen, chosen)
         batch.mark_seen(chosen)
         chosen_list = chosen.tolist()
-        out = [(row.index, t) for row, t in zip(batch.rows, chosen_list) if t not in stop_ids]
+        ends = [t in stop_ids or bool(batch.stuck and batch.stuck[slot]) for slot, t in enumerate(chosen_list)]
+        out = [(row.index, t) for row, t, end in zip(batch.rows, chosen_list, ends) if not end]
         if out:
             yield out
         # Each slot goes on with its row, is handed to a waiting prompt, or closes.
         feed, going_on, joined_or_left = [], [], False
         for slot, (row, t) in enumerate(zip(batch.rows, chosen_list)):
             row.made += 1
-            if t in stop_ids or row.made >= row.max_new_tokens or (done and done(row.index)):
+            if row.matcher is not None and not ends[slot]:
+                row.matcher.advance(t)
+            if (ends[slot] or row.made >= row.max_new_tokens or (done and done(row.index))
+                    or (row.matcher is not None and row.matcher.stopped)):
                 if finished:
                     finished(row.index)
                 joined_or_left = True
@@ -288,75 +310,6 @@ def _rows(prompts: list[list[int]], params, max_new_tokens, generators, seeds) -
     per_gen = [None] * n if generators is None else list(generators)
     return [Row(i, list(p), per_params[i], per_limit[i], per_gen[i], seed=None if seeds is None else seeds[i],
                 seeded=seeds is not None) for i, p in enumerate(prompts)]
-
-
-def prefill(model: GPT, windows: list[list[int]], into: KVCache | None = None,
-            max_len: int | None = None) -> tuple[KVCache, torch.Tensor]:
-    """Run the prompts (right-padded to one length) through the model in one pass, into a new cache
-    of max_len slots (the whole context when None) or the one given (a StaticDecoder's, which must
-    keep its address).
-
-    Returns the cache and the logits (B, V) at each row's last real token. Padding sits after each
-    row's tokens, so causal attention keeps it out of every real position; decoding later
-    overwrites it slot by slot. Identical prompts (--num-samples) are run once and their cache
-    rows copied.
-    """
-    device = model.device
-    unique = list(dict.fromkeys(map(tuple, windows)))
-    where = {w: i for i, w in enumerate(unique)}
-    T = max(len(w) for w in unique)
-    idx = torch.zeros(len(unique), T, dtype=torch.long)
-    for i, w in enumerate(unique):
-        idx[i, : len(w)] = torch.tensor(w, dtype=torch.long)
-    if into is not None and into.batch_size != len(unique):
-        raise ValueError("a cache to prefill into needs one row per distinct prompt")
-    cache = into if into is not None else KVCache(model.config, len(unique), device, model.dtype, max_len)
-    lengths = torch.tensor([len(w) for w in unique], device=device)  # a sliding layer's ring keeps each row's newest
-    h, _ = model.hidden(idx.to(device), CacheSlots(cache, torch.arange(T, device=device), T, lengths=lengths))
-    last = lengths - 1
-    logits = model.head(h[torch.arange(len(unique), device=device), last])
-    _check_finite(logits)
-    if len(unique) < len(windows):
-        rows = torch.tensor([where[tuple(w)] for w in windows], device=device)
-        cache.select(rows)
-        logits = logits[rows]
-    return cache, logits
-
-
-def extend(model: GPT, cache: KVCache, tokens: list[int], start: int) -> torch.Tensor:
-    """Prefill tokens into one row's cache after the start slots it already holds; returns the
-    logits (1, V) after the last. Each new token sees every cached slot and the new ones up to
-    itself: a causal mask aligned to the bottom right, which SDPA's is_causal (top left) is not."""
-    device = model.device
-    T = len(tokens)
-    S = start + T
-    mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(start)[None, None]
-    slots = CacheSlots(cache, torch.arange(start, S, device=device), S, mask)
-    h, _ = model.hidden(torch.tensor([tokens], device=device), slots)
-    logits = model.head(h[:, -1])
-    _check_finite(logits)
-    return logits
-
-
-def _check_finite(logits: torch.Tensor) -> None:
-    if not bool(torch.isfinite(logits).all()):
-        raise TinygenError("the model's output is not finite (NaN or infinity): its weights are broken, or too large "
-                           "for this dtype")
-
-
-def decode(model: GPT, cache: KVCache, tokens: torch.Tensor, cached: list[int]) -> torch.Tensor:
-    """Feed one token per row (B,), each at its own position (its row's cached count); returns the
-    next logits (B, V)."""
-    device = tokens.device
-    kv_len = max(cached) + 1
-    if min(cached) == max(cached):  # rows in step (always so at batch 1): every slot read is visible
-        slots = CacheSlots(cache, torch.tensor(cached[:1], device=device), kv_len)
-    else:
-        pos = torch.tensor(cached, device=device)[:, None]  # (B, 1)
-        mask = torch.arange(kv_len, device=device)[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, 1, S)
-        slots = CacheSlots(cache, pos, kv_len, mask)
-    h, _ = model.hidden(tokens[:, None], slots)
-    return model.head(h[:, -1])
 
 
 def stream(model: GPT, prompt: list[int], params: SamplingParams, max_new_tokens: int, **kw) -> Iterator[int]:

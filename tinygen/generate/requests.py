@@ -1,8 +1,9 @@
 """Batch-mode input: lines of prompts, or JSON requests, into Requests with a seed for every row.
 
 A plain line is one prompt (an empty one is a fresh document), so there is one completion per line.
-A JSON line is {"prompt": ..., and any sampling field, "max_new_tokens", "stop" or "seed"}; blank ones
-are skipped. Every row gets its own seed: a request's "seed" gives seed + j to its j-th sample, else
+A JSON line is {"prompt": ..., and any sampling field, "max_new_tokens", "stop" or "seed"}, and at
+most one constraint: "json_schema", "regex", "choice", "grammar", or OpenAI's "response_format"
+(CONSTRAINT_FIELDS); blank ones are skipped. Every row gets its own seed: a request's "seed" gives seed + j to its j-th sample, else
 --seed gives seed + i * num_samples + j to the j-th sample of request i, so no two rows share a stream
 and none depends on its neighbours; with neither, rows are seeded afresh.
 """
@@ -14,11 +15,13 @@ from collections.abc import Iterable
 from dataclasses import fields, replace
 
 from tinygen.errors import TinygenError
+from tinygen.generate.constrain import ANY_OBJECT, Constraint
 from tinygen.generate.sampling import SamplingParams
 from tinygen.generate.textgen import Request
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
-REQUEST_FIELDS = SAMPLING_FIELDS | {"prompt", "max_new_tokens", "stop", "seed"}
+CONSTRAINT_FIELDS = ("json_schema", "regex", "choice", "grammar", "response_format")
+REQUEST_FIELDS = SAMPLING_FIELDS | {"prompt", "max_new_tokens", "stop", "seed", *CONSTRAINT_FIELDS}
 
 
 def parse_requests(lines: Iterable[str], base: Request, *, jsonl: bool, num_samples: int = 1) -> list[Request]:
@@ -73,7 +76,49 @@ def _json_request(line: str, n: int, base: Request) -> Request:
     seed = obj.get("seed")
     if seed is not None and not _is_int(seed):
         raise TinygenError(f'line {n}: "seed" must be an integer')
-    return Request(obj["prompt"], params, max_new, tuple(stop), seed)
+    try:
+        constraint = request_constraint(obj) or base.constraint
+        return Request(obj["prompt"], params, max_new, tuple(stop), seed, constraint)
+    except TinygenError as e:
+        raise TinygenError(f"line {n}: {e}") from None
+
+
+def request_constraint(obj: dict) -> Constraint | None:
+    """The one constraint a JSON request names, in any of the forms CONSTRAINT_FIELDS lists."""
+    named = [k for k in CONSTRAINT_FIELDS if obj.get(k) is not None]
+    if len(named) > 1:
+        raise TinygenError(f"give one constraint, not {' and '.join(map(json.dumps, named))}")
+    if not named:
+        return None
+    key, value = named[0], obj[named[0]]
+    if key == "json_schema":
+        return Constraint.json_schema(value)
+    if key == "choice":
+        if not isinstance(value, list):
+            raise TinygenError('"choice" must be a list of strings')
+        return Constraint.choice(value)
+    if key in ("regex", "grammar"):
+        if not isinstance(value, str) or not value:
+            raise TinygenError(f'"{key}" must be a non-empty string')
+        return Constraint(key, value)
+    return _response_format(value)
+
+
+def _response_format(value) -> Constraint | None:
+    """OpenAI's response_format: {"type": "text"}, {"type": "json_object"}, or {"type": "json_schema",
+    "json_schema": {"name": ..., "schema": {...}}}."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint.json_schema(ANY_OBJECT)
+    if kind == "json_schema":
+        inner = value.get("json_schema")
+        if not isinstance(inner, dict) or "schema" not in inner:
+            raise TinygenError('"response_format" of type json_schema needs {"json_schema": {"schema": {...}}}')
+        return Constraint.json_schema(inner["schema"])
+    raise TinygenError('"response_format" must be {"type": "text"}, {"type": "json_object"} or '
+                       '{"type": "json_schema", "json_schema": {"schema": {...}}}')
 
 
 def _is_int(value) -> bool:

@@ -1,8 +1,9 @@
 """Text in, text out: the engine plus a tokenizer.
 
 Encodes prompts, decodes streamed ids incrementally (whole UTF-8 characters only), applies stop
-strings, and runs many requests, each with its own settings and seed, through one continuously
-batched generation. Yields text and returns results; printing is the CLI's job.
+strings and constraints (constrain.py), and runs many requests, each with its own settings, seed
+and constraint, through one continuously batched generation. Yields text and returns results;
+printing is the CLI's job.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from tinygen.core.evaluate import document_start
 from tinygen.core.tokenizer import StopMatcher, StreamDecoder, Tokenizer
 from tinygen.errors import TinygenError
 from tinygen.generate import engine
+from tinygen.generate.constrain import Constraint, Guide, Matcher
 from tinygen.generate.context import Context
 from tinygen.generate.sampling import SamplingParams
 
@@ -26,13 +28,20 @@ class Request:
     max_new_tokens: int = 200
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    constraint: Constraint | None = None
+
+    def __post_init__(self):
+        if self.constraint is not None and self.stop:
+            raise TinygenError(f"a stop string and a {self.constraint.label} constraint do not mix: the constraint "
+                               "decides where the text ends")
 
 
 @dataclass
 class Completion:
     text: str = ""
     n_tokens: int = 0  # generated tokens, stop token excluded
-    finish_reason: str = "length"  # "stop": end-of-text or a stop string; "length": max tokens
+    finish_reason: str = "length"  # "stop": end-of-text, a stop string or a finished constraint; "length": max tokens
+    complete: bool | None = None  # with a constraint: whether the text satisfies it (else None)
     seconds: float = 0.0
     first_token_seconds: float | None = None
     pieces: list[str] = field(default_factory=list, repr=False)
@@ -58,6 +67,7 @@ class TextGenerator:
         self.model = model
         self.compiled = compiled  # a compiled.StaticDecoder for single streams, or None
         self.tokenizer = tokenizer
+        self.guide = Guide(tokenizer)
         self.device = model.device
         # A base model stops at end-of-text; the reserved chat token <|end|> also ends a turn, as do
         # an imported model's own end-of-sequence and end-of-turn tokens (Tokenizer.stop_ids).
@@ -89,6 +99,7 @@ class TextGenerator:
         keeps the KV cache from one call to the next (context.Context), and the first `keep` ids
         stay when the context slides (default: start_kept)."""
         text = _Text(self.tokenizer, request, result)
+        self.check([request])
         start = time.perf_counter()
         tokens = engine.stream(
             self.model, ids, request.params, request.max_new_tokens,
@@ -96,6 +107,7 @@ class TextGenerator:
             seeds=None if generator is not None else [request.seed], done=lambda _row: text.stops.stopped,
             decoder=self.compiled, observe=observe, context=context,
             keep=start_kept(self.tokenizer, ids) if keep is None else keep,
+            constraints=[self._matcher(request, text)],
         )
         for token in tokens:
             piece = text.push(token, time.perf_counter() - start)
@@ -111,6 +123,7 @@ class TextGenerator:
         Yields each completion's text pieces, then its Done, as they happen (rows interleave);
         in_order() sorts them for output."""
         prompts = [self.encode_prompt(r.prompt) for r in requests]
+        self.check(requests)
         # Made when a row first produces and dropped when it is done, so a long run holds only
         # the rows in flight.
         live: dict[int, _Text] = {}
@@ -134,6 +147,7 @@ class TextGenerator:
             self.model, prompts, [r.params for r in requests], [r.max_new_tokens for r in requests],
             stop_ids=self.stop_ids, seeds=[r.seed for r in requests], done=lambda row: text(row).stops.stopped,
             batch_size=batch_size, finished=finished.append, keep=[start_kept(self.tokenizer, p) for p in prompts],
+            constraints=[self._matcher(r, lambda i=i: text(i)) for i, r in enumerate(requests)],
         )
         for step in steps:
             now = time.perf_counter() - start
@@ -143,6 +157,28 @@ class TextGenerator:
                     yield Piece(row, piece)
             yield from close()
         yield from close()
+
+    def check(self, requests: list[Request]) -> None:
+        """Refuse a constraint that cannot work here before anything is generated."""
+        for i, r in enumerate(requests):
+            if r.constraint is None:
+                continue
+            try:
+                self.guide.check(r.constraint)
+            except TinygenError as e:
+                raise TinygenError(f"request {i + 1}: {e}" if len(requests) > 1 else str(e)) from None
+
+    def _matcher(self, request: Request, text):
+        """The engine's maker of the request's matcher, which its _Text (or the maker of it) keeps."""
+        if request.constraint is None:
+            return None
+
+        def make() -> Matcher:
+            holder = text if isinstance(text, _Text) else text()
+            holder.matcher = self.guide.matcher(request.constraint)
+            return holder.matcher
+
+        return make
 
     def samples(self, requests: list[Request], batch_size: int) -> Iterator[Piece | Done]:
         """Several samples of one prompt (one request per sample, each with its own seed), streamed
@@ -202,6 +238,7 @@ class _Text:
         self.stops = StopMatcher(request.stop)
         self.max_new_tokens = request.max_new_tokens
         self.result = result if result is not None else Completion()
+        self.matcher: Matcher | None = None  # the row's place in its constraint, once it starts
 
     def push(self, token: int, seconds: float) -> str:
         """The text that token makes safe to show (maybe none); seconds since the request began."""
@@ -223,5 +260,8 @@ class _Text:
             r.pieces.append(tail)
         r.text = "".join(r.pieces)
         r.seconds = time.perf_counter() - start
-        r.finish_reason = "length" if r.n_tokens >= self.max_new_tokens and not self.stops.stopped else "stop"
+        finished = self.stops.stopped or (self.matcher is not None and self.matcher.stopped)
+        r.finish_reason = "length" if r.n_tokens >= self.max_new_tokens and not finished else "stop"
+        if self.matcher is not None:
+            r.complete = self.matcher.complete
         return tail
