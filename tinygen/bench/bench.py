@@ -8,7 +8,10 @@ comes with a reference measured here and now:
   cache) over the read bandwidth measured on this machine a moment before (ceilings.py);
 - training against a bare PyTorch loop (nanoGPT-style: forward, cross-entropy, backward, AdamW)
   around the transformers model, and as MFU: against a known GPU's datasheet peak, or else the
-  matmul peak measured here (training.py, ceilings.py).
+  matmul peak measured here (training.py, ceilings.py);
+- decode under a JSON schema against the same rows unconstrained, with the time the mask takes
+  (structured.py). Only when asked for (--only structured): it needs llguidance and a model's
+  vocabulary, and measures a feature's cost rather than the plain speed the other sections do.
 Each figure is the median of several repeats after a warm-up, ours and the reference timed in
 turn; each ratio comes with the range of its per-repeat ratios (measure.py), which says how far
 a busy machine has moved it.
@@ -30,11 +33,13 @@ from tinygen.bench.ceilings import (
 )
 from tinygen.bench.generation import batch_section, chat_section, decode_section
 from tinygen.bench.hardware import datasheet
+from tinygen.bench.structured import structured_section
 from tinygen.bench.training import train_section
 from tinygen.core.config import PRESETS, ModelConfig
 from tinygen.errors import TinygenError
 
-SECTIONS = ("decode", "batch", "chat", "train")
+SECTIONS = ("decode", "batch", "chat", "train")  # the default
+OPT_IN = ("structured",)  # run only when --only names them
 CHAT_TURNS = 5
 # Kinds of model file whose training bench leaves out unless asked for: Llama-family models made
 # elsewhere, far larger than what tinygen trains on a CPU.
@@ -55,9 +60,10 @@ def shape_config(name: str) -> ModelConfig:
 
 
 def _build(model: str | None, shape: str | None, device, dtype, as_stored: bool = False):
-    """(model, its label, the kind of file it came from: None for a shape's random weights, and its
-    ModelInfo, whose stored matrices the decode plan reads; None for a shape). as_stored: a quantized
-    file's matrices as it stores them, as `sample` loads it by default on a CPU."""
+    """(model, its label, the kind of file it came from: None for a shape's random weights, its
+    ModelInfo, whose stored matrices the decode plan reads, and its tokenizer; the last three None
+    for a shape). as_stored: a quantized file's matrices as it stores them, as `sample` loads it by
+    default on a CPU."""
     from tinygen.core.checkpoint import load_model
     from tinygen.core.model import GPT
 
@@ -66,9 +72,9 @@ def _build(model: str | None, shape: str | None, device, dtype, as_stored: bool 
         torch.manual_seed(0)
         with torch.device(device):
             net = GPT(config)
-        return net.to(dtype).eval(), f"{shape} (random weights)", None, None
-    net, _, info = load_model(model, device=device, dtype=dtype, as_stored=as_stored)
-    return net, str(info.path), info.kind, info
+        return net.to(dtype).eval(), f"{shape} (random weights)", None, None, None
+    net, tokenizer, info = load_model(model, device=device, dtype=dtype, as_stored=as_stored)
+    return net, str(info.path), info.kind, info, tokenizer
 
 
 def _training_net(model: str | None, shape: str | None):
@@ -102,15 +108,16 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
     from tinygen.core.device import inference_dtype, resolve_device
     from tinygen.generate import plan
 
-    unknown = set(sections or SECTIONS) - set(SECTIONS)
+    unknown = set(sections or SECTIONS) - set(SECTIONS + OPT_IN)
     if unknown or (sections is not None and not sections):
-        raise TinygenError(f"unknown section {', '.join(sorted(unknown)) or '(none)'}; choose from {', '.join(SECTIONS)}")
+        raise TinygenError(f"unknown section {', '.join(sorted(unknown)) or '(none)'}; "
+                           f"choose from {', '.join(SECTIONS + OPT_IN)}")
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device, plan.cpu_only(quantize))
     # What `sample` decodes with: a quantized file as stored on a CPU unless a --dtype is named.
     as_stored = dev.type == "cpu" and dtype == "auto"
-    net, label, kind, info = _build(model, shape, dev, inference_dtype(dev, dtype), as_stored)
+    net, label, kind, info, tokenizer = _build(model, shape, dev, inference_dtype(dev, dtype), as_stored)
     cfg = net.config
     skipped = {}
     if sections is None:
@@ -140,6 +147,10 @@ def run(model=None, shape=None, sections=None, prompt_tokens=128, new_tokens=64,
             result["batch"] = {"prompt_tokens": prompt_tokens, "new_tokens": batch_new_tokens, "rows": rows}
         if "chat" in sections:
             result["chat"] = chat_section(net, CHAT_TURNS, repeats, dev, say)
+        if "structured" in sections and _can_constrain(tokenizer, skipped):
+            # Two generations at a time (with the schema and without): twice the slots a row.
+            sizes = _fitting(batch_sizes, cfg, net.dtype, dev, skipped, 2 * (prompt_tokens + new_tokens))
+            result["structured"] = structured_section(net, tokenizer, prompt_tokens, new_tokens, sizes, repeats, say)
     if "train" in sections:
         del hf, net, prepared  # free their memory for training's
         result["train"] = _train(model, shape, dev, dtype, steps, repeats, train_batch, compare, compile, say)
@@ -160,6 +171,21 @@ def _reference(model, shape, dev, net, skipped: dict):
         skipped["transformers"] = f"the transformers reference maps {', '.join(FAMILIES)} models, not {cfg.family}"
         return None
     return to_transformers(net)
+
+
+def _can_constrain(tokenizer, skipped: dict) -> bool:
+    """Whether the structured section can run: a vocabulary to constrain, and llguidance (if not, why, in skipped)."""
+    from tinygen.generate.constrain import INSTALL
+
+    if tokenizer is None:
+        skipped["structured"] = "a shape's random weights have no vocabulary to write JSON with; -m MODEL has one"
+        return False
+    try:
+        import llguidance  # noqa: F401
+    except ImportError:
+        skipped["structured"] = f"llguidance is not installed; `{INSTALL}` adds it"
+        return False
+    return True
 
 
 def _default_sections(net, kind: str | None, skipped: dict) -> tuple[str, ...]:
@@ -280,6 +306,8 @@ def wide_spreads(result: dict, limit: float = WIDE_SPREAD) -> list[tuple[str, li
                 for name, spread in result.get("decode", {}).get("llama_cpp", {}).get("spread", {}).items()]
     spreads += [(f"batch {row['batch']}", row["spread"]) for row in result.get("batch", {}).get("rows", [])
                 if "spread" in row]
+    spreads += [(f"JSON schema, batch {row['batch']}", row["spread"])
+                for row in result.get("structured", {}).get("rows", [])]
     if "spread" in result.get("chat", {}):
         spreads.append(("chat turn 5", result["chat"]["spread"]))
     if "spread" in result.get("train", {}):

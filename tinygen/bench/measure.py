@@ -53,6 +53,28 @@ def interleave_all(fns: list[Callable | None], repeats: int, warmup: int = 1) ->
     return [results[id(f)] if f is not None else [] for f in fns]
 
 
+def in_step(iterators: list) -> list[list[tuple[float, object]]]:
+    """Run iterators step by step in turn, each next() timed, forwards and then backwards on the next
+    step, until all are spent: for each, its (seconds, item) per step. Where a whole run of each side
+    lasts seconds, load that comes and goes within them lands on one side; two steps back to back
+    meet the same machine, so the sums of their times compare the sides without it."""
+    iterators = list(iterators)
+    steps: list[list[tuple[float, object]]] = [[] for _ in iterators]
+    live = list(range(len(iterators)))
+    turn = 0
+    while live:
+        for i in (live if turn % 2 == 0 else live[::-1]):
+            start = time.perf_counter()
+            try:
+                item = next(iterators[i])
+            except StopIteration:
+                live = [j for j in live if j != i]
+                continue
+            steps[i].append((time.perf_counter() - start, item))
+        turn += 1
+    return steps
+
+
 def median_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
     return statistics.median(interleave(timer(fn, sync), None, repeats)[0])
 

@@ -24,16 +24,20 @@ def bench(
     only: Annotated[Optional[str], typer.Option("--only", metavar="SECTIONS", help="Comma-separated sections to run: "
                                                 "decode (batch-1 decode, prefill, bandwidth), batch (batched "
                                                 "generation), chat (time to first token over five turns, the KV "
-                                                "cache kept between them or not), train. Default: all (training only when asked for on an "
+                                                "cache kept between them or not), train; and only when named, structured (decode under a "
+                                                "JSON schema against the same rows without it, and the mask's time "
+                                                "a step, at each --batch-sizes; needs llguidance). Default: decode, "
+                                                "batch, chat and train (training only when asked for on an "
                                                 "imported Llama-family model).", show_default=False)] = None,
-    prompt_tokens: Annotated[int, typer.Option(metavar="N", min=1, help="Prompt length.")] = 128,
+    prompt_tokens: Annotated[int, typer.Option(metavar="N", min=1, help="Prompt length (structured: at most; its "
+                                               "prompt is one sentence asking for JSON).")] = 128,
     new_tokens: Annotated[int, typer.Option(metavar="N", min=2, help="Tokens to decode per batch-1 "
-                                            "measurement.")] = 64,
+                                            "measurement, and per row under a JSON schema.")] = 64,
     repeats: Annotated[int, typer.Option(metavar="N", min=1, help="Timed repeats of every measurement, ours and the "
                                          "reference in turn (training: at least this many timed steps). The median "
                                          "is reported, and the range of the per-repeat ratios.")] = 3,
-    batch_sizes: Annotated[str, typer.Option(metavar="N,N,...", help="Batch sizes for batched generation, "
-                                             "comma-separated.")] = "1,8,32,64",
+    batch_sizes: Annotated[str, typer.Option(metavar="N,N,...", help="Batch sizes for batched generation "
+                                             "and structured output, comma-separated.")] = "1,8,32,64",
     batch_new_tokens: Annotated[int, typer.Option(metavar="N", min=1, help="Tokens generated per row in batched "
                                                   "generation.")] = 32,
     steps: Annotated[int, typer.Option(metavar="N", min=3, help="Training steps (the first two are warm-up, and at "
@@ -80,22 +84,23 @@ def bench(
 
 
 def print_table(result: dict, console) -> None:
-    """The figures as one table (ours, the reference, their ratio and, with --compare, its range),
-    then notes on how to read them."""
+    """The figures as one table (ours, the reference, their ratio and, with --compare or the JSON
+    schema's rows, its range), then notes on how to read them."""
     from rich.table import Table
 
     compared = "transformers_version" in result
+    ranged = compared or "structured" in result  # the JSON schema's rows have their own reference
     table = Table(title=_title(result), title_justify="left")
     table.add_column("metric")
     table.add_column("tinygen", justify="right")
     table.add_column("reference", justify="right")  # the roofline is one even without --compare
     table.add_column("ratio", justify="right", style="bold")
-    if compared:
+    if ranged:
         table.add_column("range", justify="right")
-    for section_rows in (_decode_rows, _batch_rows, _chat_rows, _train_rows):
+    for section_rows in (_decode_rows, _batch_rows, _chat_rows, _structured_rows, _train_rows):
         for label, ours, ref, ratio, spread in section_rows(result):
             cells = [label, ours, ref or "", f"{ratio:.2f}x" if isinstance(ratio, float) else ratio or ""]
-            if compared:
+            if ranged:
                 cells.append(f"{spread[0]:.2f}–{spread[1]:.2f}" if spread and spread[0] != spread[1] else "")
             table.add_row(*cells)
     console.print(table)
@@ -168,6 +173,24 @@ def _chat_rows(result: dict) -> list[tuple]:
     ]
 
 
+def _structured_rows(result: dict) -> list[tuple]:
+    if not (st := result.get("structured")):
+        return []
+    rows = []
+    for r in st["rows"]:
+        b = r["batch"]
+        rows += [
+            (f"JSON schema: decode tok/s, batch {b} ({st['new_tokens']} new)", f"{r['constrained_tok_s']:.1f}",
+             f"{r['plain_tok_s']:.1f} unconstrained", r["ratio"], r["spread"]),
+            (f"JSON schema: step ms, batch {b}", f"{r['constrained_step_ms']:.2f}",
+             f"{r['plain_step_ms']:.2f} unconstrained", f"{r['overhead']:+.1%}", None),
+            (f"JSON schema: mask ms a step (a token), batch {b}",
+             f"{r['mask_ms_per_step']:.2f} ({r['mask_ms_per_token']:.3f})", None,
+             f"{r['mask_ms_per_step'] / r['constrained_step_ms']:.0%} of step", None),
+        ]
+    return rows
+
+
 def _train_rows(result: dict) -> list[tuple]:
     if not (tr := result.get("train")):
         return []
@@ -207,6 +230,17 @@ def _notes(result: dict, compared: bool) -> list[str]:
     if d and (slots := result.get("compile_cache_slots", 0)) > 4 * (d["prompt_tokens"] + d["new_tokens"]):
         notes.append(f"the compiled step reads its whole {slots:,}-token cache every token, masked: "
                      "with a short reply, it can be slower than the eager step")
+    if st := result.get("structured"):
+        notes.append(f"JSON schema: the same {st['prompt_tokens']}-token prompt in every row, seeded sampling at "
+                     f"temperature {st['temperature']}, with the schema and without a step at a time in turn; "
+                     "tok/s counts the tokens after each run's first; ratio: the median of the per-repeat ratios, "
+                     "range: their smallest and largest; the step-time ratio is the overhead; mask: time in "
+                     "constrain.masked, and its share of the step")
+        short = [f"batch {r['batch']}: {r['tokens_per_row']:.0f}" for r in st["rows"]
+                 if r["tokens_per_row"] < r["plain_tokens_per_row"]]
+        if short:
+            notes.append(f"JSON schema: rows ended before --new-tokens (tokens a row, {', '.join(short)}), so fewer "
+                         "rows decoded in the later steps than unconstrained")
     if (tr := result.get("train")) and tr["batch"][1] < result["config"]["block_size"]:
         notes.append(f"training windows: {tr['batch'][1]:,} of the model's {result['config']['block_size']:,} tokens "
                      "of context")

@@ -175,7 +175,8 @@ def constraint_of(values: dict):
     if name == "json":
         return Constraint.json_schema(ANY_OBJECT)
     if name == "json_schema":
-        return Constraint.json_schema(value if value.lstrip().startswith("{") else _read(value, "--json-schema"))
+        inline = value.lstrip().startswith(("{", "[")) and not Path(value).is_file()
+        return Constraint.json_schema(value if inline else _read(value, "--json-schema"))
     if name == "choice":
         return Constraint.choice(value)
     if name == "regex":

@@ -16,12 +16,14 @@ decodes with, so every vocabulary tinygen runs (byte-level BPE, SentencePiece) w
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
+import numpy as np
 import torch
 
 from tinygen.errors import TinygenError, one_line
@@ -95,8 +97,15 @@ class _Vocabulary:
     llguidance's sign for a token no text may contain) and a way to encode text."""
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
         special = tokenizer.special_ids
+        # llguidance encodes the bytes a constraint forces (the "{" that opens a JSON object) and lets
+        # only the first id of that come next, so the ids must spell exactly those bytes: SentencePiece's
+        # space before a text's first piece, or NFC (Qwen2), would write others, which it then refuses.
+        exact = {k: v for k, v in (("add_space_prefix", False), ("normalization", None)) if getattr(tokenizer, k, v) != v}
+        if exact:
+            tokenizer = copy.copy(tokenizer)
+            vars(tokenizer).update(exact)
+        self.tokenizer = tokenizer
         self.tokens = [b"\xff" + tokenizer.label(i).encode() if i in special else tokenizer.token_bytes(i)
                        for i in range(tokenizer.n_vocab)]
         self.special_token_ids = sorted(special)
@@ -163,15 +172,16 @@ class Guide:
 
     def matcher(self, constraint: Constraint) -> Matcher:
         llmatcher = require().LLMatcher(self.lltokenizer, self.check(constraint), log_level=0)
-        return Matcher(llmatcher, self.tokenizer.n_vocab)
+        return Matcher(llmatcher, self.tokenizer.n_vocab, self.lltokenizer.eos_tokens)
 
 
 class Matcher:
     """One row's place in its constraint: what the engine asks of it."""
 
-    def __init__(self, llmatcher, n_tokens: int):
+    def __init__(self, llmatcher, n_tokens: int, ends: Sequence[int] = ()):
         self.llmatcher = llmatcher
         self.words = (n_tokens + 31) // 32  # a mask's int32 words, one bit per token
+        self.ends = tuple(ends)  # llguidance's end-of-text ids, which it allows once the text is complete
 
     def advance(self, token: int) -> None:
         if not self.llmatcher.consume_token(token):  # the mask allowed it, so this is llguidance's fault
@@ -197,10 +207,13 @@ def _reason(matcher) -> str:
     detail = next((line[len("error: "):] for line in lines if line.startswith("error: ")), None)
     if detail:  # a regex's own parser, whose position is in llguidance's wrapping of it
         return detail
-    return re.sub(r"^at (\d+)\((\d+)\): ", r"line \1, column \2: ", lines[0])
+    return re.sub(r"^(?:at )?(\d+)\((\d+)\): ", r"line \1, column \2: ", lines[0])
 
 
-_executor = None
+@cache
+def _executor():
+    """llguidance's pool of threads, which fill a batch's masks without the GIL."""
+    return require().LLExecutor()
 
 
 def masked(logits: torch.Tensor, matchers: Sequence[Matcher | None],
@@ -208,32 +221,33 @@ def masked(logits: torch.Tensor, matchers: Sequence[Matcher | None],
     """The logits (B, V) with -inf for every token a row's matcher (None: no constraint) does not
     allow next, and which rows are stuck: allowed nothing at all, so they must end here. A row's
     stop ids are allowed once its text is complete."""
-    global _executor
     rows = [i for i, m in enumerate(matchers) if m is not None]
     words = matchers[rows[0]].words
-    bits = torch.empty(len(rows), words, dtype=torch.int32)
+    bits = np.empty((len(rows), words), dtype=np.int32)
     if len(rows) == 1:
-        matchers[rows[0]].llmatcher.unsafe_compute_mask_ptr(bits.data_ptr(), words * 4)
-    else:  # llguidance's own threads, which the GIL does not hold up
-        if _executor is None:
-            _executor = require().LLExecutor()
-        _executor.unsafe_compute_mask_ptr([(matchers[i].llmatcher, k) for k, i in enumerate(rows)],
-                                          bits.data_ptr(), words * 4, len(rows))
-    device, V = logits.device, logits.size(-1)
-    shifts = torch.arange(32, dtype=torch.int32, device=device)
-    allowed = ((bits.to(device)[:, :, None] >> shifts) & 1).bool().flatten(1)  # (R, 32 * words)
-    # A model's vocabulary may be padded past its tokenizer's: those ids are never text.
-    allowed = allowed[:, :V] if allowed.size(1) >= V else torch.nn.functional.pad(allowed, (0, V - allowed.size(1)))
+        matchers[rows[0]].llmatcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+    else:
+        _executor().unsafe_compute_mask_ptr([(matchers[i].llmatcher, k) for k, i in enumerate(rows)],
+                                            bits.ctypes.data, words * 4, len(rows))
+    V = logits.size(-1)
+    allowed = np.unpackbits(bits.view(np.uint8), axis=1, count=min(V, 32 * words), bitorder="little").view(bool)
+    if allowed.shape[1] < V:  # a model's vocabulary padded past its tokenizer's: those ids are never text
+        allowed = np.pad(allowed, ((0, 0), (0, V - allowed.shape[1])))
+    # Only the caller's stop ids end a row: llguidance's end-of-text, when it is none of them, would be
+    # drawn as one more token and land in the text as a special token.
+    allowed[:, [i for i in matchers[rows[0]].ends if i < allowed.shape[1]]] = False
     if stop_ids:
-        stops = torch.tensor(list(stop_ids), device=device)
-        allowed[:, stops] = torch.tensor([matchers[i].complete for i in rows], device=device)[:, None]
-    stuck_rows = (~allowed.any(-1)).tolist()
-    # A stuck row draws from all tokens, to keep sampling finite; the engine drops what it draws.
-    allowed[torch.tensor(stuck_rows, device=device)] = True
-    out = logits.clone()
-    index = torch.tensor(rows, device=device)
-    out[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        allowed[:, list(stop_ids)] = np.array([matchers[i].complete for i in rows])[:, None]
+    stuck_rows = ~allowed.any(axis=1)
+    allowed[stuck_rows] = True  # to keep sampling finite; the engine drops what a stuck row draws
+    mask = torch.from_numpy(allowed).to(logits.device)
+    if len(rows) == len(matchers):
+        out = torch.where(mask, logits, float("-inf"))
+    else:
+        out = logits.clone()
+        index = torch.tensor(rows, device=logits.device)
+        out[index] = torch.where(mask, logits[index], float("-inf"))
     stuck = [False] * len(matchers)
-    for i, s in zip(rows, stuck_rows):
+    for i, s in zip(rows, stuck_rows.tolist()):
         stuck[i] = s
     return out, stuck
