@@ -175,15 +175,15 @@ def _reference(model, shape, dev, net, skipped: dict):
 
 def _can_constrain(tokenizer, skipped: dict) -> bool:
     """Whether the structured section can run: a vocabulary to constrain, and llguidance (if not, why, in skipped)."""
-    from tinygen.generate.constrain import INSTALL
+    from tinygen.generate.constrain import require
 
     if tokenizer is None:
         skipped["structured"] = "a shape's random weights have no vocabulary to write JSON with; -m MODEL has one"
         return False
     try:
-        import llguidance  # noqa: F401
-    except ImportError:
-        skipped["structured"] = f"llguidance is not installed; `{INSTALL}` adds it"
+        require()
+    except TinygenError as e:
+        skipped["structured"] = str(e)
         return False
     return True
 

@@ -165,7 +165,7 @@ def constraint_flags(command):
 def constraint_of(values: dict):
     from tinygen.generate.constrain import ANY_OBJECT, Constraint  # torch: only once a command runs
 
-    given = [name for name, value in values.items() if value]
+    given = [name for name, value in values.items() if value is not None and value is not False]
     if len(given) > 1:
         raise TinygenError(f"give one of --json-schema, --json, --regex, --choice and --grammar, not "
                            f"{' and '.join('--' + n.replace('_', '-') for n in given)}")
@@ -174,14 +174,11 @@ def constraint_of(values: dict):
     name, value = given[0], values[given[0]]
     if name == "json":
         return Constraint.json_schema(ANY_OBJECT)
-    if name == "json_schema":
-        inline = value.lstrip().startswith(("{", "[")) and not Path(value).is_file()
-        return Constraint.json_schema(value if inline else _read(value, "--json-schema"))
-    if name == "choice":
-        return Constraint.choice(value)
-    if name == "regex":
-        return Constraint("regex", value)
-    return Constraint("grammar", _read(value, "--grammar"))
+    if name == "json_schema" and not (value.lstrip().startswith(("{", "[")) and not Path(value).is_file()):
+        value = _read(value, "--json-schema")
+    elif name == "grammar":
+        value = _read(value, "--grammar")
+    return Constraint.of(name, value)
 
 
 def _read(path: str, flag: str) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import cache, cached_property
 
@@ -61,6 +61,22 @@ class Constraint:
         if not options or not all(isinstance(o, str) and o for o in options):
             raise TinygenError("a choice needs one or more non-empty strings")
         return cls("choice", json.dumps(list(dict.fromkeys(options)), ensure_ascii=False))
+
+    @classmethod
+    def of(cls, kind: str, value) -> Constraint:
+        """The constraint of one of KINDS from its value as a flag or a request gives it: a schema (an
+        object, or its JSON text), a list of choices, or the regex's or grammar's text."""
+        if kind == "json_schema":
+            return cls.json_schema(value)
+        if kind == "choice":
+            if not isinstance(value, (list, tuple)):
+                raise TinygenError('"choice" must be a list of strings')
+            return cls.choice(value)
+        if kind not in KINDS:
+            raise ValueError(f"no constraint kind {kind!r}")
+        if not isinstance(value, str) or not value:
+            raise TinygenError(f'"{kind}" must be a non-empty string')
+        return cls(kind, value)
 
     @property
     def label(self) -> str:
@@ -217,7 +233,7 @@ def _executor():
 
 
 def masked(logits: torch.Tensor, matchers: Sequence[Matcher | None],
-           stop_ids: Sequence[int]) -> tuple[torch.Tensor, list[bool]]:
+           stop_ids: Collection[int]) -> tuple[torch.Tensor, list[bool]]:
     """The logits (B, V) with -inf for every token a row's matcher (None: no constraint) does not
     allow next, and which rows are stuck: allowed nothing at all, so they must end here. A row's
     stop ids are allowed once its text is complete."""

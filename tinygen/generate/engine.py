@@ -109,7 +109,7 @@ class Batch:
         matchers = [r.matcher for r in self.rows]
         self.stuck = None
         if any(m is not None for m in matchers):
-            self.logits, self.stuck = constrain.masked(self.logits, matchers, sorted(self.stop_ids))
+            self.logits, self.stuck = constrain.masked(self.logits, matchers, self.stop_ids)
         generators = [r.generator for r in self.rows]
         if self.shared_generator is not None or all(g is None for g in generators):
             generators = self.shared_generator  # one stream (or torch's global one) for the whole batch

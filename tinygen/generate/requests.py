@@ -91,17 +91,7 @@ def request_constraint(obj: dict) -> Constraint | None:
     if not named:
         return None
     key, value = named[0], obj[named[0]]
-    if key == "json_schema":
-        return Constraint.json_schema(value)
-    if key == "choice":
-        if not isinstance(value, list):
-            raise TinygenError('"choice" must be a list of strings')
-        return Constraint.choice(value)
-    if key in ("regex", "grammar"):
-        if not isinstance(value, str) or not value:
-            raise TinygenError(f'"{key}" must be a non-empty string')
-        return Constraint(key, value)
-    return _response_format(value)
+    return _response_format(value) if key == "response_format" else Constraint.of(key, value)
 
 
 def _response_format(value) -> Constraint | None:

@@ -107,7 +107,7 @@ class TextGenerator:
             seeds=None if generator is not None else [request.seed], done=lambda _row: text.stops.stopped,
             decoder=self.compiled, observe=observe, context=context,
             keep=start_kept(self.tokenizer, ids) if keep is None else keep,
-            constraints=[self._matcher(request, text)],
+            constraints=[self._matcher(request, lambda: text)],
         )
         for token in tokens:
             piece = text.push(token, time.perf_counter() - start)
@@ -169,12 +169,12 @@ class TextGenerator:
                 raise TinygenError(f"request {i + 1}: {e}" if len(requests) > 1 else str(e)) from None
 
     def _matcher(self, request: Request, text):
-        """The engine's maker of the request's matcher, which its _Text (or the maker of it) keeps."""
+        """The engine's maker of the request's matcher, which the request's _Text (text() gives it) keeps."""
         if request.constraint is None:
             return None
 
         def make() -> Matcher:
-            holder = text if isinstance(text, _Text) else text()
+            holder = text()
             holder.matcher = self.guide.matcher(request.constraint)
             return holder.matcher
 
