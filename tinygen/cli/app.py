@@ -18,6 +18,7 @@ from tinygen import __version__
 from tinygen.cli import (
     bench,
     chat,
+    circuits,
     convert,
     evaluate,
     export,
@@ -71,6 +72,11 @@ app.command(cls=_Command)(tokens.tokenize)
 app.command(cls=_Command)(info.info)
 app.command(cls=_Command)(inspect.attention)
 app.command(cls=_Command)(inspect.embed)
+app.command(cls=_Command)(circuits.lens)
+app.command(cls=_Command)(circuits.trace)
+app.command(cls=_Command)(circuits.patch)
+app.command(cls=_Command)(circuits.ablate)
+app.command(cls=_Command)(circuits.heads)
 app.command(cls=_Command)(train.train)
 app.command("chat-data", cls=_Command)(train.chat_data)
 app.command("eval", cls=_Command)(evaluate.eval_cmd)

@@ -77,6 +77,10 @@ ScoreDtypeOpt = Annotated[Dtype, typer.Option("--dtype", parser=parse_dtype, hel
                                               "with: float32 (or fp32; the default on every device: the "
                                               "probabilities and losses training reports), bfloat16 (or bf16), or "
                                               "auto (bf16 on CUDA).")]
+RunDtypeOpt = Annotated[Dtype, typer.Option("--dtype", parser=parse_dtype, help="Weights the experiment's passes "
+                                            "run in: auto (as stored on a CPU, so a Q4 GGUF runs its 4-bit "
+                                            "products; bf16 on CUDA), float32 (or fp32) or bfloat16 (or bf16). "
+                                            "Probabilities are taken in float32 either way.")]
 QuantOpt = Annotated[Optional[Quantize], typer.Option("--quantize", help="Weight-only quantised linear layers "
                                                       "(CPU) of float weights. int8: a quarter of float32's bytes per "
                                                       "token; int4: an eighth, in groups of 32 inputs (-g64 ... -g256: "

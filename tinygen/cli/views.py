@@ -111,7 +111,7 @@ def attention_grid(console: Console, labels: list[str], weights: torch.Tensor, q
         console.print(table)
 
 
-def _shade(w: float) -> str:
+def shade(w: float) -> str:
     return next(ch for at, ch in SHADES if w >= at)
 
 
@@ -142,7 +142,7 @@ def attention_matrix(console: Console, labels: list[str], matrix: torch.Tensor, 
             if j > i:
                 line.append("  ")
             else:
-                ch = _shade(weights[i][j])
+                ch = shade(weights[i][j])
                 line.append(ch * 2, style=HEAT_STYLES[ch])
         console.print(line, no_wrap=True, overflow="crop")
     legend = "  ".join(f"{ch} ≥{at:.0%}" for at, ch in SHADES[:-1])

@@ -11,6 +11,7 @@ as for any model.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -20,6 +21,14 @@ import torch.nn.functional as F
 from tinygen.core.config import ModelConfig
 from tinygen.core.kvcache import CacheSlots, KVCache, Window, window_plan  # noqa: F401 (KVCache: re-exported)
 from tinygen.core.rotary import apply_rotary, frequency_bits, rotary_angles, rotary_sign
+
+# Where a hook sees the forward pass, as (point, layer): the residual stream entering block `layer`
+# ("resid"; layer n_layer is what the final norm reads, layer 0 the embeddings), each head's output
+# before the heads are mixed ("z", (B, T, n_head, head_dim)), and what the attention and the MLP add
+# to the residual stream ("attn", "mlp"; after the post-norms of a model that has them). The names
+# are TransformerLens's: resid_pre, z, attn_out, mlp_out.
+HOOK_POINTS = ("resid", "z", "attn", "mlp")
+Hook = Callable[[str, int, torch.Tensor], torch.Tensor]
 
 # torch 2.5 taught SDPA grouped-query attention; before it, k and v are repeated to every query head.
 _SDPA_GQA = torch.__version__ >= "2.5"  # TorchVersion compares as a version, not as a string
@@ -44,8 +53,9 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps)
 
     def forward(self, x, rope=None, slots: CacheSlots | None = None, need_weights: bool = False,
-                ve: torch.Tensor | None = None, window: Window | None = None):
-        """window: a sliding layer's reads, writes and mask in this pass, in place of slots'."""
+                ve: torch.Tensor | None = None, window: Window | None = None, hook: Hook | None = None):
+        """window: a sliding layer's reads, writes and mask in this pass, in place of slots'.
+        hook: sees (and may replace) each head's output, "z" (B, T, H, D), before c_proj mixes them."""
         B, T, _ = x.shape
         H, G, D = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.c_attn(x).view(B, T, H + 2 * G, D).transpose(1, 2)  # (B, H+2G, T, D): q, k, v heads
@@ -89,7 +99,10 @@ class CausalSelfAttention(nn.Module):
             gqa = {"enable_gqa": True} if G != H and _SDPA_GQA else {}
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                scale=self.scale, **gqa)
-        y = self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
+        y = y.transpose(1, 2)  # (B, T, H, D)
+        if hook is not None:
+            y = hook("z", self.layer, y)
+        y = self.c_proj(y.reshape(B, T, H * D))
         if self.training and self.dropout:
             y = F.dropout(y, self.dropout)
         return y, att
@@ -152,11 +165,17 @@ class Block(nn.Module):
             self.attn_post_norm = make_norm(config)
             self.mlp_post_norm = make_norm(config)
 
-    def forward(self, x, rope=None, slots=None, need_weights=False, ve=None, window=None):
-        a, att = self.attn(self.ln_1(x), rope, slots, need_weights, ve, window)
-        x = x + (self.attn_post_norm(a) if self.post_norms else a)
+    def forward(self, x, rope=None, slots=None, need_weights=False, ve=None, window=None, hook=None):
+        a, att = self.attn(self.ln_1(x), rope, slots, need_weights, ve, window, hook)
+        a = self.attn_post_norm(a) if self.post_norms else a
+        if hook is not None:
+            a = hook("attn", self.attn.layer, a)
+        x = x + a
         m = self.mlp(self.ln_2(x))
-        return x + (self.mlp_post_norm(m) if self.post_norms else m), att
+        m = self.mlp_post_norm(m) if self.post_norms else m
+        if hook is not None:
+            m = hook("mlp", self.attn.layer, m)
+        return x + m, att
 
 
 class GPT(nn.Module):
@@ -210,42 +229,58 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
 
-    def hidden(self, idx, slots: CacheSlots | None = None, need_weights: bool = False):
+    def hidden(self, idx, slots: CacheSlots | None = None, need_weights: bool = False, hook: Hook | None = None,
+               start: tuple[int, torch.Tensor] | None = None):
         """Final-norm hidden states (B, T, C) for token ids idx (B, T).
 
         Without slots, positions are 0..T-1 and attention is plainly causal. With them, the
         tokens sit at slots.pos, their keys and values go into slots.cache there, and attention
         reads the cache's first slots.kv_len slots under slots.mask; a sliding layer reads its ring
         as kvcache.window_plan says.
+        hook(point, layer, activation) sees and may replace each activation on its way (HOOK_POINTS);
+        without one, the pass runs exactly as it would with no hooks in the code. start: (layer, the
+        residual stream (B, T, C) entering it) runs the blocks from there on, for an experiment that
+        only changes that layer and later ones (TransformerLens's start_at_layer).
         Returns (hidden, attention probabilities per layer, or None).
         """
         B, T = idx.shape
         cfg = self.config
         pos = slots.pos if slots is not None else torch.arange(T, device=idx.device)  # (T,) or (B, T)
-        x = self.transformer.wte(idx)  # (B, T, C)
-        if cfg.embed_scale:
-            x = x * self.embed_factor
+        first, x = start if start is not None else (0, self.embed(idx, pos))  # (B, T, C)
         rope = local_rope = None  # the global layers' (cos, sin), the sliding layers'
-        if cfg.arch == "gpt2":
-            x = x + self.transformer.wpe(pos)
-        else:
+        if cfg.arch == "rope":
             # The last kind is the sliding layers': their own base's when they have one, else the global.
             kinds = rotary_angles(self.rope_bits, self.rope_sign, pos, x.dtype)
             rope, local_rope = kinds[0], kinds[-1]
         window = window_plan(cfg.sliding_window, pos, slots) if cfg.sliding_window else None
-        x = self.drop(x)
         atts = [] if need_weights else None
         ves = [table(idx) for table in self.transformer.ve] if cfg.value_embeds else []
         for i, block in enumerate(self.transformer.h):
+            if i < first:
+                continue
             table = cfg.value_table(i) if ves else None
             ve = None if table is None else ves[table]
+            if hook is not None:
+                x = hook("resid", i, x)
             if block.sliding:
-                x, att = block(x, local_rope, slots, need_weights, ve, window)
+                x, att = block(x, local_rope, slots, need_weights, ve, window, hook)
             else:
-                x, att = block(x, rope, slots, need_weights, ve)
+                x, att = block(x, rope, slots, need_weights, ve, None, hook)
             if need_weights:
                 atts.append(att)
+        if hook is not None:
+            x = hook("resid", cfg.n_layer, x)
         return self.transformer.ln_f(x), atts
+
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The residual stream's start (B, T, C): token embeddings (scaled, in Gemma), plus GPT-2's
+        learned positions."""
+        x = self.transformer.wte(idx)
+        if self.config.embed_scale:
+            x = x * self.embed_factor
+        if self.config.arch == "gpt2":
+            x = x + self.transformer.wpe(pos)
+        return self.drop(x)
 
     def forward(self, idx, targets=None):
         """Logits (B, T, V); with targets (B, T), the mean next-token cross-entropy instead.

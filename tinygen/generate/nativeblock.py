@@ -62,17 +62,17 @@ class NativeBlock(Block):
             attn.n_head, attn.n_kv_head, attn.head_dim, mlp.c_proj.in_features, self.gelu,
             self.ln_1.eps, attn.scale or attn.head_dim ** -0.5)
 
-    def forward(self, x, rope=None, slots=None, need_weights=False, ve=None, window=None):
+    def forward(self, x, rope=None, slots=None, need_weights=False, ve=None, window=None, hook=None):
         # One token of one row, reading every slot it reaches (no mask): then it sits at position
         # kv_len - 1 (kvcache.CacheSlots), and a sliding layer reads its ring up to there.
         if (x.shape[:2] == (1, 1) and slots is not None and slots.mask is None and rope is not None
-                and not need_weights and ve is None and (window is None or window.mask is None)
+                and not need_weights and ve is None and hook is None and (window is None or window.mask is None)
                 and x.dtype == torch.float32 and not torch.compiler.is_compiling()):
             k, v = slots.cache.ks[self.index], slots.cache.vs[self.index]
             if k.dtype == torch.float32 and k.is_contiguous() and v.is_contiguous():
                 cos, sin = rope
                 return native.layer_step(self.layer, x.contiguous(), cos, sin, k, v, slots.kv_len), None
-        return super().forward(x, rope, slots, need_weights, ve, window)
+        return super().forward(x, rope, slots, need_weights, ve, window, hook)
 
 
 def _matrix(layer: BlockLinear) -> native.Matrix:

@@ -98,12 +98,28 @@ def query_at(amap: AttentionMap, position: int | None) -> Query:
 
 def find_word(amap: AttentionMap, tokenizer: Tokenizer, word: str) -> Query:
     """The query token for a word of the text: its last token, the one whose attention has seen
-    all of the word. Prefers whole-word matches, then any match, then one ignoring case; of
-    several, takes the last."""
+    all of the word (token_span). Of several matches, takes the last."""
+    span = token_span(tokenizer, amap.ids, word, "--token")
+    if span is None:
+        raise TinygenError(f"{word!r} is not in the text; pick the token with --position instead")
+    first, last, found = span
+    notes = []
+    if last > first:
+        parts = ", ".join(repr(amap.labels[i]) for i in range(first, last + 1))
+        notes.append(f"{word!r} is {last - first + 1} tokens ({parts}); showing its last token")
+    if found > 1:
+        notes.append(f"{word!r} appears {found} times; showing the last (pick another with --position)")
+    return Query(last, "; ".join(notes) or None)
+
+
+def token_span(tokenizer: Tokenizer, ids: list[int], word: str, flag: str) -> tuple[int, int, int] | None:
+    """The first and last tokens of a word in a text of token ids, and how many times it occurs
+    (None: not at all); of several, the last. Prefers whole-word matches, then any match, then one
+    ignoring case."""
     target = word.strip().encode()
     if not target:
-        raise TinygenError("--token needs a word")
-    pieces = [tokenizer.token_bytes(i) for i in amap.ids]
+        raise TinygenError(f"{flag} needs a word")
+    pieces = [tokenizer.token_bytes(i) for i in ids]
     starts = [0, *accumulate(len(p) for p in pieces)][:-1]  # each token's first byte in the text
     data = b"".join(pieces)
     esc = re.escape(target)
@@ -112,14 +128,8 @@ def find_word(amap: AttentionMap, tokenizer: Tokenizer, word: str) -> Query:
         if found:
             break
     else:
-        raise TinygenError(f"{word!r} is not in the text; pick the token with --position instead")
+        return None
     match = found[-1]
     first = max(i for i, s in enumerate(starts) if s <= match.start())
     last = max(i for i, s in enumerate(starts) if s < match.end())
-    notes = []
-    if last > first:
-        parts = ", ".join(repr(amap.labels[i]) for i in range(first, last + 1))
-        notes.append(f"{word!r} is {last - first + 1} tokens ({parts}); showing its last token")
-    if len(found) > 1:
-        notes.append(f"{word!r} appears {len(found)} times; showing the last (pick another with --position)")
-    return Query(last, "; ".join(notes) or None)
+    return first, last, len(found)
