@@ -142,6 +142,7 @@ def detect(model, sequences: list[list[int]]) -> HeadScores:
             counted[k] += int(queries.sum())
     if not bool((counted > 0).all()):
         missing = [kind for kind, c in zip(DETECTORS, counted) if c == 0]
-        raise TinygenError(f"the text has no token that repeats, so it cannot score {' or '.join(missing)} heads; "
-                           "give a text in which some tokens come back, or leave --text out for random repeated tokens")
+        raise TinygenError(f"the text cannot score {' or '.join(missing)} heads: no token in it has what they look "
+                           "for; give a longer text in which tokens come back, or leave --text out for random "
+                           "repeated tokens")
     return HeadScores(total / counted[:, None, None])

@@ -146,7 +146,7 @@ def _restore(model, ids: list[int], clean: dict[Site, torch.Tensor], broken: Bro
     for layer in range(n_layer):
         for positions in chunks:
             # One pass for every kind: a block of rows per kind, a row per position and noise sample.
-            start, n = int(positions[0]), len(positions) * S
+            start, n = broken.start_of(positions), len(positions) * S
             rows = positions.repeat_interleave(S)
             samples = torch.arange(S).repeat(len(positions) * len(kinds))
             spans = {kind: _window(kind, layer, window, n_layer) for kind in kinds}
@@ -196,6 +196,10 @@ class Broken:
     def chunks(self, first: int, T: int) -> list[torch.Tensor]:
         positions = torch.arange(first, T)
         return list(positions.tensor_split(min(self.CHUNKS if self.cached else 1, len(positions))))
+
+    def start_of(self, positions: torch.Tensor) -> int:
+        """The first position a chunk's pass runs: its own first, or 0 without the cache."""
+        return int(positions[0]) if self.cached else 0
 
     def run_from(self, model, ids: list[int], layer: int, start: int, samples: torch.Tensor,
                  edits: dict[Site, Edit]) -> torch.Tensor:
