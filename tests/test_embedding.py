@@ -10,7 +10,7 @@ import torch
 
 from tinygen.core.checkpoint import load_model, save_checkpoint
 from tinygen.errors import TinygenError
-from tinygen.inspect.embedding import analogy, nearest, neighbours, word_vector
+from tinygen.inspect.embedding import analogy, nearest, neighbours, table, word_vector
 
 from conftest import assert_ok, assert_one_line_error
 
@@ -42,28 +42,28 @@ def planted(tmp_path_factory, model_path):
 
 def test_nearest_by_cosine_leaves_out_the_word_itself(planted):
     _, model, tok, ids = planted
-    dog = word_vector(model, tok, "dog")
+    dog = word_vector(table(model), tok, "dog")
     assert dog.ids == [ids["dog"]] and dog.note is None
-    found = nearest(model, tok, dog.vector, 3, exclude=dog.ids)
+    found = nearest(table(model), tok, dog.vector, 3, exclude=dog.ids)
     assert found[0][0] == ids["ball"] and found[0][1] == pytest.approx(1 / 1.01 ** 0.5, abs=1e-5)
     assert ids["dog"] not in [i for i, _ in found]
-    assert not set(i for i, _ in nearest(model, tok, dog.vector, tok.n_vocab)) & tok.special_ids
+    assert not set(i for i, _ in nearest(table(model), tok, dog.vector, tok.n_vocab)) & tok.special_ids
 
 
 def test_analogy_is_vector_arithmetic(planted):
     _, model, tok, ids = planted
-    vector, words = analogy(model, tok, "Spot", "Tom", "sun")
-    found = nearest(model, tok, vector, 3, exclude=[i for w in words for i in w.ids])
+    vector, words = analogy(table(model), tok, "Spot", "Tom", "sun")
+    found = nearest(table(model), tok, vector, 3, exclude=[i for w in words for i in w.ids])
     assert found[0][0] == ids["sky"] and found[0][1] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_a_word_of_several_tokens_is_their_mean(planted):
     _, model, tok, _ = planted
-    w = word_vector(model, tok, "happy")
+    w = word_vector(table(model), tok, "happy")
     assert len(w.ids) == 2 and "2 tokens" in w.note and "their mean" in w.note
     assert torch.allclose(w.vector, model.transformer.wte.weight[w.ids].mean(0))
     with pytest.raises(TinygenError):
-        word_vector(model, tok, "  ")
+        word_vector(table(model), tok, "  ")
 
 
 def test_embed_command(cli, planted):
@@ -101,10 +101,10 @@ def test_bundled_story_model_has_meaningful_neighbours():
     model, tok, _ = load_model(BUNDLED)
 
     def near(word, k=8):
-        w = word_vector(model, tok, word)
-        return {tok.label(i).strip() for i, _ in nearest(model, tok, w.vector, k, exclude=w.ids)}
+        w = word_vector(table(model), tok, word)
+        return {tok.label(i).strip() for i, _ in nearest(table(model), tok, w.vector, k, exclude=w.ids)}
 
     assert {"cat", "puppy"} <= near("dog")
     assert {"sad", "glad"} <= near("happy")
-    vector, words = analogy(model, tok, "boy", "he", "she")
-    assert tok.label(nearest(model, tok, vector, 1, exclude=[i for w in words for i in w.ids])[0][0]) == " girl"
+    vector, words = analogy(table(model), tok, "boy", "he", "she")
+    assert tok.label(nearest(table(model), tok, vector, 1, exclude=[i for w in words for i in w.ids])[0][0]) == " girl"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinygen.cli.explorer import SCALE, render_html, write_html
+from tinygen.cli.explorer import SCALE, render_html, write_html, write_page
 from tinygen.errors import TinygenError
 
 from conftest import run_real
@@ -42,9 +42,14 @@ def synthetic(tokens: list[str] = TOKENS, n_layer: int = 2, n_head: int = 3, see
             "n_layer": n_layer, "n_head": n_head, "query": T - 1, "attention": weights.tolist()}
 
 
-def data_block(html: str) -> dict:
+def page_data(html: str) -> dict:
     blob = re.search(r'<script type="application/json" id="data">(.*?)</script>', html, re.S).group(1)
     return json.loads(blob)
+
+
+def data_block(html: str) -> dict:
+    """The attention view's data in the page."""
+    return page_data(html)["views"]["attention"]
 
 
 def decode(payload: dict) -> np.ndarray:
@@ -56,11 +61,14 @@ def decode(payload: dict) -> np.ndarray:
     return weights
 
 
-def test_page_works_offline():
-    html = render_html(synthetic())
+def assert_offline(html: str) -> None:
     assert "http://" not in html and "https://" not in html
     for pattern in (r"<link\b", r"\bsrc\s*=", r"@import", r"url\(", r"\bfetch\(", r"XMLHttpRequest"):
         assert not re.search(pattern, html, re.I), pattern
+
+
+def test_page_works_offline():
+    assert_offline(render_html(synthetic()))
 
 
 def test_data_round_trips_within_rounding():
@@ -116,15 +124,16 @@ def browser():
 
 @pytest.fixture
 def open_page(browser, tmp_path):
-    """Opens the page for some data from a file:// URL; the test fails on any script error."""
+    """Opens the page for some attention data and any other views (lens=..., trace=...) from a
+    file:// URL; the test fails on any script error."""
     errors: list[str] = []
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
 
-    def open_(data: dict):
+    def open_(data: dict | None = None, **views: dict):
         path = tmp_path / "explorer.html"
-        write_html(path, data)
+        write_page(path, "test.safetensors", views if data is None else {**views, "attention": data})
         page.goto(path.as_uri())
         page.wait_for_selector("body[data-ready]", state="attached")
         return page

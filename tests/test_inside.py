@@ -317,3 +317,11 @@ def test_smollm2_knows_where_the_eiffel_tower_is_and_where_it_decides_so():
     assert float(grid[-4:, -1].max()) > 0.5 and float(grid[-4:, 1:4].max()) < 0.2  # late: on the last token
     scores = heads_lib.detect(net, heads_lib.repeated_random(tok, net.config.vocab_size, 30, 2, seed=0))
     assert scores.top("induction", 1)[0][2] > 0.5
+
+
+@pytest.mark.skipif(not SMOLLM2.exists(), reason=f"{SMOLLM2} is absent")
+def test_smollm2s_embeddings_do_the_analogy(cli):
+    """king - man + woman lands on queen in SmolLM2's table, read from the GGUF once."""
+    r = cli("embed", "-m", SMOLLM2, "--analogy", "king", "man", "woman", "-k", "3", "--json")
+    assert_ok(r)
+    assert json.loads(r.out)["nearest"][0]["text"] == " queen"

@@ -32,12 +32,13 @@ def render_page(model: str, views: dict[str, dict]) -> str:
     """The page for some views: {"lens": ..., "attention": ...}, each in the format its tab reads."""
     unknown = sorted(set(views) - set(VIEWS))
     if unknown or not views:
-        raise ValueError(f"unknown views {unknown}; a page holds some of {', '.join(VIEWS)}" if unknown else
-                         f"no views to show; a page holds some of {', '.join(VIEWS)}")
+        what = f"unknown views {unknown}" if unknown else "no views to show"
+        raise ValueError(f"{what}; a page holds some of {', '.join(VIEWS)}")
     payload = {"model": model, "views": {name: PACK[name](views[name]) for name in VIEWS if name in views}}
     # ASCII-only JSON with every `<` escaped: token text can then neither end the <script> element
-    # (`</script>`) nor open an HTML comment in it, and `\u003c` still parses back to `<`.
-    blob = json.dumps(payload, separators=(",", ":")).replace("<", "\\u003c")
+    # (`</script>`) nor open an HTML comment in it, and `\u003c` still parses back to `<`. NaN is
+    # refused: the page's JSON.parse would stop at it.
+    blob = json.dumps(payload, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
     template = files("tinygen.cli").joinpath("explorer.html").read_text(encoding="utf-8")
     return template.replace(PLACEHOLDER, blob)
 

@@ -24,16 +24,17 @@ class WordVector:
     note: str | None = None  # said to the user when the word is several tokens
 
 
-def _table(model) -> torch.Tensor:
+def table(model) -> torch.Tensor:
+    """The token embedding matrix (vocab_size, n_embd) in float32: a GGUF's, read from the file once
+    for a whole query."""
     return model.transformer.wte.weight.detach().float()
 
 
-def word_vector(model, tokenizer: Tokenizer, word: str) -> WordVector:
+def word_vector(table: torch.Tensor, tokenizer: Tokenizer, word: str) -> WordVector:
     """A word's vector. Inside a sentence a word follows a space, and BPE vocabularies learn that
     form as a single token far more often than the bare word, so " word" is tried first."""
     if not word.strip():
         raise TinygenError("an empty word has no embedding")
-    table = _table(model)
     for form in (" " + word.strip(), word.strip()):
         ids = tokenizer.encode(form, special=False)
         if len(ids) == 1:
@@ -44,9 +45,9 @@ def word_vector(model, tokenizer: Tokenizer, word: str) -> WordVector:
 
 
 @torch.no_grad()
-def nearest(model, tokenizer: Tokenizer, vector: torch.Tensor, k: int, exclude=()) -> list[tuple[int, float]]:
+def nearest(table: torch.Tensor, tokenizer: Tokenizer, vector: torch.Tensor, k: int, exclude=()) -> list[tuple[int, float]]:
     """The k tokens whose embeddings point most nearly the same way as vector: (id, cosine)."""
-    sims = F.cosine_similarity(_table(model), vector[None].float(), dim=-1)
+    sims = F.cosine_similarity(table, vector[None].float(), dim=-1)
     drop = list(set(exclude) | set(tokenizer.special_ids))
     if drop:
         sims[drop] = float("-inf")
@@ -54,10 +55,10 @@ def nearest(model, tokenizer: Tokenizer, vector: torch.Tensor, k: int, exclude=(
     return list(zip(top.indices.tolist(), top.values.tolist()))
 
 
-def analogy(model, tokenizer: Tokenizer, a: str, b: str, c: str) -> tuple[torch.Tensor, list[WordVector]]:
+def analogy(table: torch.Tensor, tokenizer: Tokenizer, a: str, b: str, c: str) -> tuple[torch.Tensor, list[WordVector]]:
     """a - b + c, with the three word vectors (whose tokens a search should leave out: the nearest
     token to king - man + woman is usually king itself)."""
-    words = [word_vector(model, tokenizer, w) for w in (a, b, c)]
+    words = [word_vector(table, tokenizer, w) for w in (a, b, c)]
     return words[0].vector - words[1].vector + words[2].vector, words
 
 
@@ -66,15 +67,16 @@ def neighbours(model, tokenizer: Tokenizer, words: list[str], k: int,
     """What `tinygen embed` reports: for each word (or for the one query A - B + C), its tokens and
     the k nearest others as {"query", "tokens", "nearest": [{"token", "text", "cosine"}]}; and the
     notes on words that are several tokens."""
+    vectors = table(model)
     if as_analogy:
-        vector, parts = analogy(model, tokenizer, *words)
+        vector, parts = analogy(vectors, tokenizer, *words)
         queries = [(f"{words[0]} - {words[1]} + {words[2]}", vector, parts)]
     else:
-        queries = [(w.word, w.vector, [w]) for w in (word_vector(model, tokenizer, word) for word in words)]
+        queries = [(w.word, w.vector, [w]) for w in (word_vector(vectors, tokenizer, word) for word in words)]
     results, notes = [], []
     for name, vector, used in queries:
         notes += [w.note for w in used if w.note]
-        found = nearest(model, tokenizer, vector, k, exclude=[i for w in used for i in w.ids])
+        found = nearest(vectors, tokenizer, vector, k, exclude=[i for w in used for i in w.ids])
         results.append({"query": name, "tokens": {w.word: [tokenizer.label(i) for i in w.ids] for w in used},
                         "nearest": [{"token": i, "text": tokenizer.label(i), "cosine": round(c, 6)} for i, c in found]})
     return results, notes
