@@ -282,8 +282,8 @@ def heads(
     for k, kind in enumerate(DETECTORS):
         if k:
             console.print()
-        grids.head_grid(console, scores.scores[k].tolist(), f"{kind} heads on {on}: a row per layer, a column per head")
-        grids.top_heads(console, scores.top(kind, top))
+        grids.head_grid(console, scores.scores[k].tolist(), scores.top(kind, top),
+                        f"{kind} heads on {on}; the best as LAYER.HEAD score, then a row per layer, a column per head")
 
 
 class Prompt(NamedTuple):

@@ -89,10 +89,12 @@ def restore_legend(console: Console, marked: str) -> None:
                        style="dim"))
 
 
-def head_grid(console: Console, scores: list[list[float]], title: str) -> None:
-    """Scores of every head: a row per layer, a column per head."""
+def head_grid(console: Console, scores: list[list[float]], best: list[tuple[int, int, float]], title: str) -> None:
+    """The best heads, then the scores of every head: a row per layer, a column per head."""
     H = len(scores[0])
     console.print(Text(title, style="bold"))
+    console.print(Text("  " + "  ".join(f"{layer}.{head} {score:.2f}" for layer, head, score in best), style="bold"),
+                  no_wrap=True, overflow="crop")
     header = "".join(f"{h:<3}" if H <= 16 or h % 4 == 0 else "   " for h in range(H))
     console.print(Text("      " + header.rstrip(), style="dim"), no_wrap=True, overflow="crop")
     for layer, row in enumerate(scores):
@@ -101,11 +103,6 @@ def head_grid(console: Console, scores: list[list[float]], title: str) -> None:
             ch = shade(s)
             line.append(ch * 2 + " ", style=HEAT_STYLES[ch])
         console.print(line, no_wrap=True, overflow="crop")
-
-
-def top_heads(console: Console, best: list[tuple[int, int, float]]) -> None:
-    console.print(Text("  " + "  ".join(f"{layer}.{head} {score:.2f}" for layer, head, score in best), style="bold"),
-                  no_wrap=True, overflow="crop")
 
 
 def ablation(console: Console, rows: list[tuple[str, float, float]], title: str) -> None:
