@@ -65,7 +65,8 @@ def test_the_hook_leaves_every_architecture_bit_identical(arch):
             assert torch.equal(started, plain.float()), layer
         cache = KVCache(model.config, 2, "cpu", torch.float32, 11)
         cached, _ = model.hidden(idx, CacheSlots(cache, torch.arange(11), 11), hook=lambda p, l, x: x)
-        fresh, _ = model.hidden(idx, CacheSlots(KVCache(model.config, 2, "cpu", torch.float32, 11), torch.arange(11), 11))
+        fresh_cache = KVCache(model.config, 2, "cpu", torch.float32, 11)
+        fresh, _ = model.hidden(idx, CacheSlots(fresh_cache, torch.arange(11), 11))
         assert torch.equal(cached, fresh)
 
 

@@ -93,7 +93,10 @@ def test_each_layers_step_is_blocks_on_the_same_input_and_cache(config):
                     if block.sliding else None
                 got, _ = block(x, rope, CacheSlots(cache, torch.tensor([p]), p + 1), window=window)
                 want, _ = Block.forward(block, x, rope, CacheSlots(twin, torch.tensor([p]), p + 1), window=window)
-                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+                # The C step sums its floats in another order, and a last-bit difference can move one
+                # activation's int8 rounding by a step in a later product: on an AVX2 build (no
+                # AVX-512) that left one output 7.4e-4 of the largest away.
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-3 * want.abs().max().item())
                 for mine, theirs in ((cache.ks[i], twin.ks[i]), (cache.vs[i], twin.vs[i])):
                     torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
                 x = want

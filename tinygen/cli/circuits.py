@@ -125,14 +125,13 @@ def trace(
     goal = _target(tok, target) if target is not None else _predicted(net, tok, ids)
     with _passes("tracing") as progress:
         result = run_trace(net, ids, range(first, last + 1), goal, kinds, samples, seed, window, progress)
-    result.labels = labels
     ui.note(f"{result.metric}: {result.clean:.4f} clean, {result.broken:.4f} with noise "
             f"({NOISE_SCALE:g}x the embeddings' std) on {subject!r} (tokens {first}–{last}); {result.passes} passes")
     if abs(result.clean - result.broken) < 0.1 * max(result.clean, 1e-9):
         ui.warn("the noise barely moves the target's probability, so the grid shows little; try a longer --subject "
                 "or a --target the model is surer of")
-    _report(result, as_json, html, meta, set(range(first, last + 1)), "the subject, whose embeddings got the noise",
-            {"subject": [first, last], "samples": samples})
+    _report(result, labels, as_json, html, meta, set(range(first, last + 1)),
+            "the subject, whose embeddings got the noise", {"subject": [first, last], "samples": samples})
 
 
 def patch(
@@ -171,25 +170,27 @@ def patch(
         raise TinygenError(f"--foil is the same token as --target ({goal.text!r})")
     with _passes("patching") as progress:
         result = run_patch(net, clean_ids, broken_ids, goal, other, kinds, window, progress)
-    result.labels = [tok.label(i) for i in broken_ids]
     ui.note(f"{result.metric}: {result.clean:.3f} on the clean prompt, {result.broken:.3f} on the corrupted one; "
             f"{result.passes} passes")
     changed = {i for i, (a, b) in enumerate(zip(clean_ids, broken_ids)) if a != b}
-    _report(result, as_json, html, meta, changed, "a token that differs between the prompts",
+    _report(result, [tok.label(i) for i in broken_ids], as_json, html, meta, changed,
+            "a token that differs between the prompts",
             {"clean_tokens": clean_labels})
 
 
-def _report(result, as_json: bool, html: Path | None, meta, marked: set[int], mark: str, extra: dict) -> None:
-    """A tracing or patching experiment as JSON rows, an explorer page or grids."""
+def _report(result, labels: list[str], as_json: bool, html: Path | None, meta, marked: set[int], mark: str,
+            extra: dict) -> None:
+    """A tracing or patching experiment as JSON rows, an explorer page or grids; labels: the tokens
+    of the prompt the restorations went into."""
     from tinygen.cli import grids
 
     if as_json:
-        _json_rows(result.rows())
+        _json_rows(result.rows(labels))
         return
     if html is not None:
         from tinygen.cli.explorer import write_page
 
-        view = {"tokens": result.labels, "metric": result.metric, "clean": result.clean, "broken": result.broken,
+        view = {"tokens": labels, "metric": result.metric, "clean": result.clean, "broken": result.broken,
                 "grids": {k: {"recovered": g.recovered.tolist(), "score": g.scores.tolist()}
                           for k, g in result.grids.items()}, **extra}
         write_page(html, meta.path.name, {"trace" if "subject" in extra else "patch": view})
@@ -202,9 +203,9 @@ def _report(result, as_json: bool, html: Path | None, meta, marked: set[int], ma
         if n:
             console.print()
         layer, pos = grid.peak()
-        grids.restore_grid(console, result.labels, grid.recovered.tolist(), marked,
+        grids.restore_grid(console, labels, grid.recovered.tolist(), marked,
                            f"restoring {names[kind]}: peak {float(grid.recovered[layer, pos]):.0%} at layer {layer}, "
-                           f"{result.labels[pos]!r} (token {pos})")
+                           f"{labels[pos]!r} (token {pos})")
     grids.restore_legend(console, mark)
 
 

@@ -45,7 +45,8 @@ def word_vector(table: torch.Tensor, tokenizer: Tokenizer, word: str) -> WordVec
 
 
 @torch.no_grad()
-def nearest(table: torch.Tensor, tokenizer: Tokenizer, vector: torch.Tensor, k: int, exclude=()) -> list[tuple[int, float]]:
+def nearest(table: torch.Tensor, tokenizer: Tokenizer, vector: torch.Tensor, k: int,
+            exclude=()) -> list[tuple[int, float]]:
     """The k tokens whose embeddings point most nearly the same way as vector: (id, cosine)."""
     sims = F.cosine_similarity(table, vector[None].float(), dim=-1)
     drop = list(set(exclude) | set(tokenizer.special_ids))
@@ -55,7 +56,8 @@ def nearest(table: torch.Tensor, tokenizer: Tokenizer, vector: torch.Tensor, k: 
     return list(zip(top.indices.tolist(), top.values.tolist()))
 
 
-def analogy(table: torch.Tensor, tokenizer: Tokenizer, a: str, b: str, c: str) -> tuple[torch.Tensor, list[WordVector]]:
+def analogy(table: torch.Tensor, tokenizer: Tokenizer, a: str, b: str,
+            c: str) -> tuple[torch.Tensor, list[WordVector]]:
     """a - b + c, with the three word vectors (whose tokens a search should leave out: the nearest
     token to king - man + woman is usually king itself)."""
     words = [word_vector(table, tokenizer, w) for w in (a, b, c)]

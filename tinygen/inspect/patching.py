@@ -53,19 +53,18 @@ class Grid:
 
 @dataclass
 class Experiment:
-    """What trace and patch report: the broken prompt's tokens, the metric on the clean and broken
-    runs, and a grid per kind."""
+    """What trace and patch report: the metric on the clean and broken runs, and a grid per kind."""
 
-    labels: list[str]
     clean: float
     broken: float
     metric: str  # what the scores are, in words
     grids: dict[str, Grid] = field(default_factory=dict)
     passes: int = 0  # batched forward passes, the clean and broken runs included
 
-    def rows(self) -> list[dict]:
-        """A JSON row per cell: {"layer", "position", "token", "kind", "score", "recovered"}."""
-        return [{"layer": layer, "position": pos, "token": self.labels[pos], "kind": kind,
+    def rows(self, labels: list[str]) -> list[dict]:
+        """A JSON row per cell: {"layer", "position", "token", "kind", "score", "recovered"}; labels:
+        the broken prompt's tokens."""
+        return [{"layer": layer, "position": pos, "token": labels[pos], "kind": kind,
                  "score": round(float(g.scores[layer, pos]), 6), "recovered": round(float(g.recovered[layer, pos]), 6)}
                 for kind, g in self.grids.items() for layer in range(g.scores.size(0))
                 for pos in range(g.scores.size(1))]
@@ -108,7 +107,7 @@ def trace(model, ids: list[int], subject: range, target: Target, kinds: tuple[st
         return x
 
     broken = Broken(model, idx.expand(samples, T), edits={("resid", 0): add_noise})
-    experiment = Experiment([], float(metric(clean_logits)[0]), float(metric(broken.logits).mean()),
+    experiment = Experiment(float(metric(clean_logits)[0]), float(metric(broken.logits).mean()),
                             f"p({target.text!r})", passes=2)
     _restore(model, ids, {s: a[0] for s, a in clean.items()}, broken, metric, kinds, subject.start, window,
              experiment, progress)
@@ -124,7 +123,7 @@ def patch(model, clean_ids: list[int], broken_ids: list[int], target: Target, fo
     clean_logits, clean = run(model, torch.tensor([clean_ids], device=model.device),
                               record=restorable(n_layer, kinds))
     broken = Broken(model, torch.tensor([broken_ids], device=model.device))
-    experiment = Experiment([], float(metric(clean_logits)[0]), float(metric(broken.logits)[0]),
+    experiment = Experiment(float(metric(clean_logits)[0]), float(metric(broken.logits)[0]),
                             f"logit({target.text!r}) - logit({foil.text!r})", passes=2)
     first = next(i for i, (a, b) in enumerate(zip(clean_ids, broken_ids)) if a != b)
     _restore(model, broken_ids, {s: a[0] for s, a in clean.items()}, broken, metric, kinds, first, window,
