@@ -291,6 +291,7 @@ def test_the_commands_draw_grids(cli, model_path):
     (["ablate", "Once", "--head", "0.0", "--mode", "half"], ["unknown --mode"]),
     (["heads", "--text", "Once"], ["cannot score previous-token"]),
     (["lens", "Once", "--target", ""], ["--target needs"]),
+    (["lens", "Once upon", "--target", " a", "--position", "5"], ["--position 5 is out of range"]),
 ])
 def test_mistakes_get_one_line(cli, model_path, args, needles):
     assert_one_line_error(cli(*args, "-m", model_path), *needles)

@@ -53,6 +53,8 @@ def lens(
     from tinygen.inspect.lens import logit_lens
 
     net, tok, meta, text, ids, labels = _prompt(model, device, dtype, text)
+    if not -len(ids) <= position < len(ids):
+        raise TinygenError(f"--position {position} is out of range: the prompt has {len(ids)} tokens")
     goal = _target(tok, target) if target is not None else None
     result = logit_lens(net, ids, labels, goal, top)
     rows = result.rows(tok.label)
@@ -69,8 +71,6 @@ def lens(
         write_page(html, meta.path.name, {"lens": lens_view(result, rows), "attention": attention})
         ui.note(f"wrote {html}: open it in a browser")
         return
-    if not -len(ids) <= position < len(ids):
-        raise TinygenError(f"--position {position} is out of range: the prompt has {len(ids)} tokens")
     console = ui.out()
     L = result.n_layer
     texts = [[tok.label(int(result.top_ids[layer, pos, 0])) for pos in range(len(ids))] for layer in range(L + 1)]
@@ -121,7 +121,9 @@ def trace(
     span = token_span(tok, ids, subject, "--subject")
     if span is None:
         raise TinygenError(f"--subject {subject!r} is not in the prompt")
-    first, last, _ = span
+    first, last, found = span
+    if found > 1:
+        ui.note(f"--subject {subject!r} appears {found} times; the noise goes on the last")
     goal = _target(tok, target) if target is not None else _predicted(net, tok, ids)
     with _passes("tracing") as progress:
         result = run_trace(net, ids, range(first, last + 1), goal, kinds, samples, seed, window, progress)
