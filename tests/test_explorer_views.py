@@ -1,5 +1,5 @@
-"""The explorer's other views (logit lens, causal tracing, activation patching, head detector) and
-its tabs: the data survives the trip and bad data is refused, and in a real browser (see
+"""The explorer's other views (logit lens, causal tracing, activation patching, head detector, head
+ablation) and its tabs: the data survives the trip and bad data is refused, and in a real browser (see
 test_explorer.py) each tab draws its heatmaps and says the right thing about a cell set by hand.
 """
 
@@ -66,7 +66,12 @@ def heads(n_layer: int = 3, n_head: int = 4) -> dict:
     return {"n_layer": n_layer, "n_head": n_head, "scores": scores}
 
 
-VIEWS = {"lens": lens, "trace": trace, "patch": patch, "heads": heads}
+def ablate() -> dict:
+    rows = [[" Paris", 0.684, 0.109], [" the", 0.05, 0.312], ["</script>", 0.0213, 0.02128], [" Rome", None, 0.0004]]
+    return {"tokens": TOKENS, "heads": ["23.4", "19.1"], "mode": "zero", "rows": rows}
+
+
+VIEWS = {"lens": lens, "trace": trace, "patch": patch, "heads": heads, "ablate": ablate}
 
 
 @pytest.mark.parametrize("name", VIEWS)
@@ -109,6 +114,24 @@ def test_refuses_unknown_views_and_bad_shapes():
     attention["tokens"] = attention["tokens"][:-1]
     with pytest.raises(ValueError, match="shape"):
         render_page("m", {"attention": attention, "lens": lens()})
+
+
+def test_ablate_refuses_bad_data():
+    bad = [{"tokens": " The Eiffel"}, {"heads": "23.4"}, {"heads": []}, {"heads": ["23"]}, {"heads": [23.4]},
+           {"mode": "half"}, {"rows": {" Paris": [0.5, 0.1]}}, {"rows": [[" Paris", 0.5]]}, {"rows": [[7, 0.5, 0.1]]},
+           {"rows": [[" Paris", 1.2, 0.1]]}, {"rows": [[" Paris", 0.5, -0.1]]}, {"rows": [[" Paris", "0.5", 0.1]]},
+           {"rows": [[" Paris", True, 0.1]]}]
+    for change in bad:
+        with pytest.raises(ValueError, match="ablate"):
+            render_page("m", {"ablate": ablate() | change})
+    with pytest.raises(ValueError, match="expected one of zero, mean"):
+        render_page("m", {"ablate": ablate() | {"mode": "half"}})
+
+
+def test_ablate_rounds_and_keeps_unknowns_as_null():
+    rows = [(" Paris", np.float32(0.123456789), np.nan), (" the", 1, np.float64(0))]
+    page = page_data(render_page("m", {"ablate": ablate() | {"rows": rows}}))["views"]["ablate"]
+    assert page["rows"] == [[" Paris", 0.123457, None], [" the", 1, 0]]
 
 
 # -- in a browser ---------------------------------------------------------------------------------
@@ -251,3 +274,34 @@ def test_heads_in_a_browser(open_page):
     expect(best).to_have_attribute("data-layer", "1")
     scores = [float(li.split()[1]) for li in induction.locator(".top li").all_inner_texts()]
     np.testing.assert_allclose(scores, sorted(np.ravel(data["scores"]["induction"]), reverse=True)[:5], atol=5e-4)
+
+
+def test_ablate_in_a_browser(open_page):
+    from playwright.sync_api import expect
+
+    page = open_page(synthetic(), **{name: view() for name, view in VIEWS.items()})
+    tabs = page.locator("#tabs button").evaluate_all("bs => bs.map(b => b.dataset.tab)")
+    assert tabs == ["lens", "trace", "patch", "heads", "ablate", "attention"]
+    page.click('#tabs button[data-tab="ablate"]')
+    assert shown(page) == ["tab-ablate"]
+    expect(page.locator("#title")).to_have_text("Head ablation")
+    caption = page.locator("#tab-ablate .caption")
+    expect(caption).to_contain_text("Heads 23.4, 19.1 zero-ablated (their output set to zeros)")
+    expect(caption).to_contain_text("·The·Eiffel·Tower·is·in</script>")
+    expect(caption.locator("b").last).to_have_text("</script>")  # the last token, whose next one is shown
+
+    rows = page.locator(".abl-row[data-index]")
+    expect(rows).to_have_count(len(ablate()["rows"]))
+    paris = rows.nth(0)
+    expect(paris.locator(".bar-label")).to_have_text("·Paris")
+    assert paris.locator(".bar-pct").all_inner_texts() == ["68.4%", "10.9%"]
+    expect(paris.locator(".abl-change")).to_have_text("−57.5 pts")
+    expect(paris.locator(".abl-change")).to_have_class("abl-change down")
+    expect(rows.nth(1).locator(".abl-change")).to_have_text("+26.2 pts")
+    expect(rows.nth(2).locator(".abl-change")).to_have_text("0.00 pts")  # 2.13% -> 2.128%: no sign, no colour
+    assert rows.nth(3).locator(".bar-pct").all_inner_texts() == ["n/a", "0.04%"]
+    expect(rows.nth(3).locator(".abl-change")).to_have_text("n/a")
+
+    background = "e => getComputedStyle(e).backgroundColor"
+    rows.nth(1).hover()
+    assert rows.nth(1).evaluate(background) != rows.nth(0).evaluate(background) == "rgba(0, 0, 0, 0)"

@@ -281,6 +281,24 @@ def test_the_commands_draw_grids(cli, model_path):
     assert "induction heads" in r.out and "L1" in r.out
 
 
+@pytest.mark.parametrize("args, views", [
+    (["lens", "Once upon a time", "--target", " there"], ["lens", "attention"]),
+    (["trace", "Once upon a time", "--subject", "upon", "--kind", "resid"], ["trace"]),
+    (["patch", "--clean", "Once upon a time", "--corrupt", "Once a a time"], ["patch"]),
+    (["ablate", "Once upon a time", "--head", "1.2"], ["ablate"]),
+    (["heads", "--length", "6"], ["heads"]),
+])
+def test_each_command_writes_its_explorer_tab(cli, model_path, tmp_path, args, views):
+    import re
+
+    page = tmp_path / "page.html"
+    r = cli(*args, "-m", model_path, "--html", page)
+    assert_ok(r)
+    assert r.out == "" and "wrote" in r.err
+    blob = re.search(r'<script type="application/json" id="data">(.*?)</script>', page.read_text(), re.S).group(1)
+    assert list(json.loads(blob)["views"]) == views
+
+
 @pytest.mark.parametrize("args, needles", [
     (["trace", "Once upon a time", "--subject", "dragon"], ["'dragon' is not in the prompt"]),
     (["trace", "Once upon a time", "--subject", "upon", "--kind", "mlp", "--kind", "heads"], ["unknown --kind"]),

@@ -220,6 +220,7 @@ def ablate(
     top: Annotated[int, typer.Option("--top", "-k", metavar="N", min=1, help="Likeliest next tokens to list.")] = 10,
     model: ModelOpt = None,
     as_json: JsonOpt = False,
+    html: HtmlOpt = None,
     device: DeviceOpt = "auto",
     dtype: RunDtypeOpt = Dtype.auto,
 ) -> None:
@@ -241,6 +242,13 @@ def ablate(
     seen = list(dict.fromkeys(i for i, _, _ in before + after))
     rows = sorted(((tok.label(i), float(result.before[i]), float(result.after[i])) for i in seen),
                   key=lambda r: -max(r[1], r[2]))
+    if html is not None:
+        from tinygen.cli.explorer import write_page
+
+        write_page(html, meta.path.name, {"ablate": {"tokens": labels, "heads": [f"{layer}.{h}" for layer, h in heads],
+                                                     "mode": mode, "rows": [list(r) for r in rows]}})
+        ui.note(f"wrote {html}: open it in a browser")
+        return
     grids.ablation(ui.out(), rows, f"next token after {labels[-1]!r}, with heads {named} {mode}-ablated")
 
 

@@ -2,7 +2,7 @@
 
 explorer.html holds the page (plain JS, CSS and SVG); this module checks each view's data and
 inlines it. The views are the attention maps (`attention --html`), the logit lens, causal tracing,
-activation patching and the head detector; a page holds any of them.
+activation patching, the head detector and head ablation; a page holds any of them.
 
 Attention weights travel as the causal lower triangle of each head, in integer 1/100000 units: the
 upper triangle is all zeros, and a short integer takes far less text than a float. The other views'
@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
 
 from tinygen.atomic import write_bytes
+from tinygen.inspect.heads import MODES
 
 # 0.001% steps, ten times finer than the page shows: at 0.01% steps the page rounded twice
 # (35.548% -> 35.55% -> "35.6%") and disagreed with the terminal's 35.5%.
 SCALE = 100_000
 PLACEHOLDER = "__TINYGEN_EXPLORER_DATA__"
-VIEWS = ("lens", "trace", "patch", "heads", "attention")  # the page's tab order; it opens on the first
+VIEWS = ("lens", "trace", "patch", "heads", "ablate", "attention")  # the page's tab order; it opens on the first
 KINDS = ("resid", "mlp", "attn")  # trace and patch grids, in the order the page draws them
 
 
@@ -113,7 +115,33 @@ def _heads(data: dict) -> dict:
     return data
 
 
-PACK = {"attention": _attention, "lens": _lens, "trace": _trace, "patch": _patch, "heads": _heads}
+def _ablate(data: dict) -> dict:
+    """Next tokens with their probability with every head and with the heads ablated; a probability
+    that is not finite arrives as null, which the page shows as n/a."""
+    data = _rounded(data)
+    if not _strings(data["tokens"]):
+        raise ValueError("ablate: tokens should be a list of the prompt's token texts")
+    heads = data["heads"]
+    if not heads or not _strings(heads) or not all(re.fullmatch(r"\d+\.\d+", h) for h in heads):
+        raise ValueError(f"ablate: heads {heads!r} should be a list of LAYER.HEAD strings, e.g. ['3.1']")
+    if data["mode"] not in MODES:
+        raise ValueError(f"ablate: mode {data['mode']!r}; expected one of {', '.join(MODES)}")
+    if not isinstance(data["rows"], list):
+        raise ValueError(f"ablate: rows should be a list; it is a {type(data['rows']).__name__}")
+    for row in data["rows"]:
+        if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str)
+                and all(p is None or (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1)
+                        for p in row[1:])):
+            raise ValueError(f"ablate: row {row!r} should be [text, p with every head, p ablated], each p in 0..1")
+    return data
+
+
+PACK = {"attention": _attention, "lens": _lens, "trace": _trace, "patch": _patch, "heads": _heads,
+        "ablate": _ablate}
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _expect(view: str, what: str, value, dims: tuple[int, ...]) -> None:
