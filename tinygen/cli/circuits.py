@@ -57,9 +57,8 @@ def lens(
         raise TinygenError(f"--position {position} is out of range: the prompt has {len(ids)} tokens")
     goal = _target(tok, target) if target is not None else None
     result = logit_lens(net, ids, labels, goal, top)
-    rows = result.rows(tok.label)
     if as_json:
-        _json_rows(rows)
+        _json_rows(result.rows(tok.label))
         return
     if html is not None:
         from tinygen.cli.explorer import write_page
@@ -68,7 +67,7 @@ def lens(
         amap = attention_map(net, tok, ids)
         attention = {**amap.to_dict(meta.path.name, text, len(ids) - 1, decimals=None), "layer": 0,
                      "head": None}
-        write_page(html, meta.path.name, {"lens": lens_view(result, rows), "attention": attention})
+        write_page(html, meta.path.name, {"lens": lens_view(result, result.rows(tok.label)), "attention": attention})
         ui.note(f"wrote {html}: open it in a browser")
         return
     console = ui.out()
@@ -233,9 +232,9 @@ def ablate(
     heads = list(dict.fromkeys(parse_head(h, net.config.n_layer, net.config.n_head) for h in head))
     result = run_ablate(net, ids, heads, mode)
     before, after = result.top(top)
-    named = ", ".join(f"{layer}.{h}" for layer, h in heads)
+    names = [f"{layer}.{h}" for layer, h in heads]
     if as_json:
-        _json_rows([{"heads": [f"{layer}.{h}" for layer, h in heads], "mode": mode,
+        _json_rows([{"heads": names, "mode": mode,
                      "top_before": [[tok.label(i), round(b, 6)] for i, b, _ in before],
                      "top_after": [[tok.label(i), round(a, 6)] for i, _, a in after]}])
         return
@@ -245,11 +244,11 @@ def ablate(
     if html is not None:
         from tinygen.cli.explorer import write_page
 
-        write_page(html, meta.path.name, {"ablate": {"tokens": labels, "heads": [f"{layer}.{h}" for layer, h in heads],
-                                                     "mode": mode, "rows": [list(r) for r in rows]}})
+        write_page(html, meta.path.name, {"ablate": {"tokens": labels, "heads": names, "mode": mode,
+                                                     "rows": [list(r) for r in rows]}})
         ui.note(f"wrote {html}: open it in a browser")
         return
-    grids.ablation(ui.out(), rows, f"next token after {labels[-1]!r}, with heads {named} {mode}-ablated")
+    grids.ablation(ui.out(), rows, f"next token after {labels[-1]!r}, with heads {', '.join(names)} {mode}-ablated")
 
 
 def heads(

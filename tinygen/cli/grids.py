@@ -12,14 +12,20 @@ from rich.cells import set_cell_size
 from rich.console import Console
 from rich.text import Text
 
-from tinygen.cli.views import HEAT_STYLES, LABEL_WIDTH, SHADES, bar, column, pct, shade, visible
+from tinygen.cli.views import (
+    HEAT_STYLES,
+    LABEL_WIDTH,
+    SHADES,
+    bar,
+    column,
+    column_numbers,
+    first_fitting,
+    pct,
+    shade,
+    visible,
+)
 
 LEGEND = "  ".join(f"{ch} ≥{at:.0%}" for at, ch in SHADES[:-1])
-
-
-def _fit(console: Console, n: int, used: int, cell: int) -> int:
-    """The first of n columns of `cell` cells that fit beside `used` cells: the last ones are kept."""
-    return max(0, n - max(1, (console.width - used) // cell))
 
 
 def lens(console: Console, labels: list[str], top: list[list[str]], probs: list[list[float]], title: str) -> None:
@@ -27,7 +33,7 @@ def lens(console: Console, labels: list[str], top: list[list[str]], probs: list[
     position (columns), shaded by its probability."""
     L, T = len(top), len(labels)
     width = max(6, min(10, (console.width - 5) // max(1, T)))
-    first = _fit(console, T, 5, width)
+    first = first_fitting(console, T, 5, width)
     console.print(Text(title, style="bold"))
     if first:
         console.print(Text(f"showing tokens {first}–{T - 1} of {T}, the last that fit in {console.width} columns "
@@ -63,19 +69,12 @@ def restore_grid(console: Console, labels: list[str], recovered: list[list[float
     cell shaded by the share of the clean run's score that restoring it brought back."""
     L, T = len(recovered), len(labels)
     used = 4 + LABEL_WIDTH + 2
-    first = _fit(console, L, used, 2)
+    first = first_fitting(console, L, used, 2)
     console.print(Text(title, style="bold"))
     if first:
         console.print(Text(f"showing layers {first}–{L - 1} of {L}, the last that fit in {console.width} columns "
                            "(--json has them all)", style="dim"))
-    header = [" "] * (used + 2 * (L - first))
-    free = 0
-    for layer in range(first, L):
-        at = used + 2 * (layer - first)
-        if (L <= 10 or layer % 5 == 0) and at >= free:
-            header[at:at + len(str(layer))] = str(layer)
-            free = at + len(str(layer)) + 1
-    console.print(Text("".join(header).rstrip(), style="dim"), no_wrap=True, overflow="crop")
+    column_numbers(console, used, first, L)
     for pos in range(T):
         line = Text.assemble((f"{pos:>3} ", "dim"), column(labels[pos]), ("* " if pos in marked else "  ", "bold"))
         for layer in range(first, L):

@@ -115,26 +115,35 @@ def shade(w: float) -> str:
     return next(ch for at, ch in SHADES if w >= at)
 
 
+def first_fitting(console: Console, n: int, used: int, cell: int) -> int:
+    """The first of n columns, `cell` cells wide, beside `used` cells: the last ones that fit are kept."""
+    return max(0, n - max(1, (console.width - used) // cell))
+
+
+def column_numbers(console: Console, used: int, first: int, n: int) -> None:
+    """The numbers of columns first..n-1, two cells each, after `used` cells: every column for
+    short grids, else every fifth, where they fit."""
+    header = [" "] * (used + 2 * (n - first))
+    free = 0
+    for j in range(first, n):
+        at = used + 2 * (j - first)
+        if (n <= 10 or j % 5 == 0) and at >= free:
+            header[at : at + len(str(j))] = str(j)
+            free = at + len(str(j)) + 1
+    console.print(Text("".join(header).rstrip(), style="dim"), no_wrap=True, overflow="crop")
+
+
 def attention_matrix(console: Console, labels: list[str], matrix: torch.Tensor, title: str) -> None:
     """The (T, T) causal map as a heatmap: a row per query, a column per key, blank above the
     diagonal where the mask hides the future."""
     T = matrix.size(0)
     row_label = 4 + LABEL_WIDTH + 1
-    fit = max(1, (console.width - row_label) // 2)
-    first = max(0, T - fit)
+    first = first_fitting(console, T, row_label, 2)
     console.print(Text(title, style="bold"))
     if first:
-        console.print(Text(f"showing tokens {first}–{T - 1} of {T}, the last {fit} that fit in {console.width} "
+        console.print(Text(f"showing tokens {first}–{T - 1} of {T}, the last {T - first} that fit in {console.width} "
                            f"columns (--json has every weight)", style="dim"))
-    # Column numbers where they fit: every column for short texts, else every fifth.
-    header = [" "] * (row_label + 2 * (T - first))
-    free = 0
-    for j in range(first, T):
-        at = row_label + 2 * (j - first)
-        if (T <= 10 or j % 5 == 0) and at >= free:
-            header[at : at + len(str(j))] = str(j)
-            free = at + len(str(j)) + 1
-    console.print(Text("".join(header).rstrip(), style="dim"), no_wrap=True, overflow="crop")
+    column_numbers(console, row_label, first, T)
     weights = matrix.tolist()
     for i in range(first, T):
         line = Text.assemble((f"{i:>3} ", "dim"), column(labels[i]) + " ")
